@@ -1,0 +1,79 @@
+# Blumpo backend. `make run` sets everything up and serves; `make test` runs the tests.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PROTOS := $(shell find protos -name '*.proto')
+GENERATED := blumpo/.generated
+# Resolved only by the targets that need a database (it may start a private one).
+DB_URL = $(shell scripts/database-url)
+DBMATE = $(VENV)/bin/dbmate --migrations-dir db/migrations --schema-file db/schema.sql --wait
+
+.PHONY: help install proto migrate rollback migrate-status run stop test lint seed bench clean
+
+help:
+	@echo "make run | stop | test | lint | migrate | rollback | migrate-status | seed | bench | proto | clean"
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(INSTALLED)
+
+# Generated code is not committed: it is made from protos/ by every target that needs it.
+$(GENERATED): $(INSTALLED) $(PROTOS)
+	rm -rf blumpo
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -I protos -I third_party/googleapis \
+	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTOS)
+	touch $@
+
+proto: $(GENERATED)
+
+migrate: $(INSTALLED)
+	DATABASE_URL='$(DB_URL)' $(DBMATE) --no-dump-schema up
+
+rollback: $(INSTALLED)
+	DATABASE_URL='$(DB_URL)' $(DBMATE) --no-dump-schema rollback
+
+migrate-status: $(INSTALLED)
+	DATABASE_URL='$(DB_URL)' $(DBMATE) status
+
+# Regenerates db/schema.sql from a scratch database built by the migrations.
+schema: $(INSTALLED)
+	DATABASE_URL='$(DB_URL)' $(PY) -m tests.schema_dump
+
+run: $(GENERATED)
+	@url='$(DB_URL)'; DATABASE_URL="$$url" $(DBMATE) --no-dump-schema up && \
+	  DATABASE_URL="$$url" scripts/run-services
+
+stop:
+	@for f in .data/run/*.pid; do [[ -f $$f ]] && kill -TERM $$(cat $$f) 2>/dev/null; rm -f $$f; done; true
+	@if [[ -f .data/postgres/postmaster.pid ]]; then \
+	  if [[ $$(id -u) == 0 ]]; then runuser -u postgres -- $$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)/pg_ctl -D .data/postgres stop; \
+	  else pg_ctl -D .data/postgres stop; fi; fi
+
+test: $(GENERATED)
+	DATABASE_URL='$(DB_URL)' $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(GENERATED) node_modules/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	node_modules/.bin/buf lint
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --silent --no-audit --no-fund
+	touch $@
+
+seed: $(GENERATED)
+	DATABASE_URL='$(DB_URL)' $(PY) -m scripts.seed
+
+bench: $(GENERATED)
+	DATABASE_URL='$(DB_URL)' $(PY) -m bench
+
+clean:
+	rm -rf $(VENV) blumpo node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""Code both services share: configuration, the server bootstrap, errors, pagination."""

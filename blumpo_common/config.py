@@ -1,0 +1,85 @@
+"""Settings read from the environment; a missing or malformed one stops start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names it."""
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str
+    pool_size: int
+    timeout_ms: int
+    # Role the connections act as (SET ROLE); empty keeps the login role.
+    role: str
+    search_path: str
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen_addr: str
+    metrics_addr: str
+    log_level: str
+    shutdown_grace_seconds: float
+
+
+def database_url(env: Mapping[str, str]) -> str:
+    url = env.get("DATABASE_URL") or env.get("POSTGRES_URL") or ""
+    if not url:
+        raise ConfigError("DATABASE_URL (or POSTGRES_URL) is not set")
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql") or not parts.path.strip("/"):
+        raise ConfigError(
+            "DATABASE_URL must look like postgresql://user@host:port/dbname, got scheme "
+            f"{parts.scheme!r} and database {parts.path.strip('/')!r}"
+        )
+    return url
+
+
+def integer(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def address(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "") or default
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name} must be host:port, got {value!r}")
+    return value
+
+
+def load_database(env: Mapping[str, str], role: str, search_path: str) -> DatabaseConfig:
+    return DatabaseConfig(
+        url=database_url(env),
+        pool_size=integer(env, "DB_POOL_SIZE", 20, 1, 500),
+        timeout_ms=integer(env, "DB_TIMEOUT", 30000, 100, 3_600_000),
+        role=env.get("DB_ROLE", role),
+        search_path=search_path,
+    )
+
+
+def load_server(env: Mapping[str, str], prefix: str, port: int, metrics_port: int) -> ServerConfig:
+    level = env.get("LOG_LEVEL", "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    return ServerConfig(
+        listen_addr=address(env, f"{prefix}_LISTEN_ADDR", f"0.0.0.0:{port}"),
+        metrics_addr=address(env, f"{prefix}_METRICS_ADDR", f"0.0.0.0:{metrics_port}"),
+        log_level=level,
+        shutdown_grace_seconds=integer(env, "SHUTDOWN_GRACE_SECONDS", 10, 0, 300),
+    )

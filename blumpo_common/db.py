@@ -1,0 +1,51 @@
+"""Database access both services share: the pool, named SQL and call timeouts."""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import asyncpg
+
+from blumpo_common.config import DatabaseConfig
+
+# Monotonic deadline of the gRPC call being served, set by the server interceptor.
+call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "call_deadline", default=None
+)
+
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def load_queries(path: Path) -> Mapping[str, str]:
+    """Reads a .sql file of statements, each under a `-- name: <name>` header."""
+    parts = _NAME.split(path.read_text())
+    return {name: sql.strip() for name, sql in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
+    """A pool that connects lazily, so the server can start while the database is down."""
+    settings = {"search_path": config.search_path}
+    if config.role:
+        settings["role"] = config.role
+    pool = await asyncpg.create_pool(
+        config.url,
+        min_size=0,
+        max_size=config.pool_size,
+        server_settings=settings,
+        timeout=min(config.timeout_ms / 1000, 10.0),
+        command_timeout=config.timeout_ms / 1000,
+    )
+    assert pool is not None
+    return pool
+
+
+def timeout(default_seconds: float) -> float:
+    """What is left of the caller's deadline, capped by the configured timeout."""
+    deadline = call_deadline.get()
+    if deadline is None:
+        return default_seconds
+    return max(0.001, min(default_seconds, deadline - time.monotonic()))

@@ -1,0 +1,102 @@
+"""The error vocabulary: domain errors and how they become gRPC statuses.
+
+Handlers raise ServiceError; the server's interceptor turns it into a status with a
+google.rpc.ErrorInfo detail (and BadRequest for INVALID_ARGUMENT). Database failures
+that say something about retrying are mapped here too, so no handler sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+
+@dataclass
+class ServiceError(Exception):
+    code: grpc.StatusCode
+    reason: str
+    message: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    # (field path, description) pairs, for INVALID_ARGUMENT.
+    violations: Sequence[tuple[str, str]] = ()
+
+    def __str__(self) -> str:
+        return f"{self.code.name} {self.reason}: {self.message}"
+
+
+def invalid_argument(violations: Sequence[tuple[str, str]]) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+        "; ".join(f"{name} {why}" for name, why in violations),
+        violations=violations,
+    )
+
+
+def not_found(what: str, key: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND, f"{what.upper()}_NOT_FOUND", f"no {what} {key}", {"key": key}
+    )
+
+
+def to_status(error: ServiceError, domain: str) -> status_pb2.Status:
+    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=domain, metadata=dict(error.metadata)
+    )
+    details = [info]
+    if error.violations:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=name, description=why)
+                    for name, why in error.violations
+                ]
+            )
+        )
+    for detail in details:
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        status.details.append(packed)
+    return status
+
+
+_UNAVAILABLE = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+    ConnectionError,
+    OSError,
+)
+
+
+def from_exception(exc: BaseException) -> ServiceError | None:
+    """Maps a failure below the domain (database, network) to a retryable status."""
+    if isinstance(exc, (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)):
+        return ServiceError(
+            grpc.StatusCode.ABORTED,
+            "CONCURRENT_UPDATE",
+            "the operation collided with a concurrent one; retry it",
+        )
+    if isinstance(exc, (asyncpg.QueryCanceledError, asyncio.TimeoutError)):
+        return ServiceError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "DATABASE_TIMEOUT",
+            "the database did not answer in time; retry later",
+        )
+    if isinstance(exc, NotImplementedError):
+        return ServiceError(grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED", "this method is not implemented yet")
+    if isinstance(exc, _UNAVAILABLE):
+        return ServiceError(
+            grpc.StatusCode.UNAVAILABLE,
+            "DATABASE_UNAVAILABLE",
+            "the database is unreachable; retry later",
+        )
+    return None

@@ -1,0 +1,46 @@
+"""Opaque keyset page tokens.
+
+A token carries the sort key of the last row of a page and a keyed digest of that
+key and of the query it belongs to, so an edited token or one reused for another
+query is refused. Tokens hold no secret: the digest guards integrity only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from blumpo_common.errors import invalid_argument
+
+_KEY = b"blumpo-page-token-v1"
+_DIGEST_BYTES = 16
+
+
+def _digest(scope: str, payload: bytes) -> bytes:
+    return hashlib.blake2b(scope.encode() + b"\0" + payload, key=_KEY, digest_size=_DIGEST_BYTES).digest()
+
+
+def encode(scope: str, key: Sequence[Any]) -> str:
+    payload = json.dumps(list(key), separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(_digest(scope, payload) + payload).decode().rstrip("=")
+
+
+def decode(scope: str, token: str, field: str = "page_token") -> list[Any] | None:
+    """The key of an encoded token, None for an empty one; INVALID_ARGUMENT if tampered."""
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        digest, payload = raw[:_DIGEST_BYTES], raw[_DIGEST_BYTES:]
+        if hmac.compare_digest(digest, _digest(scope, payload)):
+            key = json.loads(payload)
+            if isinstance(key, list):
+                return key
+    except (binascii.Error, ValueError):
+        pass
+    raise invalid_argument([(field, "is not a page token issued for this query")])

@@ -1,0 +1,225 @@
+"""The gRPC server both services run: interceptor, health, reflection, shutdown.
+
+Handlers stay thin: they raise ServiceError, and the interceptor here turns it (or a
+database failure) into a status with details, logs the call and counts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import grpc
+import prometheus_client
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from blumpo_common import db, logs
+from blumpo_common.config import ServerConfig
+from blumpo_common.errors import ServiceError, from_exception, to_status
+
+log = logging.getLogger(__name__)
+
+HANDLED = prometheus_client.Counter(
+    "grpc_server_handled_total", "RPCs completed, by method and status code.", ["method", "code"]
+)
+LATENCY = prometheus_client.Histogram(
+    "grpc_server_handling_seconds", "Time to complete an RPC, by method.", ["method"]
+)
+HEALTH_PROBE_SECONDS = 2.0
+
+
+@dataclass
+class Service:
+    """What one service plugs into the shared server."""
+
+    # Full protobuf name, e.g. "blumpo.token.v1.TokenService".
+    full_name: str
+    # google.rpc.ErrorInfo domain, e.g. "blumpo.token".
+    error_domain: str
+    register: Callable[[grpc.aio.Server], None]
+    # Long-running tasks (reconcilers, listeners) started with the server.
+    background: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Maps errors to statuses, sets the request id and deadline, logs and counts each call."""
+
+    def __init__(self, error_domain: str) -> None:
+        self.error_domain = error_domain
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith("/grpc.reflection."):
+            return handler
+        if handler.unary_unary:
+            unary = handler.unary_unary
+
+            async def unary_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with self._call(method, context):
+                    return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_call,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            stream = handler.unary_stream
+
+            async def stream_call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with self._call(method, context):
+                    async for response in stream(request, context):
+                        yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream_call,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _call(self, method: str, context: grpc.aio.ServicerContext) -> _Call:
+        return _Call(self.error_domain, method, context)
+
+
+class _Call:
+    """The scope of one served call (an async context manager)."""
+
+    def __init__(self, error_domain: str, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.error_domain = error_domain
+        self.method = method
+        self.context = context
+        self.code = grpc.StatusCode.OK
+        self.started = time.monotonic()
+        metadata = dict(context.invocation_metadata() or ())
+        self.request_id = str(metadata.get("x-request-id") or uuid.uuid4())
+        remaining = context.time_remaining()
+        self.deadline = None if remaining is None else self.started + remaining
+
+    async def __aenter__(self) -> None:
+        self.tokens = (logs.request_id.set(self.request_id), db.call_deadline.set(self.deadline))
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        try:
+            if exc is None:
+                return False
+            if isinstance(exc, asyncio.CancelledError):
+                self.code = grpc.StatusCode.CANCELLED
+                return False
+            if isinstance(exc, grpc.aio.AbortError):  # the handler aborted by itself
+                self.code = self.context.code() or grpc.StatusCode.UNKNOWN
+                return False
+            if isinstance(exc, ServiceError):
+                error = exc
+            else:
+                mapped = from_exception(exc)
+                if mapped is None:
+                    log.error("unhandled error", exc_info=exc)
+                    mapped = ServiceError(
+                        grpc.StatusCode.INTERNAL,
+                        "INTERNAL",
+                        f"internal error; quote request id {self.request_id} when reporting it",
+                    )
+                else:
+                    log.warning("%s: %s", mapped.reason, exc)
+                error = mapped
+            self.code = error.code
+            status = rpc_status.to_status(to_status(error, self.error_domain))
+            await self.context.abort(status.code, status.details, status.trailing_metadata)
+            return False  # pragma: no cover - abort always raises
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        elapsed = time.monotonic() - self.started
+        HANDLED.labels(self.method, self.code.name).inc()
+        LATENCY.labels(self.method).observe(elapsed)
+        log.info(
+            "call",
+            extra={"method": self.method, "code": self.code.name, "duration_ms": round(elapsed * 1000, 2)},
+        )
+        logs.request_id.reset(self.tokens[0])
+        db.call_deadline.reset(self.tokens[1])
+
+
+async def watch_database(pool: asyncpg.Pool, health_servicer: health.aio.HealthServicer, names: Sequence[str]) -> None:
+    """Reports NOT_SERVING while the database is unreachable."""
+    serving: bool | None = None
+    while True:
+        try:
+            await pool.fetchval("SELECT 1", timeout=HEALTH_PROBE_SECONDS)
+            now = True
+        except Exception as exc:  # any failure to answer means not serving
+            if serving is not False:
+                log.warning("database unreachable: %s", exc)
+            now = False
+        if now != serving:
+            state = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in names:
+                await health_servicer.set(name, state)
+            serving = now
+        await asyncio.sleep(HEALTH_PROBE_SECONDS)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    tasks: list[asyncio.Task[None]]
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Refuses new calls, lets calls in flight finish, then stops background work."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_seconds)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def start(service: Service, pool: asyncpg.Pool, listen_addr: str) -> RunningServer:
+    server = grpc.aio.server(interceptors=[CallInterceptor(service.error_domain)])
+    service.register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(listen_addr)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen_addr}")
+    await server.start()
+    tasks = [asyncio.create_task(watch_database(pool, health_servicer, ("", service.full_name)))]
+    tasks += [asyncio.create_task(job()) for job in service.background]
+    return RunningServer(server, port, health_servicer, tasks)
+
+
+async def serve(service: Service, pool: asyncpg.Pool, config: ServerConfig) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    host, _, port = config.metrics_addr.rpartition(":")
+    prometheus_client.start_http_server(int(port), host)
+    running = await start(service, pool, config.listen_addr)
+    log.info("serving", extra={"grpc_service": service.full_name, "listen": config.listen_addr, "port": running.port})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down", extra={"grace_seconds": config.shutdown_grace_seconds})
+    await running.stop(config.shutdown_grace_seconds)
+    await pool.close()
+    log.info("stopped")

@@ -1,0 +1,524 @@
+\restrict dbmate
+
+-- Dumped from database version 15.20 (Debian 15.20-0+deb12u1)
+-- Dumped by pg_dump version 15.20 (Debian 15.20-0+deb12u1)
+
+SET statement_timeout = 0;
+SET lock_timeout = 0;
+SET idle_in_transaction_session_timeout = 0;
+SET client_encoding = 'UTF8';
+SET standard_conforming_strings = on;
+SELECT pg_catalog.set_config('search_path', '', false);
+SET check_function_bodies = false;
+SET xmloption = content;
+SET client_min_messages = warning;
+SET row_security = off;
+
+--
+-- Name: generation; Type: SCHEMA; Schema: -; Owner: -
+--
+
+CREATE SCHEMA generation;
+
+
+--
+-- Name: token; Type: SCHEMA; Schema: -; Owner: -
+--
+
+CREATE SCHEMA token;
+
+
+--
+-- Name: notify_job_change(); Type: FUNCTION; Schema: generation; Owner: -
+--
+
+CREATE FUNCTION generation.notify_job_change() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+  PERFORM pg_notify('generation_job', NEW.id::text);
+  RETURN NULL;
+END
+$$;
+
+
+--
+-- Name: reject_ledger_change(); Type: FUNCTION; Schema: token; Owner: -
+--
+
+CREATE FUNCTION token.reject_ledger_change() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+  RAISE EXCEPTION 'token_ledger is append-only: % is not allowed', TG_OP
+    USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+
+
+SET default_tablespace = '';
+
+SET default_table_access_method = heap;
+
+--
+-- Name: asset_image; Type: TABLE; Schema: generation; Owner: -
+--
+
+CREATE TABLE generation.asset_image (
+    id uuid NOT NULL,
+    job_id uuid NOT NULL,
+    user_id uuid NOT NULL,
+    title text NOT NULL,
+    storage_key text NOT NULL,
+    mime_type text NOT NULL,
+    bytes_size bigint NOT NULL,
+    width integer NOT NULL,
+    height integer NOT NULL,
+    format text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT asset_image_bytes_size_check CHECK ((bytes_size > 0)),
+    CONSTRAINT asset_image_format_mime CHECK ((((((format = 'WEBP'::text) AND (mime_type = 'image/webp'::text)) OR ((format = 'PNG'::text) AND (mime_type = 'image/png'::text))) OR ((format = 'JPEG'::text) AND (mime_type = 'image/jpeg'::text))) OR ((format = 'AVIF'::text) AND (mime_type = 'image/avif'::text)))),
+    CONSTRAINT asset_image_height_check CHECK (((height >= 1) AND (height <= 16384))),
+    CONSTRAINT asset_image_storage_key_check CHECK (((char_length(storage_key) >= 1) AND (char_length(storage_key) <= 1024))),
+    CONSTRAINT asset_image_title_check CHECK ((char_length(title) <= 200)),
+    CONSTRAINT asset_image_width_check CHECK (((width >= 1) AND (width <= 16384)))
+);
+
+
+--
+-- Name: asset_image_variant; Type: TABLE; Schema: generation; Owner: -
+--
+
+CREATE TABLE generation.asset_image_variant (
+    id uuid NOT NULL,
+    asset_id uuid NOT NULL,
+    kind text NOT NULL,
+    storage_key text NOT NULL,
+    mime_type text NOT NULL,
+    bytes_size bigint NOT NULL,
+    width integer NOT NULL,
+    height integer NOT NULL,
+    format text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT asset_image_variant_bytes_size_check CHECK ((bytes_size > 0)),
+    CONSTRAINT asset_image_variant_format_mime CHECK ((((((format = 'WEBP'::text) AND (mime_type = 'image/webp'::text)) OR ((format = 'PNG'::text) AND (mime_type = 'image/png'::text))) OR ((format = 'JPEG'::text) AND (mime_type = 'image/jpeg'::text))) OR ((format = 'AVIF'::text) AND (mime_type = 'image/avif'::text)))),
+    CONSTRAINT asset_image_variant_height_check CHECK (((height >= 1) AND (height <= 16384))),
+    CONSTRAINT asset_image_variant_kind_check CHECK ((kind = ANY (ARRAY['THUMBNAIL'::text, 'WEB'::text, 'PRINT'::text]))),
+    CONSTRAINT asset_image_variant_storage_key_check CHECK (((char_length(storage_key) >= 1) AND (char_length(storage_key) <= 1024))),
+    CONSTRAINT asset_image_variant_width_check CHECK (((width >= 1) AND (width <= 16384)))
+);
+
+
+--
+-- Name: generation_job; Type: TABLE; Schema: generation; Owner: -
+--
+
+CREATE TABLE generation.generation_job (
+    id uuid NOT NULL,
+    user_id uuid NOT NULL,
+    prompt text NOT NULL,
+    params jsonb NOT NULL,
+    tokens_cost bigint NOT NULL,
+    status text NOT NULL,
+    request_digest bytea NOT NULL,
+    error_message text,
+    worker_id text,
+    lease_expires_at timestamp with time zone,
+    lost_leases integer DEFAULT 0 NOT NULL,
+    refund_state text DEFAULT 'NONE'::text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    started_at timestamp with time zone,
+    completed_at timestamp with time zone,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT generation_job_error_message_check CHECK ((char_length(error_message) <= 2000)),
+    CONSTRAINT generation_job_lost_leases_check CHECK ((lost_leases >= 0)),
+    CONSTRAINT generation_job_prompt_check CHECK (((char_length(prompt) >= 1) AND (char_length(prompt) <= 4000))),
+    CONSTRAINT generation_job_refund_state_check CHECK ((refund_state = ANY (ARRAY['NONE'::text, 'PENDING'::text, 'DONE'::text]))),
+    CONSTRAINT generation_job_status_check CHECK ((status = ANY (ARRAY['CHARGING'::text, 'REJECTED'::text, 'QUEUED'::text, 'RUNNING'::text, 'SUCCEEDED'::text, 'FAILED'::text, 'ARCHIVED'::text, 'PAUSED'::text]))),
+    CONSTRAINT generation_job_tokens_cost_check CHECK ((tokens_cost >= 1))
+);
+
+
+--
+-- Name: schema_migrations; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.schema_migrations (
+    version character varying NOT NULL
+);
+
+
+--
+-- Name: app_user; Type: TABLE; Schema: token; Owner: -
+--
+
+CREATE TABLE token.app_user (
+    id uuid DEFAULT gen_random_uuid() NOT NULL,
+    email text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT app_user_email_check CHECK (((email = lower(btrim(email))) AND ((char_length(email) >= 3) AND (char_length(email) <= 254))))
+);
+
+
+--
+-- Name: auth_otp; Type: TABLE; Schema: token; Owner: -
+--
+
+CREATE TABLE token.auth_otp (
+    id uuid DEFAULT gen_random_uuid() NOT NULL,
+    email text NOT NULL,
+    user_id uuid,
+    code_hash bytea NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    attempts integer DEFAULT 0 NOT NULL,
+    consumed_at timestamp with time zone,
+    invalidated_at timestamp with time zone,
+    CONSTRAINT auth_otp_attempts_check CHECK ((attempts >= 0)),
+    CONSTRAINT auth_otp_check CHECK ((expires_at > created_at)),
+    CONSTRAINT auth_otp_code_hash_check CHECK ((octet_length(code_hash) = 32)),
+    CONSTRAINT auth_otp_email_check CHECK ((email = lower(btrim(email))))
+);
+
+
+--
+-- Name: plan; Type: TABLE; Schema: token; Owner: -
+--
+
+CREATE TABLE token.plan (
+    code text NOT NULL,
+    name text NOT NULL,
+    monthly_allowance bigint NOT NULL,
+    signup_grant bigint NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT plan_code_check CHECK ((code ~ '^[a-z][a-z0-9_]{0,31}$'::text)),
+    CONSTRAINT plan_monthly_allowance_check CHECK ((monthly_allowance >= 0)),
+    CONSTRAINT plan_signup_grant_check CHECK ((signup_grant >= 0))
+);
+
+
+--
+-- Name: token_account; Type: TABLE; Schema: token; Owner: -
+--
+
+CREATE TABLE token.token_account (
+    user_id uuid NOT NULL,
+    balance bigint DEFAULT 0 NOT NULL,
+    plan_code text NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT token_account_balance_check CHECK ((balance >= 0))
+);
+
+
+--
+-- Name: token_ledger; Type: TABLE; Schema: token; Owner: -
+--
+
+CREATE TABLE token.token_ledger (
+    id uuid DEFAULT gen_random_uuid() NOT NULL,
+    seq bigint NOT NULL,
+    user_id uuid NOT NULL,
+    delta bigint NOT NULL,
+    reason text NOT NULL,
+    reference_id text NOT NULL,
+    balance_after bigint NOT NULL,
+    occurred_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    CONSTRAINT token_ledger_balance_after_check CHECK ((balance_after >= 0)),
+    CONSTRAINT token_ledger_delta_check CHECK (((delta <> 0) AND (abs(delta) <= '1000000000000'::bigint))),
+    CONSTRAINT token_ledger_reason_check CHECK ((reason = ANY (ARRAY['GENERATION'::text, 'GENERATION_REFUND'::text, 'MONTHLY_REFILL'::text, 'PURCHASE'::text, 'SIGNUP_BONUS'::text, 'ADJUSTMENT'::text]))),
+    CONSTRAINT token_ledger_reference_id_check CHECK (((char_length(reference_id) >= 1) AND (char_length(reference_id) <= 200)))
+);
+
+
+--
+-- Name: token_ledger_seq_seq; Type: SEQUENCE; Schema: token; Owner: -
+--
+
+ALTER TABLE token.token_ledger ALTER COLUMN seq ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME token.token_ledger_seq_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
+-- Name: asset_image asset_image_pkey; Type: CONSTRAINT; Schema: generation; Owner: -
+--
+
+ALTER TABLE ONLY generation.asset_image
+    ADD CONSTRAINT asset_image_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: asset_image_variant asset_image_variant_asset_kind_key; Type: CONSTRAINT; Schema: generation; Owner: -
+--
+
+ALTER TABLE ONLY generation.asset_image_variant
+    ADD CONSTRAINT asset_image_variant_asset_kind_key UNIQUE (asset_id, kind);
+
+
+--
+-- Name: asset_image_variant asset_image_variant_pkey; Type: CONSTRAINT; Schema: generation; Owner: -
+--
+
+ALTER TABLE ONLY generation.asset_image_variant
+    ADD CONSTRAINT asset_image_variant_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: generation_job generation_job_pkey; Type: CONSTRAINT; Schema: generation; Owner: -
+--
+
+ALTER TABLE ONLY generation.generation_job
+    ADD CONSTRAINT generation_job_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: schema_migrations schema_migrations_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.schema_migrations
+    ADD CONSTRAINT schema_migrations_pkey PRIMARY KEY (version);
+
+
+--
+-- Name: app_user app_user_email_key; Type: CONSTRAINT; Schema: token; Owner: -
+--
+
+ALTER TABLE ONLY token.app_user
+    ADD CONSTRAINT app_user_email_key UNIQUE (email);
+
+
+--
+-- Name: app_user app_user_pkey; Type: CONSTRAINT; Schema: token; Owner: -
+--
+
+ALTER TABLE ONLY token.app_user
+    ADD CONSTRAINT app_user_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: auth_otp auth_otp_pkey; Type: CONSTRAINT; Schema: token; Owner: -
+--
+
+ALTER TABLE ONLY token.auth_otp
+    ADD CONSTRAINT auth_otp_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: plan plan_pkey; Type: CONSTRAINT; Schema: token; Owner: -
+--
+
+ALTER TABLE ONLY token.plan
+    ADD CONSTRAINT plan_pkey PRIMARY KEY (code);
+
+
+--
+-- Name: token_account token_account_pkey; Type: CONSTRAINT; Schema: token; Owner: -
+--
+
+ALTER TABLE ONLY token.token_account
+    ADD CONSTRAINT token_account_pkey PRIMARY KEY (user_id);
+
+
+--
+-- Name: token_ledger token_ledger_pkey; Type: CONSTRAINT; Schema: token; Owner: -
+--
+
+ALTER TABLE ONLY token.token_ledger
+    ADD CONSTRAINT token_ledger_pkey PRIMARY KEY (id);
+
+
+--
+-- Name: token_ledger token_ledger_user_reference_key; Type: CONSTRAINT; Schema: token; Owner: -
+--
+
+ALTER TABLE ONLY token.token_ledger
+    ADD CONSTRAINT token_ledger_user_reference_key UNIQUE (user_id, reference_id);
+
+
+--
+-- Name: idx_asset_image_job; Type: INDEX; Schema: generation; Owner: -
+--
+
+CREATE INDEX idx_asset_image_job ON generation.asset_image USING btree (job_id);
+
+
+--
+-- Name: idx_asset_image_user_time; Type: INDEX; Schema: generation; Owner: -
+--
+
+CREATE INDEX idx_asset_image_user_time ON generation.asset_image USING btree (user_id, created_at DESC, id DESC);
+
+
+--
+-- Name: idx_generation_job_charging; Type: INDEX; Schema: generation; Owner: -
+--
+
+CREATE INDEX idx_generation_job_charging ON generation.generation_job USING btree (updated_at) WHERE (status = 'CHARGING'::text);
+
+
+--
+-- Name: idx_generation_job_completed; Type: INDEX; Schema: generation; Owner: -
+--
+
+CREATE INDEX idx_generation_job_completed ON generation.generation_job USING btree (completed_at) WHERE (status = ANY (ARRAY['SUCCEEDED'::text, 'FAILED'::text]));
+
+
+--
+-- Name: idx_generation_job_lease; Type: INDEX; Schema: generation; Owner: -
+--
+
+CREATE INDEX idx_generation_job_lease ON generation.generation_job USING btree (lease_expires_at) WHERE (status = 'RUNNING'::text);
+
+
+--
+-- Name: idx_generation_job_paused; Type: INDEX; Schema: generation; Owner: -
+--
+
+CREATE INDEX idx_generation_job_paused ON generation.generation_job USING btree (created_at) WHERE (status = 'PAUSED'::text);
+
+
+--
+-- Name: idx_generation_job_queued; Type: INDEX; Schema: generation; Owner: -
+--
+
+CREATE INDEX idx_generation_job_queued ON generation.generation_job USING btree (created_at, id) WHERE (status = 'QUEUED'::text);
+
+
+--
+-- Name: idx_generation_job_refund; Type: INDEX; Schema: generation; Owner: -
+--
+
+CREATE INDEX idx_generation_job_refund ON generation.generation_job USING btree (updated_at) WHERE (refund_state = 'PENDING'::text);
+
+
+--
+-- Name: idx_generation_job_user_time; Type: INDEX; Schema: generation; Owner: -
+--
+
+CREATE INDEX idx_generation_job_user_time ON generation.generation_job USING btree (user_id, created_at DESC, id DESC);
+
+
+--
+-- Name: idx_auth_otp_email_active; Type: INDEX; Schema: token; Owner: -
+--
+
+CREATE UNIQUE INDEX idx_auth_otp_email_active ON token.auth_otp USING btree (email) WHERE ((consumed_at IS NULL) AND (invalidated_at IS NULL));
+
+
+--
+-- Name: idx_auth_otp_email_time; Type: INDEX; Schema: token; Owner: -
+--
+
+CREATE INDEX idx_auth_otp_email_time ON token.auth_otp USING btree (email, created_at);
+
+
+--
+-- Name: idx_auth_otp_expires; Type: INDEX; Schema: token; Owner: -
+--
+
+CREATE INDEX idx_auth_otp_expires ON token.auth_otp USING btree (expires_at);
+
+
+--
+-- Name: idx_token_account_plan; Type: INDEX; Schema: token; Owner: -
+--
+
+CREATE INDEX idx_token_account_plan ON token.token_account USING btree (plan_code);
+
+
+--
+-- Name: idx_token_ledger_user_time; Type: INDEX; Schema: token; Owner: -
+--
+
+CREATE INDEX idx_token_ledger_user_time ON token.token_ledger USING btree (user_id, occurred_at DESC, seq DESC);
+
+
+--
+-- Name: generation_job generation_job_notify; Type: TRIGGER; Schema: generation; Owner: -
+--
+
+CREATE TRIGGER generation_job_notify AFTER INSERT OR UPDATE ON generation.generation_job FOR EACH ROW EXECUTE FUNCTION generation.notify_job_change();
+
+
+--
+-- Name: token_ledger token_ledger_append_only; Type: TRIGGER; Schema: token; Owner: -
+--
+
+CREATE TRIGGER token_ledger_append_only BEFORE DELETE OR UPDATE ON token.token_ledger FOR EACH ROW EXECUTE FUNCTION token.reject_ledger_change();
+
+
+--
+-- Name: token_ledger token_ledger_no_truncate; Type: TRIGGER; Schema: token; Owner: -
+--
+
+CREATE TRIGGER token_ledger_no_truncate BEFORE TRUNCATE ON token.token_ledger FOR EACH STATEMENT EXECUTE FUNCTION token.reject_ledger_change();
+
+
+--
+-- Name: asset_image asset_image_job_id_fkey; Type: FK CONSTRAINT; Schema: generation; Owner: -
+--
+
+ALTER TABLE ONLY generation.asset_image
+    ADD CONSTRAINT asset_image_job_id_fkey FOREIGN KEY (job_id) REFERENCES generation.generation_job(id);
+
+
+--
+-- Name: asset_image_variant asset_image_variant_asset_id_fkey; Type: FK CONSTRAINT; Schema: generation; Owner: -
+--
+
+ALTER TABLE ONLY generation.asset_image_variant
+    ADD CONSTRAINT asset_image_variant_asset_id_fkey FOREIGN KEY (asset_id) REFERENCES generation.asset_image(id) ON DELETE CASCADE;
+
+
+--
+-- Name: auth_otp auth_otp_user_id_fkey; Type: FK CONSTRAINT; Schema: token; Owner: -
+--
+
+ALTER TABLE ONLY token.auth_otp
+    ADD CONSTRAINT auth_otp_user_id_fkey FOREIGN KEY (user_id) REFERENCES token.app_user(id) ON DELETE SET NULL;
+
+
+--
+-- Name: token_account token_account_plan_code_fkey; Type: FK CONSTRAINT; Schema: token; Owner: -
+--
+
+ALTER TABLE ONLY token.token_account
+    ADD CONSTRAINT token_account_plan_code_fkey FOREIGN KEY (plan_code) REFERENCES token.plan(code);
+
+
+--
+-- Name: token_account token_account_user_id_fkey; Type: FK CONSTRAINT; Schema: token; Owner: -
+--
+
+ALTER TABLE ONLY token.token_account
+    ADD CONSTRAINT token_account_user_id_fkey FOREIGN KEY (user_id) REFERENCES token.app_user(id) ON DELETE CASCADE;
+
+
+--
+-- Name: token_ledger token_ledger_user_id_fkey; Type: FK CONSTRAINT; Schema: token; Owner: -
+--
+
+ALTER TABLE ONLY token.token_ledger
+    ADD CONSTRAINT token_ledger_user_id_fkey FOREIGN KEY (user_id) REFERENCES token.token_account(user_id);
+
+
+--
+-- PostgreSQL database dump complete
+--
+
+\unrestrict dbmate
+
+
+--
+-- Dbmate schema migrations
+--
+
+INSERT INTO public.schema_migrations (version) VALUES
+    ('20261125000001'),
+    ('20261125000002');

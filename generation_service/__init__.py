@@ -1,0 +1,1 @@
+"""The generation service: image generation jobs, their assets and variants."""

@@ -1,0 +1,1 @@
+"""The token service: users, token accounts, the ledger, OTP login and plans."""

@@ -1,0 +1,3 @@
+from token_service.server import main
+
+main()

@@ -1,0 +1,232 @@
+"""The TokenService servicer: validates requests, calls the store, builds responses."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import asyncpg
+import email_validator
+import grpc
+from google.rpc import status_pb2
+
+from blumpo.token.v1 import token_pb2 as pb
+from blumpo.token.v1 import token_pb2_grpc
+from blumpo_common import pagination
+from blumpo_common.errors import to_status
+from blumpo_common.timestamps import to_proto
+from blumpo_common.validation import Checker
+from token_service import ledger
+from token_service.store import Store
+
+ERROR_DOMAIN = "blumpo.token"
+DEFAULT_PLAN = "free"
+MAX_BATCH = 1000
+
+REASONS: dict[int, str] = {
+    pb.LEDGER_REASON_GENERATION: "GENERATION",
+    pb.LEDGER_REASON_GENERATION_REFUND: "GENERATION_REFUND",
+    pb.LEDGER_REASON_MONTHLY_REFILL: "MONTHLY_REFILL",
+    pb.LEDGER_REASON_PURCHASE: "PURCHASE",
+    pb.LEDGER_REASON_SIGNUP_BONUS: "SIGNUP_BONUS",
+    pb.LEDGER_REASON_ADJUSTMENT: "ADJUSTMENT",
+}
+REASON_VALUES = {name: value for value, name in REASONS.items()}
+
+
+def check_email(check: Checker, field: str, raw: str) -> str:
+    email = raw.strip().lower()
+    if not email:
+        check.add(field, "is required")
+        return email
+    try:
+        email_validator.validate_email(email, check_deliverability=False)
+    except email_validator.EmailNotValidError as exc:
+        check.add(field, f"is not a valid email address: {exc}")
+    return email
+
+
+def check_plan(check: Checker, field: str, plan: str) -> str:
+    return check.text(field, plan, max_len=32)
+
+
+def user_message(row: asyncpg.Record) -> pb.User:
+    return pb.User(
+        user_id=str(row["id"]),
+        email=row["email"],
+        created_at=to_proto(row["created_at"]),
+        account=pb.TokenAccount(
+            user_id=str(row["id"]),
+            balance=row["balance"],
+            plan=row["plan_code"],
+            updated_at=to_proto(row["updated_at"]),
+        ),
+    )
+
+
+def account_message(row: asyncpg.Record) -> pb.TokenAccount:
+    return pb.TokenAccount(
+        user_id=str(row["user_id"]),
+        balance=row["balance"],
+        plan=row["plan_code"],
+        updated_at=to_proto(row["updated_at"]),
+    )
+
+
+def entry_message(entry: ledger.Entry | asyncpg.Record) -> pb.LedgerEntry:
+    if isinstance(entry, ledger.Entry):
+        id_, user_id, delta, reason = entry.id, entry.user_id, entry.delta, entry.reason
+        reference_id, balance_after, occurred_at = entry.reference_id, entry.balance_after, entry.occurred_at
+    else:
+        id_, user_id, delta, reason = entry["id"], entry["user_id"], entry["delta"], entry["reason"]
+        reference_id, balance_after, occurred_at = entry["reference_id"], entry["balance_after"], entry["occurred_at"]
+    return pb.LedgerEntry(
+        entry_id=str(id_),
+        user_id=str(user_id),
+        delta=delta,
+        reason=REASON_VALUES[reason],
+        reference_id=reference_id,
+        balance_after=balance_after,
+        occurred_at=to_proto(occurred_at),
+    )
+
+
+def entry_request(check: Checker, request: pb.AppendLedgerEntryRequest) -> ledger.EntryRequest:
+    user_id = check.uuid("user_id", request.user_id)
+    if request.delta == 0 or abs(request.delta) > ledger.MAX_DELTA:
+        check.add("delta", f"must be non-zero and at most {ledger.MAX_DELTA} in absolute value, got {request.delta}")
+    reason = check.choice("reason", request.reason, REASONS)
+    check.text("reference_id", request.reference_id, max_len=ledger.MAX_REFERENCE_LENGTH)
+    return ledger.EntryRequest(user_id, request.delta, reason or "", request.reference_id)
+
+
+def raise_error(outcome: ledger.Outcome) -> ledger.Entry:
+    if outcome.error is not None:
+        raise outcome.error
+    assert outcome.entry is not None
+    return outcome.entry
+
+
+class TokenApi(token_pb2_grpc.TokenServiceServicer):
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def CreateUser(self, request: pb.CreateUserRequest, context: grpc.aio.ServicerContext) -> pb.CreateUserResponse:
+        check = Checker()
+        email = check_email(check, "email", request.email)
+        plan = check_plan(check, "plan", request.plan or DEFAULT_PLAN)
+        check.done()
+        return pb.CreateUserResponse(user=user_message(await self.store.create_user(email, plan)))
+
+    async def GetUser(self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext) -> pb.GetUserResponse:
+        check = Checker()
+        lookup = request.WhichOneof("lookup")
+        if lookup == "user_id":
+            user_id = check.uuid("user_id", request.user_id)
+            check.done()
+            row = await self.store.user_by_id(user_id)
+        elif lookup == "email":
+            email = check_email(check, "email", request.email)
+            check.done()
+            row = await self.store.user_by_email(email)
+        else:
+            check.add("user_id", "user_id or email is required")
+            check.done()
+        return pb.GetUserResponse(user=user_message(row))
+
+    async def GetTokenBalance(
+        self, request: pb.GetTokenBalanceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetTokenBalanceResponse:
+        check = Checker()
+        user_id = check.uuid("user_id", request.user_id)
+        check.done()
+        row = await self.store.account(user_id)
+        return pb.GetTokenBalanceResponse(user_id=str(row["user_id"]), balance=row["balance"], plan=row["plan_code"])
+
+    async def AppendLedgerEntry(
+        self, request: pb.AppendLedgerEntryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AppendLedgerEntryResponse:
+        check = Checker()
+        entry = entry_request(check, request)
+        check.done()
+        [outcome] = await self.store.append_entries([entry])
+        return pb.AppendLedgerEntryResponse(entry=entry_message(raise_error(outcome)), replayed=outcome.replayed)
+
+    async def AppendLedgerEntries(
+        self, request: pb.AppendLedgerEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AppendLedgerEntriesResponse:
+        count = len(request.entries)
+        if not 1 <= count <= MAX_BATCH:
+            check = Checker()
+            check.add("entries", f"must hold 1 to {MAX_BATCH} entries, got {count}")
+            check.done()
+        # Each entry is judged alone: a malformed one fails only itself.
+        results: list[pb.AppendLedgerEntryResult | None] = []
+        valid: list[ledger.EntryRequest] = []
+        for index, item in enumerate(request.entries):
+            check = Checker(prefix=f"entries[{index}].")
+            entry = entry_request(check, item)
+            error = check.error()
+            if error is not None:
+                results.append(_result(ledger.Outcome(error=error)))
+            else:
+                results.append(None)
+                valid.append(entry)
+        outcomes = iter(await self.store.append_entries(valid) if valid else [])
+        return pb.AppendLedgerEntriesResponse(
+            results=[result or _result(next(outcomes)) for result in results]
+        )
+
+    async def ListLedgerEntries(
+        self, request: pb.ListLedgerEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListLedgerEntriesResponse:
+        check = Checker()
+        user_id = check.uuid("user_id", request.user_id)
+        page_size = check.page_size("page_size", request.page_size, default=50)
+        check.done()
+        scope = f"ledger:{user_id}"
+        key = pagination.decode(scope, request.page_token)
+        after = (datetime.fromisoformat(key[0]), int(key[1])) if key else None
+        rows = await self.store.list_entries(user_id, after, page_size + 1)
+        page = rows[:page_size]
+        next_token = ""
+        if len(rows) > page_size:
+            last = page[-1]
+            next_token = pagination.encode(scope, [last["occurred_at"].isoformat(), last["seq"]])
+        return pb.ListLedgerEntriesResponse(entries=[entry_message(r) for r in page], next_page_token=next_token)
+
+    async def CheckBalances(
+        self, request: pb.CheckBalancesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CheckBalancesResponse:
+        check = Checker()
+        user_id = check.uuid("user_id", request.user_id) if request.user_id else None
+        check.done()
+        checked, mismatches = await self.store.check_balances(user_id)
+        return pb.CheckBalancesResponse(
+            accounts_checked=checked,
+            mismatches=[
+                pb.BalanceMismatch(
+                    user_id=str(r["user_id"]),
+                    account_balance=r["account_balance"],
+                    ledger_sum=r["ledger_sum"],
+                    last_balance_after=r["last_balance_after"],
+                )
+                for r in mismatches
+            ],
+        )
+
+    async def ChangePlan(self, request: pb.ChangePlanRequest, context: grpc.aio.ServicerContext) -> pb.ChangePlanResponse:
+        check = Checker()
+        user_id = check.uuid("user_id", request.user_id)
+        plan = check_plan(check, "plan", request.plan)
+        check.done()
+        return pb.ChangePlanResponse(account=account_message(await self.store.change_plan(user_id, plan)))
+
+
+def _result(outcome: ledger.Outcome) -> pb.AppendLedgerEntryResult:
+    if outcome.error is not None:
+        return pb.AppendLedgerEntryResult(status=to_status(outcome.error, ERROR_DOMAIN))
+    assert outcome.entry is not None
+    return pb.AppendLedgerEntryResult(
+        entry=entry_message(outcome.entry), replayed=outcome.replayed, status=status_pb2.Status(code=0)
+    )

@@ -1,0 +1,109 @@
+-- Every statement of the token service. Connections run with search_path = token.
+
+-- name: create_user
+-- The user, their account and the plan's signup grant, in one statement.
+-- No row when the plan does not exist.
+WITH chosen_plan AS (
+  SELECT code, signup_grant FROM plan WHERE code = $2
+), new_user AS (
+  INSERT INTO app_user (email) SELECT $1 FROM chosen_plan
+  RETURNING id, email, created_at
+), new_account AS (
+  INSERT INTO token_account (user_id, balance, plan_code)
+  SELECT new_user.id, chosen_plan.signup_grant, chosen_plan.code FROM new_user, chosen_plan
+  RETURNING user_id, balance, plan_code, updated_at
+), grant_entry AS (
+  INSERT INTO token_ledger (user_id, delta, reason, reference_id, balance_after)
+  SELECT new_user.id, chosen_plan.signup_grant, 'SIGNUP_BONUS', 'signup', chosen_plan.signup_grant
+  FROM new_user, chosen_plan WHERE chosen_plan.signup_grant > 0
+)
+SELECT u.id, u.email, u.created_at, a.balance, a.plan_code, a.updated_at
+FROM new_user u JOIN new_account a ON a.user_id = u.id;
+
+-- name: user_by_id
+SELECT u.id, u.email, u.created_at, a.balance, a.plan_code, a.updated_at
+FROM app_user u JOIN token_account a ON a.user_id = u.id
+WHERE u.id = $1;
+
+-- name: user_by_email
+SELECT u.id, u.email, u.created_at, a.balance, a.plan_code, a.updated_at
+FROM app_user u JOIN token_account a ON a.user_id = u.id
+WHERE u.email = $1;
+
+-- name: account
+SELECT user_id, balance, plan_code, updated_at FROM token_account WHERE user_id = $1;
+
+-- name: lock_accounts
+-- In user_id order, so concurrent batches cannot deadlock.
+SELECT user_id, balance FROM token_account
+WHERE user_id = ANY($1::uuid[])
+ORDER BY user_id
+FOR UPDATE;
+
+-- name: entries_by_reference
+-- Run after lock_accounts, so entries committed while waiting for the lock are seen.
+SELECT l.id, l.user_id, l.delta, l.reason, l.reference_id, l.balance_after, l.occurred_at
+FROM unnest($1::uuid[], $2::text[]) AS k(user_id, reference_id)
+JOIN token_ledger l ON l.user_id = k.user_id AND l.reference_id = k.reference_id;
+
+-- name: insert_entries
+-- New entries in request order, and each account's balance set to its last entry's.
+WITH new_entry AS (
+  SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::bigint[])
+    WITH ORDINALITY AS n(id, user_id, delta, reason, reference_id, balance_after, ord)
+), inserted AS (
+  INSERT INTO token_ledger (id, user_id, delta, reason, reference_id, balance_after)
+  SELECT id, user_id, delta, reason, reference_id, balance_after FROM new_entry ORDER BY ord
+  RETURNING id, occurred_at
+), final_balance AS (
+  SELECT DISTINCT ON (user_id) user_id, balance_after FROM new_entry ORDER BY user_id, ord DESC
+), updated AS (
+  UPDATE token_account a SET balance = f.balance_after, updated_at = now()
+  FROM final_balance f WHERE a.user_id = f.user_id
+)
+SELECT id, occurred_at FROM inserted;
+
+-- name: list_entries
+-- Newest first, after the keyset ($2, $3); the first page passes ('infinity', max bigint).
+SELECT id, user_id, delta, reason, reference_id, balance_after, occurred_at, seq
+FROM token_ledger
+WHERE user_id = $1 AND (occurred_at, seq) < ($2::timestamptz, $3::bigint)
+ORDER BY occurred_at DESC, seq DESC
+LIMIT $4;
+
+-- name: user_exists
+SELECT EXISTS (SELECT FROM app_user WHERE id = $1);
+
+-- name: count_accounts
+SELECT count(*) FROM token_account WHERE $1::uuid IS NULL OR user_id = $1;
+
+-- name: balance_mismatches
+-- The seed's "verify token balance matches ledger": the balance must equal both the
+-- sum of the ledger and the balance_after of the last entry.
+SELECT a.user_id, a.balance AS account_balance,
+       coalesce(l.ledger_sum, 0)::bigint AS ledger_sum,
+       coalesce(l.last_balance_after, 0) AS last_balance_after
+FROM token_account a
+LEFT JOIN (
+  SELECT user_id, sum(delta) AS ledger_sum,
+         (array_agg(balance_after ORDER BY seq DESC))[1] AS last_balance_after
+  FROM token_ledger
+  WHERE $1::uuid IS NULL OR user_id = $1
+  GROUP BY user_id
+) l USING (user_id)
+WHERE ($1::uuid IS NULL OR a.user_id = $1)
+  AND (a.balance <> coalesce(l.ledger_sum, 0) OR a.balance <> coalesce(l.last_balance_after, 0))
+ORDER BY a.user_id
+LIMIT $2;
+
+-- name: change_plan
+-- plan_exists tells an unknown plan from an unknown user when no account row comes back.
+WITH chosen_plan AS (
+  SELECT code FROM plan WHERE code = $2
+), updated AS (
+  UPDATE token_account a SET plan_code = p.code, updated_at = now()
+  FROM chosen_plan p WHERE a.user_id = $1
+  RETURNING a.user_id, a.balance, a.plan_code, a.updated_at
+)
+SELECT EXISTS (SELECT FROM chosen_plan) AS plan_exists, u.*
+FROM (SELECT) AS one LEFT JOIN updated u ON true;

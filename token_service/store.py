@@ -1,0 +1,141 @@
+"""Every database call of the token service; the SQL lives in queries.sql."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+import asyncpg
+import grpc
+
+from blumpo_common import db
+from blumpo_common.errors import ServiceError, invalid_argument, not_found
+from token_service import ledger
+
+Q = db.load_queries(Path(__file__).with_name("queries.sql"))
+MAX_MISMATCHES = 1000
+_END_OF_TIME = datetime.max
+_MAX_SEQ = 2**63 - 1
+
+
+def _entry(row: asyncpg.Record) -> ledger.Entry:
+    return ledger.Entry(
+        id=row["id"],
+        user_id=row["user_id"],
+        delta=row["delta"],
+        reason=row["reason"],
+        reference_id=row["reference_id"],
+        balance_after=row["balance_after"],
+        occurred_at=row["occurred_at"],
+    )
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool, timeout_seconds: float) -> None:
+        self.pool = pool
+        self.timeout_seconds = timeout_seconds
+
+    def _timeout(self) -> float:
+        return db.timeout(self.timeout_seconds)
+
+    async def create_user(self, email: str, plan: str, conn: asyncpg.Connection | None = None) -> asyncpg.Record:
+        """Creates the user, account and signup grant; runs on conn when given (a caller's transaction)."""
+        try:
+            if conn is None:
+                row = await self.pool.fetchrow(Q["create_user"], email, plan, timeout=self._timeout())
+            else:
+                row = await conn.fetchrow(Q["create_user"], email, plan, timeout=self._timeout())
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == "app_user_email_key":
+                raise ServiceError(
+                    grpc.StatusCode.ALREADY_EXISTS, "EMAIL_TAKEN", f"a user with email {email} exists", {"email": email}
+                ) from None
+            raise
+        if row is None:
+            raise invalid_argument([("plan", f"unknown plan {plan!r}")])
+        return row
+
+    async def user_by_id(self, user_id: uuid.UUID) -> asyncpg.Record:
+        row = await self.pool.fetchrow(Q["user_by_id"], user_id, timeout=self._timeout())
+        if row is None:
+            raise not_found("user", str(user_id))
+        return row
+
+    async def user_by_email(self, email: str) -> asyncpg.Record:
+        row = await self.pool.fetchrow(Q["user_by_email"], email, timeout=self._timeout())
+        if row is None:
+            raise not_found("user", email)
+        return row
+
+    async def account(self, user_id: uuid.UUID) -> asyncpg.Record:
+        row = await self.pool.fetchrow(Q["account"], user_id, timeout=self._timeout())
+        if row is None:
+            raise not_found("account", str(user_id))
+        return row
+
+    async def append_entries(self, requests: Sequence[ledger.EntryRequest]) -> list[ledger.Outcome]:
+        """Applies the requests in order in one transaction, each account locked FOR UPDATE."""
+        timeout = self._timeout()
+        async with self.pool.acquire(timeout=timeout) as conn, conn.transaction():
+            return await self.append_entries_on(conn, requests, timeout)
+
+    async def append_entries_on(
+        self, conn: asyncpg.Connection, requests: Sequence[ledger.EntryRequest], timeout: float
+    ) -> list[ledger.Outcome]:
+        """append_entries inside a transaction the caller holds."""
+        user_ids = sorted({r.user_id for r in requests})
+        locked = await conn.fetch(Q["lock_accounts"], user_ids, timeout=timeout)
+        balances = {row["user_id"]: row["balance"] for row in locked}
+        rows = await conn.fetch(
+            Q["entries_by_reference"],
+            [r.user_id for r in requests],
+            [r.reference_id for r in requests],
+            timeout=timeout,
+        )
+        existing = {(row["user_id"], row["reference_id"]): _entry(row) for row in rows}
+        outcomes, new_entries = ledger.plan(list(requests), balances, existing)
+        if not new_entries:
+            return outcomes
+        inserted = await conn.fetch(
+            Q["insert_entries"],
+            [e.id for e in new_entries],
+            [e.user_id for e in new_entries],
+            [e.delta for e in new_entries],
+            [e.reason for e in new_entries],
+            [e.reference_id for e in new_entries],
+            [e.balance_after for e in new_entries],
+            timeout=timeout,
+        )
+        return ledger.written(outcomes, {row["id"]: row["occurred_at"] for row in inserted})
+
+    async def list_entries(
+        self, user_id: uuid.UUID, after: tuple[datetime, int] | None, limit: int
+    ) -> list[asyncpg.Record]:
+        occurred_at, seq = after or (_END_OF_TIME, _MAX_SEQ)
+        timeout = self._timeout()
+        rows = await self.pool.fetch(Q["list_entries"], user_id, occurred_at, seq, limit, timeout=timeout)
+        if not rows and after is None and not await self.pool.fetchval(Q["user_exists"], user_id, timeout=timeout):
+            raise not_found("user", str(user_id))
+        return rows
+
+    async def check_balances(self, user_id: uuid.UUID | None) -> tuple[int, list[asyncpg.Record]]:
+        """How many accounts were checked, and (up to MAX_MISMATCHES of) those that disagree."""
+        timeout = self._timeout()
+        async with self.pool.acquire(timeout=timeout) as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                checked = await conn.fetchval(Q["count_accounts"], user_id, timeout=timeout)
+                mismatches = await conn.fetch(Q["balance_mismatches"], user_id, MAX_MISMATCHES, timeout=timeout)
+        if user_id is not None and checked == 0:
+            raise not_found("account", str(user_id))
+        return checked, mismatches
+
+    async def change_plan(self, user_id: uuid.UUID, plan: str) -> asyncpg.Record:
+        row = await self.pool.fetchrow(Q["change_plan"], user_id, plan, timeout=self._timeout())
+        assert row is not None
+        if not row["plan_exists"]:
+            raise invalid_argument([("plan", f"unknown plan {plan!r}")])
+        if row["user_id"] is None:
+            raise not_found("account", str(user_id))
+        return row
