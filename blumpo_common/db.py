@@ -7,15 +7,18 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import asyncpg
+import asyncpg.pool
 
 from blumpo_common.config import DatabaseConfig
 
+# A connection, pooled or not.
+Connection: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"
+
 # Monotonic deadline of the gRPC call being served, set by the server interceptor.
-call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "call_deadline", default=None
-)
+call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("call_deadline", default=None)
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 

@@ -40,16 +40,12 @@ def invalid_argument(violations: Sequence[tuple[str, str]]) -> ServiceError:
 
 
 def not_found(what: str, key: str) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.NOT_FOUND, f"{what.upper()}_NOT_FOUND", f"no {what} {key}", {"key": key}
-    )
+    return ServiceError(grpc.StatusCode.NOT_FOUND, f"{what.upper()}_NOT_FOUND", f"no {what} {key}", {"key": key})
 
 
 def to_status(error: ServiceError, domain: str) -> status_pb2.Status:
     status = status_pb2.Status(code=error.code.value[0], message=error.message)
-    info = error_details_pb2.ErrorInfo(
-        reason=error.reason, domain=domain, metadata=dict(error.metadata)
-    )
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=dict(error.metadata))
     details = [info]
     if error.violations:
         details.append(
@@ -91,8 +87,6 @@ def from_exception(exc: BaseException) -> ServiceError | None:
             "DATABASE_TIMEOUT",
             "the database did not answer in time; retry later",
         )
-    if isinstance(exc, NotImplementedError):
-        return ServiceError(grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED", "this method is not implemented yet")
     if isinstance(exc, _UNAVAILABLE):
         return ServiceError(
             grpc.StatusCode.UNAVAILABLE,

@@ -11,9 +11,9 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 import grpc
@@ -28,12 +28,15 @@ from blumpo_common.errors import ServiceError, from_exception, to_status
 
 log = logging.getLogger(__name__)
 
+# The context of a call being served.
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+# grpcio-health-checking's stubs do not describe its asyncio servicer.
+HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
+
 HANDLED = prometheus_client.Counter(
     "grpc_server_handled_total", "RPCs completed, by method and status code.", ["method", "code"]
 )
-LATENCY = prometheus_client.Histogram(
-    "grpc_server_handling_seconds", "Time to complete an RPC, by method.", ["method"]
-)
+LATENCY = prometheus_client.Histogram("grpc_server_handling_seconds", "Time to complete an RPC, by method.", ["method"])
 HEALTH_PROBE_SECONDS = 2.0
 
 
@@ -47,10 +50,10 @@ class Service:
     error_domain: str
     register: Callable[[grpc.aio.Server], None]
     # Long-running tasks (reconcilers, listeners) started with the server.
-    background: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=tuple)
+    background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=tuple)
 
 
-class CallInterceptor(grpc.aio.ServerInterceptor):
+class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Maps errors to statuses, sets the request id and deadline, logs and counts each call."""
 
     def __init__(self, error_domain: str) -> None:
@@ -58,17 +61,17 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         if handler is None or method.startswith("/grpc.reflection."):
             return handler
         if handler.unary_unary:
-            unary = handler.unary_unary
+            unary: Any = handler.unary_unary
 
-            async def unary_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary_call(request: Any, context: Context) -> Any:
                 async with self._call(method, context):
                     return await unary(request, context)
 
@@ -78,9 +81,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
-            stream = handler.unary_stream
+            stream: Any = handler.unary_stream
 
-            async def stream_call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def stream_call(request: Any, context: Context) -> AsyncIterator[Any]:
                 async with self._call(method, context):
                     async for response in stream(request, context):
                         yield response
@@ -92,14 +95,14 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler
 
-    def _call(self, method: str, context: grpc.aio.ServicerContext) -> _Call:
+    def _call(self, method: str, context: Context) -> _Call:
         return _Call(self.error_domain, method, context)
 
 
 class _Call:
     """The scope of one served call (an async context manager)."""
 
-    def __init__(self, error_domain: str, method: str, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, error_domain: str, method: str, context: Context) -> None:
         self.error_domain = error_domain
         self.method = method
         self.context = context
@@ -156,7 +159,7 @@ class _Call:
         db.call_deadline.reset(self.tokens[1])
 
 
-async def watch_database(pool: asyncpg.Pool, health_servicer: health.aio.HealthServicer, names: Sequence[str]) -> None:
+async def watch_database(pool: asyncpg.Pool, health_servicer: HealthServicer, names: Sequence[str]) -> None:
     """Reports NOT_SERVING while the database is unreachable."""
     serving: bool | None = None
     while True:
@@ -179,7 +182,7 @@ async def watch_database(pool: asyncpg.Pool, health_servicer: health.aio.HealthS
 class RunningServer:
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: HealthServicer
     tasks: list[asyncio.Task[None]]
 
     async def stop(self, grace_seconds: float) -> None:
@@ -194,11 +197,9 @@ class RunningServer:
 async def start(service: Service, pool: asyncpg.Pool, listen_addr: str) -> RunningServer:
     server = grpc.aio.server(interceptors=[CallInterceptor(service.error_domain)])
     service.register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection((service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(listen_addr)
     if port == 0:
         raise OSError(f"cannot listen on {listen_addr}")

@@ -35,9 +35,7 @@ class Checker:
             return uuid.UUID(value)
         return uuid.UUID(int=0)
 
-    def text(
-        self, field: str, value: str, max_len: int, min_len: int = 1, printable: bool = True
-    ) -> str:
+    def text(self, field: str, value: str, max_len: int, min_len: int = 1, printable: bool = True) -> str:
         if len(value) < min_len:
             self.add(field, "is required" if min_len == 1 else f"must be at least {min_len} characters")
         elif len(value) > max_len:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 
 import asyncpg
@@ -13,7 +12,8 @@ from google.rpc import status_pb2
 from blumpo.token.v1 import token_pb2 as pb
 from blumpo.token.v1 import token_pb2_grpc
 from blumpo_common import pagination
-from blumpo_common.errors import to_status
+from blumpo_common.errors import ServiceError, to_status
+from blumpo_common.server import Context
 from blumpo_common.timestamps import to_proto
 from blumpo_common.validation import Checker
 from token_service import ledger
@@ -84,7 +84,7 @@ def entry_message(entry: ledger.Entry | asyncpg.Record) -> pb.LedgerEntry:
         entry_id=str(id_),
         user_id=str(user_id),
         delta=delta,
-        reason=REASON_VALUES[reason],
+        reason=REASON_VALUES[reason],  # type: ignore[arg-type]
         reference_id=reference_id,
         balance_after=balance_after,
         occurred_at=to_proto(occurred_at),
@@ -111,14 +111,14 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def CreateUser(self, request: pb.CreateUserRequest, context: grpc.aio.ServicerContext) -> pb.CreateUserResponse:
+    async def CreateUser(self, request: pb.CreateUserRequest, context: Context) -> pb.CreateUserResponse:
         check = Checker()
         email = check_email(check, "email", request.email)
         plan = check_plan(check, "plan", request.plan or DEFAULT_PLAN)
         check.done()
         return pb.CreateUserResponse(user=user_message(await self.store.create_user(email, plan)))
 
-    async def GetUser(self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext) -> pb.GetUserResponse:
+    async def GetUser(self, request: pb.GetUserRequest, context: Context) -> pb.GetUserResponse:
         check = Checker()
         lookup = request.WhichOneof("lookup")
         if lookup == "user_id":
@@ -134,9 +134,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
             check.done()
         return pb.GetUserResponse(user=user_message(row))
 
-    async def GetTokenBalance(
-        self, request: pb.GetTokenBalanceRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetTokenBalanceResponse:
+    async def GetTokenBalance(self, request: pb.GetTokenBalanceRequest, context: Context) -> pb.GetTokenBalanceResponse:
         check = Checker()
         user_id = check.uuid("user_id", request.user_id)
         check.done()
@@ -144,7 +142,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         return pb.GetTokenBalanceResponse(user_id=str(row["user_id"]), balance=row["balance"], plan=row["plan_code"])
 
     async def AppendLedgerEntry(
-        self, request: pb.AppendLedgerEntryRequest, context: grpc.aio.ServicerContext
+        self, request: pb.AppendLedgerEntryRequest, context: Context
     ) -> pb.AppendLedgerEntryResponse:
         check = Checker()
         entry = entry_request(check, request)
@@ -153,7 +151,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         return pb.AppendLedgerEntryResponse(entry=entry_message(raise_error(outcome)), replayed=outcome.replayed)
 
     async def AppendLedgerEntries(
-        self, request: pb.AppendLedgerEntriesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.AppendLedgerEntriesRequest, context: Context
     ) -> pb.AppendLedgerEntriesResponse:
         count = len(request.entries)
         if not 1 <= count <= MAX_BATCH:
@@ -173,12 +171,10 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
                 results.append(None)
                 valid.append(entry)
         outcomes = iter(await self.store.append_entries(valid) if valid else [])
-        return pb.AppendLedgerEntriesResponse(
-            results=[result or _result(next(outcomes)) for result in results]
-        )
+        return pb.AppendLedgerEntriesResponse(results=[result or _result(next(outcomes)) for result in results])
 
     async def ListLedgerEntries(
-        self, request: pb.ListLedgerEntriesRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListLedgerEntriesRequest, context: Context
     ) -> pb.ListLedgerEntriesResponse:
         check = Checker()
         user_id = check.uuid("user_id", request.user_id)
@@ -195,9 +191,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
             next_token = pagination.encode(scope, [last["occurred_at"].isoformat(), last["seq"]])
         return pb.ListLedgerEntriesResponse(entries=[entry_message(r) for r in page], next_page_token=next_token)
 
-    async def CheckBalances(
-        self, request: pb.CheckBalancesRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CheckBalancesResponse:
+    async def CheckBalances(self, request: pb.CheckBalancesRequest, context: Context) -> pb.CheckBalancesResponse:
         check = Checker()
         user_id = check.uuid("user_id", request.user_id) if request.user_id else None
         check.done()
@@ -215,12 +209,32 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
             ],
         )
 
-    async def ChangePlan(self, request: pb.ChangePlanRequest, context: grpc.aio.ServicerContext) -> pb.ChangePlanResponse:
+    async def ChangePlan(self, request: pb.ChangePlanRequest, context: Context) -> pb.ChangePlanResponse:
         check = Checker()
         user_id = check.uuid("user_id", request.user_id)
         plan = check_plan(check, "plan", request.plan)
         check.done()
         return pb.ChangePlanResponse(account=account_message(await self.store.change_plan(user_id, plan)))
+
+    async def RunMonthlyRefill(
+        self, request: pb.RunMonthlyRefillRequest, context: Context
+    ) -> pb.RunMonthlyRefillResponse:
+        raise _unimplemented()
+
+    async def RequestOtp(self, request: pb.RequestOtpRequest, context: Context) -> pb.RequestOtpResponse:
+        raise _unimplemented()
+
+    async def VerifyOtp(self, request: pb.VerifyOtpRequest, context: Context) -> pb.VerifyOtpResponse:
+        raise _unimplemented()
+
+    async def DeleteExpiredOtps(
+        self, request: pb.DeleteExpiredOtpsRequest, context: Context
+    ) -> pb.DeleteExpiredOtpsResponse:
+        raise _unimplemented()
+
+
+def _unimplemented() -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED", "this method is not implemented yet")
 
 
 def _result(outcome: ledger.Outcome) -> pb.AppendLedgerEntryResult:

@@ -40,7 +40,7 @@ class Store:
     def _timeout(self) -> float:
         return db.timeout(self.timeout_seconds)
 
-    async def create_user(self, email: str, plan: str, conn: asyncpg.Connection | None = None) -> asyncpg.Record:
+    async def create_user(self, email: str, plan: str, conn: db.Connection | None = None) -> asyncpg.Record:
         """Creates the user, account and signup grant; runs on conn when given (a caller's transaction)."""
         try:
             if conn is None:
@@ -82,7 +82,7 @@ class Store:
             return await self.append_entries_on(conn, requests, timeout)
 
     async def append_entries_on(
-        self, conn: asyncpg.Connection, requests: Sequence[ledger.EntryRequest], timeout: float
+        self, conn: db.Connection, requests: Sequence[ledger.EntryRequest], timeout: float
     ) -> list[ledger.Outcome]:
         """append_entries inside a transaction the caller holds."""
         user_ids = sorted({r.user_id for r in requests})
@@ -123,10 +123,12 @@ class Store:
     async def check_balances(self, user_id: uuid.UUID | None) -> tuple[int, list[asyncpg.Record]]:
         """How many accounts were checked, and (up to MAX_MISMATCHES of) those that disagree."""
         timeout = self._timeout()
-        async with self.pool.acquire(timeout=timeout) as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                checked = await conn.fetchval(Q["count_accounts"], user_id, timeout=timeout)
-                mismatches = await conn.fetch(Q["balance_mismatches"], user_id, MAX_MISMATCHES, timeout=timeout)
+        async with (
+            self.pool.acquire(timeout=timeout) as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            checked = await conn.fetchval(Q["count_accounts"], user_id, timeout=timeout)
+            mismatches = await conn.fetch(Q["balance_mismatches"], user_id, MAX_MISMATCHES, timeout=timeout)
         if user_id is not None and checked == 0:
             raise not_found("account", str(user_id))
         return checked, mismatches

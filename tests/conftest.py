@@ -1,0 +1,57 @@
+"""Shared fixtures: one fresh database per test run, built by the real dbmate
+migrations, and the services served in-process on real ports over real channels."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import grpc
+import pytest
+
+from blumpo.token.v1 import token_pb2_grpc
+from blumpo_common import server
+from blumpo_common.config import DatabaseConfig
+from blumpo_common.db import create_pool
+from tests import support
+from token_service.server import service as token_service
+from token_service.store import Store as TokenStore
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    base = os.environ.get("DATABASE_URL") or os.environ.get("POSTGRES_URL")
+    if not base:
+        pytest.fail("DATABASE_URL is not set: run the tests with `make test`")
+    url = support.scratch_database_url(base, "test")
+    support.dbmate(url, "up")
+    yield url
+    support.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+async def admin(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A superuser connection for checking what the services wrote."""
+    conn = await asyncpg.connect(database_url)
+    yield conn
+    await conn.close()
+
+
+def database_config(url: str, role: str, search_path: str) -> DatabaseConfig:
+    return DatabaseConfig(url=url, pool_size=20, timeout_ms=30000, role=role, search_path=search_path)
+
+
+@pytest.fixture(scope="session")
+async def token_address(database_url: str) -> AsyncIterator[str]:
+    pool = await create_pool(database_config(database_url, "token_service", "token"))
+    running = await server.start(token_service(TokenStore(pool, 30.0)), pool, "127.0.0.1:0")
+    yield f"127.0.0.1:{running.port}"
+    await running.stop(1)
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+async def token(token_address: str) -> AsyncIterator[token_pb2_grpc.TokenServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(token_address) as channel:
+        yield token_pb2_grpc.TokenServiceStub(channel)

@@ -1,0 +1,94 @@
+"""Helpers for tests: scratch databases, dbmate, error details, users with a balance."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from blumpo.token.v1 import token_pb2 as tpb
+from blumpo.token.v1 import token_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+DBMATE = Path(sys.executable).with_name("dbmate")
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+def scratch_database_url(base: str, label: str) -> str:
+    """The URL of a database that does not exist yet, on the server of base."""
+    return with_database(base, f"blumpo_{label}_{os.getpid()}_{uuid.uuid4().hex[:8]}")
+
+
+def dbmate(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(DBMATE), "--url", url, "--migrations-dir", str(ROOT / "db/migrations"), "--no-dump-schema", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+
+
+def drop_database(url: str) -> None:
+    dbmate(url, "drop")
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo detail of a failed call (every error carries one)."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, f"no status details in {error}"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    raise AssertionError(f"no ErrorInfo in {error}")
+
+
+def bad_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    """The fields a BadRequest detail names."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, f"no status details in {error}"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            return [v.field for v in bad.field_violations]
+    raise AssertionError(f"no BadRequest in {error}")
+
+
+def new_email() -> str:
+    return f"user-{uuid.uuid4().hex[:12]}@example.com"
+
+
+async def user_with_balance(token: token_pb2_grpc.TokenServiceAsyncStub, balance: int) -> str:
+    """A new user whose balance is exactly `balance` (signup grant adjusted)."""
+    user = (await token.CreateUser(tpb.CreateUserRequest(email=new_email()))).user
+    delta = balance - user.account.balance
+    if delta:
+        await token.AppendLedgerEntry(
+            tpb.AppendLedgerEntryRequest(
+                user_id=user.user_id,
+                delta=delta,
+                reason=tpb.LEDGER_REASON_ADJUSTMENT,
+                reference_id=f"test-setup-{uuid.uuid4()}",
+            )
+        )
+    return user.user_id
+
+
+async def row_counts(conn: asyncpg.Connection, schema: str) -> dict[str, int]:
+    """Rows per table of a schema, to show that a rejected call wrote nothing."""
+    tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1 ORDER BY 1", schema)
+    return {t["tablename"]: await conn.fetchval(f'SELECT count(*) FROM "{schema}"."{t["tablename"]}"') for t in tables}
