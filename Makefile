@@ -11,10 +11,10 @@ GENERATED := blumpo/.generated
 DB_URL = $(shell scripts/database-url)
 DBMATE = $(VENV)/bin/dbmate --migrations-dir db/migrations --schema-file db/schema.sql --wait
 
-.PHONY: help install proto migrate rollback migrate-status run stop test lint seed bench clean
+.PHONY: help install proto migrate rollback migrate-status schema run stop test lint seed bench clean
 
 help:
-	@echo "make run | stop | test | lint | migrate | rollback | migrate-status | seed | bench | proto | clean"
+	@echo "make run | stop | test | lint | migrate | rollback | migrate-status | schema | seed | bench | proto | clean"
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,9 +42,9 @@ rollback: $(INSTALLED)
 migrate-status: $(INSTALLED)
 	DATABASE_URL='$(DB_URL)' $(DBMATE) status
 
-# Regenerates db/schema.sql from a scratch database built by the migrations.
+# Regenerates db/schema.sql (after adding a migration) from a scratch database.
 schema: $(INSTALLED)
-	DATABASE_URL='$(DB_URL)' $(PY) -m tests.schema_dump
+	DATABASE_URL='$(DB_URL)' scripts/dump-schema
 
 run: $(GENERATED)
 	@url='$(DB_URL)'; DATABASE_URL="$$url" $(DBMATE) --no-dump-schema up && \

@@ -1,0 +1,76 @@
+"""Each service's role reaches only its own schema; the ledger is append-only."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TypeAlias
+
+import asyncpg
+import pytest
+
+from blumpo.token.v1 import token_pb2_grpc
+from tests import support
+
+Stub: TypeAlias = "token_pb2_grpc.TokenServiceAsyncStub"
+TOKEN_TABLES = ["plan", "app_user", "token_account", "token_ledger", "auth_otp"]
+GENERATION_TABLES = ["generation_job", "asset_image", "asset_image_variant"]
+
+
+@pytest.mark.parametrize("table", TOKEN_TABLES)
+async def test_generation_role_cannot_read_token_tables(database_url: str, table: str) -> None:
+    conn = await asyncpg.connect(database_url, server_settings={"role": "generation_service"})
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetch(f"SELECT * FROM token.{table} LIMIT 1")
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("table", GENERATION_TABLES)
+async def test_token_role_cannot_read_generation_tables(database_url: str, table: str) -> None:
+    conn = await asyncpg.connect(database_url, server_settings={"role": "token_service"})
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetch(f"SELECT * FROM generation.{table} LIMIT 1")
+    finally:
+        await conn.close()
+
+
+async def test_each_role_reads_its_own_schema(database_url: str) -> None:
+    for role, schema, tables in [
+        ("token_service", "token", TOKEN_TABLES),
+        ("generation_service", "generation", GENERATION_TABLES),
+    ]:
+        conn = await asyncpg.connect(database_url, server_settings={"role": role})
+        try:
+            for table in tables:
+                await conn.fetch(f"SELECT * FROM {schema}.{table} LIMIT 1")
+        finally:
+            await conn.close()
+
+
+@pytest.mark.parametrize(
+    ("role", "statement"),
+    [
+        ("token_service", "UPDATE token.token_ledger SET delta = delta WHERE user_id = $1"),
+        ("token_service", "DELETE FROM token.token_ledger WHERE user_id = $1"),
+        # The owner (a superuser here) is stopped by the append-only trigger.
+        (None, "UPDATE token.token_ledger SET delta = delta WHERE user_id = $1"),
+        (None, "DELETE FROM token.token_ledger WHERE user_id = $1"),
+    ],
+)
+async def test_ledger_rows_cannot_be_changed(token: Stub, database_url: str, role: str | None, statement: str) -> None:
+    user_id = uuid.UUID(await support.user_with_balance(token, 120))  # two entries: grant, adjustment
+    conn = await asyncpg.connect(database_url, server_settings={"role": role} if role else {})
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(statement, user_id)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("TRUNCATE token.token_ledger CASCADE")
+    finally:
+        await conn.close()
+    admin = await asyncpg.connect(database_url)
+    try:
+        assert await admin.fetchval("SELECT count(*) FROM token.token_ledger WHERE user_id = $1", user_id) == 2
+    finally:
+        await admin.close()
