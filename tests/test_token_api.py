@@ -17,7 +17,7 @@ Stub: TypeAlias = "token_pb2_grpc.TokenServiceAsyncStub"
 
 
 def entry(
-    user_id: str, delta: int, reference_id: str, reason: int = tpb.LEDGER_REASON_ADJUSTMENT
+    user_id: str, delta: int, reference_id: str, reason: tpb.LedgerReason.ValueType = tpb.LEDGER_REASON_ADJUSTMENT
 ) -> tpb.AppendLedgerEntryRequest:
     return tpb.AppendLedgerEntryRequest(user_id=user_id, delta=delta, reason=reason, reference_id=reference_id)
 
@@ -129,7 +129,7 @@ async def test_append_same_reference_replays_without_writing(token: Stub, admin:
     ("delta", "reason"), [(-11, tpb.LEDGER_REASON_GENERATION), (-10, tpb.LEDGER_REASON_ADJUSTMENT)]
 )
 async def test_append_same_reference_with_other_delta_or_reason_is_rejected(
-    token: Stub, admin: asyncpg.Connection, delta: int, reason: int
+    token: Stub, admin: asyncpg.Connection, delta: int, reason: tpb.LedgerReason.ValueType
 ) -> None:
     user_id = await support.user_with_balance(token, 100)
     await token.AppendLedgerEntry(entry(user_id, -10, "job-3", tpb.LEDGER_REASON_GENERATION))

@@ -21,7 +21,12 @@ BAD_IDS = ["", "not-a-uuid", GOOD_ID.upper(), GOOD_ID.replace("-", ""), "{" + GO
 
 
 def append(**fields: Any) -> tpb.AppendLedgerEntryRequest:
-    request = {"user_id": GOOD_ID, "delta": -1, "reason": tpb.LEDGER_REASON_GENERATION, "reference_id": "ref-1"}
+    request: dict[str, Any] = {
+        "user_id": GOOD_ID,
+        "delta": -1,
+        "reason": tpb.LEDGER_REASON_GENERATION,
+        "reference_id": "ref-1",
+    }
     return tpb.AppendLedgerEntryRequest(**(request | fields))
 
 
@@ -67,16 +72,15 @@ CASES: list[tuple[str, str, Any, str]] = [
     ),
     ("CheckBalances", "bad id", tpb.CheckBalancesRequest(user_id="42"), "user_id"),
 ]
+ID_REQUESTS: dict[str, Callable[[str], Any]] = {
+    "GetUser": lambda v: tpb.GetUserRequest(user_id=v),
+    "GetTokenBalance": lambda v: tpb.GetTokenBalanceRequest(user_id=v),
+    "AppendLedgerEntry": lambda v: append(user_id=v),
+    "ListLedgerEntries": lambda v: tpb.ListLedgerEntriesRequest(user_id=v),
+    "CheckBalances": lambda v: tpb.CheckBalancesRequest(user_id=v),
+}
 ID_CASES: list[tuple[str, str, Any, str]] = [
-    (rpc, f"user_id {bad!r}", make(bad), "user_id")
-    for bad in BAD_IDS[1:]
-    for rpc, make in [
-        ("GetUser", lambda v: tpb.GetUserRequest(user_id=v)),
-        ("GetTokenBalance", lambda v: tpb.GetTokenBalanceRequest(user_id=v)),
-        ("AppendLedgerEntry", lambda v: append(user_id=v)),
-        ("ListLedgerEntries", lambda v: tpb.ListLedgerEntriesRequest(user_id=v)),
-        ("CheckBalances", lambda v: tpb.CheckBalancesRequest(user_id=v)),
-    ]
+    (rpc, f"user_id {bad!r}", make(bad), "user_id") for bad in BAD_IDS[1:] for rpc, make in ID_REQUESTS.items()
 ] + [("AppendLedgerEntry", "empty user_id", append(user_id=""), "user_id")]
 
 

@@ -1,0 +1,124 @@
+"""`python -m token_service` as a process: configuration errors, health, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import uuid
+
+import asyncpg
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from blumpo.token.v1 import token_pb2 as tpb
+from blumpo.token.v1 import token_pb2_grpc
+from tests import support
+
+
+def stop(process: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
+    if process.poll() is None:
+        process.send_signal(sig)
+    out, _ = process.communicate(timeout=30)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("env", "complaint"),
+    [
+        ({"DATABASE_URL": "", "POSTGRES_URL": ""}, "DATABASE_URL (or POSTGRES_URL) is not set"),
+        ({"DATABASE_URL": "mysql://localhost/x"}, "DATABASE_URL must look like postgresql://"),
+        ({"DB_POOL_SIZE": "many"}, "DB_POOL_SIZE must be a whole number"),
+        ({"DB_TIMEOUT": "0"}, "DB_TIMEOUT must be between"),
+        ({"TOKEN_LISTEN_ADDR": "nowhere"}, "TOKEN_LISTEN_ADDR must be host:port"),
+        ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL must be"),
+    ],
+)
+def test_bad_setting_stops_start_up_with_one_clear_line(database_url: str, env: dict[str, str], complaint: str) -> None:
+    process = support.start_process("token_service", {"DATABASE_URL": database_url} | env)
+    out, _ = process.communicate(timeout=30)
+    assert process.returncode == 2
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
+    assert complaint in lines[0]
+
+
+async def test_serves_then_shuts_down_gracefully_on_sigterm(database_url: str) -> None:
+    port, metrics = support.free_port(), support.free_port()
+    process = support.start_process(
+        "token_service",
+        {
+            "DATABASE_URL": database_url,
+            "TOKEN_LISTEN_ADDR": f"127.0.0.1:{port}",
+            "TOKEN_METRICS_ADDR": f"127.0.0.1:{metrics}",
+        },
+    )
+    try:
+        await support.wait_serving(f"127.0.0.1:{port}", "blumpo.token.v1.TokenService")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = token_pb2_grpc.TokenServiceStub(channel)
+            user = (await stub.CreateUser(tpb.CreateUserRequest(email=support.new_email()))).user
+            # Hold the account row so a debit is in flight when SIGTERM arrives.
+            blocker = await asyncpg.connect(database_url)
+            locked = blocker.transaction()
+            await locked.start()
+            await blocker.execute(
+                "SELECT 1 FROM token.token_account WHERE user_id = $1 FOR UPDATE", uuid.UUID(user.user_id)
+            )
+            debit = asyncio.ensure_future(
+                stub.AppendLedgerEntry(
+                    tpb.AppendLedgerEntryRequest(
+                        user_id=user.user_id, delta=-5, reason=tpb.LEDGER_REASON_GENERATION, reference_id="in-flight"
+                    ),
+                    timeout=20,
+                )
+            )
+            await asyncio.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert not debit.done()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=user.user_id), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            await locked.rollback()
+            await blocker.close()
+            assert (await debit).entry.balance_after == 95
+        out = await asyncio.to_thread(stop, process)
+        assert process.returncode == 0, out
+        assert '"message": "stopped"' in out
+        assert '"method": "/blumpo.token.v1.TokenService/CreateUser", "code": "OK"' in out
+    finally:
+        stop(process, signal.SIGKILL)
+
+
+async def test_reports_not_serving_while_the_database_is_unreachable(database_url: str) -> None:
+    port, metrics, closed = support.free_port(), support.free_port(), support.free_port()
+    process = support.start_process(
+        "token_service",
+        {
+            "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{closed}/nowhere",
+            "TOKEN_LISTEN_ADDR": f"127.0.0.1:{port}",
+            "TOKEN_METRICS_ADDR": f"127.0.0.1:{metrics}",
+        },
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            status = None
+            for _ in range(100):
+                try:
+                    status = (await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)).status
+                except grpc.aio.AioRpcError:
+                    status = None  # not listening yet, or no status set yet
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.1)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stub = token_pb2_grpc.TokenServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=str(uuid.uuid4())), timeout=15)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert support.error_info(caught.value).reason == "DATABASE_UNAVAILABLE"
+    finally:
+        stop(process)
