@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import urllib.request
 import uuid
 
 import asyncpg
@@ -15,6 +16,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
 from tests import support
+
+
+def read_metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        return str(reply.read().decode())
 
 
 def stop(process: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
@@ -84,6 +90,10 @@ async def test_serves_then_shuts_down_gracefully_on_sigterm(database_url: str) -
             await locked.rollback()
             await blocker.close()
             assert (await debit).entry.balance_after == 95
+            metrics_text = await asyncio.to_thread(read_metrics, metrics)
+            assert 'grpc_server_handled_total{code="OK",method="/blumpo.token.v1.TokenService/CreateUser"} 1.0' in (
+                metrics_text
+            )
         out = await asyncio.to_thread(stop, process)
         assert process.returncode == 0, out
         assert '"message": "stopped"' in out
