@@ -22,6 +22,14 @@ T = TypeVar("T")
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
+# Channel options for a client of another service: gRPC's default reconnect backoff grows to
+# two minutes, during which calls fail fast; a peer that restarts should be reached in seconds.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+
 
 @dataclass(frozen=True)
 class RetryPolicy:

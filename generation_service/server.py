@@ -13,7 +13,7 @@ import grpc
 
 from blumpo.generation.v1 import generation_pb2, generation_pb2_grpc
 from blumpo.token.v1 import token_pb2_grpc
-from blumpo_common import db, logs, server
+from blumpo_common import db, logs, retry, server
 from blumpo_common.config import ConfigError, DatabaseConfig
 from blumpo_common.retry import RetryPolicy
 from generation_service import config as generation_config
@@ -62,7 +62,7 @@ def service(p: Parts) -> server.Service:
 
 async def run(config: generation_config.Config) -> None:
     pool = await db.create_pool(config.database)
-    async with grpc.aio.insecure_channel(config.token_service_target) as channel:
+    async with grpc.aio.insecure_channel(config.token_service_target, options=retry.CHANNEL_OPTIONS) as channel:
         wired = parts(pool, config.database, channel, config.token_retry, config.reconciler)
         await server.serve(service(wired), pool, config.server)
 
