@@ -23,7 +23,9 @@ else:
     TokenStub = token_pb2_grpc.TokenServiceStub
 
 
-def job_request(user_id: str, job_id: str | None = None, cost: int = 1, prompt: str = "a lighthouse at dusk") -> gpb.CreateGenerationJobRequest:
+def job_request(
+    user_id: str, job_id: str | None = None, cost: int = 1, prompt: str = "a lighthouse at dusk"
+) -> gpb.CreateGenerationJobRequest:
     return gpb.CreateGenerationJobRequest(
         user_id=user_id,
         job_id=job_id or str(uuid.uuid4()),
@@ -33,7 +35,9 @@ def job_request(user_id: str, job_id: str | None = None, cost: int = 1, prompt: 
     )
 
 
-def asset_input(asset_id: str | None = None, fmt: int = gpb.IMAGE_FORMAT_WEBP, mime: str = "image/webp") -> gpb.AssetInput:
+def asset_input(
+    asset_id: str | None = None, fmt: int = gpb.IMAGE_FORMAT_WEBP, mime: str = "image/webp"
+) -> gpb.AssetInput:
     return gpb.AssetInput(
         asset_id=asset_id or str(uuid.uuid4()),
         title="Lighthouse",

@@ -36,9 +36,14 @@ class ServiceProcess:
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
-    async def start(self) -> None:
+    def spawn(self) -> None:
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", self.module], cwd=ROOT, env=self.env, stderr=log, stdout=log)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module], cwd=ROOT, env=self.env, stderr=log, stdout=log
+            )
+
+    async def start(self) -> None:
+        self.spawn()
         await self.wait_ready()
 
     async def wait_ready(self) -> None:

@@ -60,14 +60,14 @@ async def test_attach_asset_and_three_variants(generation: GenerationStub, token
         given.format,
     )
     assert await _attach(generation, job, given) == asset, "the same asset again is the same asset"
-    variants = [
-        (await generation.AddAssetVariant(variant_request(asset.asset_id, *v))).variant for v in VARIANTS
-    ]
+    variants = [(await generation.AddAssetVariant(variant_request(asset.asset_id, *v))).variant for v in VARIANTS]
     assert [v.kind for v in variants] == [v[0] for v in VARIANTS]
     again = (await generation.AddAssetVariant(variant_request(asset.asset_id, *VARIANTS[0]))).variant
     assert again == variants[0]
     fetched = (await generation.GetAsset(gpb.GetAssetRequest(asset_id=asset.asset_id))).asset
-    assert list(fetched.variants) == sorted(variants, key=lambda v: gpb.VariantKind.Name(v.kind).removeprefix("VARIANT_KIND_"))
+    assert list(fetched.variants) == sorted(
+        variants, key=lambda v: gpb.VariantKind.Name(v.kind).removeprefix("VARIANT_KIND_")
+    )
     fetched.ClearField("variants")
     assert fetched == asset
 

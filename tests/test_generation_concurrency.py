@@ -34,7 +34,9 @@ async def test_hundred_concurrent_creates_for_thirty_tokens(
     results = await asyncio.gather(*(generation.CreateGenerationJob(r) for r in requests), return_exceptions=True)
     created = [r.job for r in results if isinstance(r, gpb.CreateGenerationJobResponse)]
     refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
-    assert len(created) == 30 and len(refused) == 70, [r for r in results if not isinstance(r, (gpb.CreateGenerationJobResponse, grpc.aio.AioRpcError))]
+    assert len(created) == 30 and len(refused) == 70, [
+        r for r in results if not isinstance(r, (gpb.CreateGenerationJobResponse, grpc.aio.AioRpcError))
+    ]
     assert all(e.code() == grpc.StatusCode.FAILED_PRECONDITION for e in refused)
     assert all(support.error_info(e).reason == "INSUFFICIENT_TOKENS" for e in refused)
     assert all(j.status == gpb.JOB_STATUS_QUEUED for j in created)
@@ -50,7 +52,9 @@ async def test_hundred_concurrent_creates_for_thirty_tokens(
     await no_mismatches(token, user_id)
 
 
-async def test_same_job_id_ten_times_at_once(generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection) -> None:
+async def test_same_job_id_ten_times_at_once(
+    generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
+) -> None:
     user_id = await support.user_with_balance(token, 100)
     request = job_request(user_id, cost=9)
     results = await asyncio.gather(*(generation.CreateGenerationJob(request) for _ in range(10)))
@@ -58,7 +62,10 @@ async def test_same_job_id_ten_times_at_once(generation: GenerationStub, token: 
     assert all(r.job.status == gpb.JOB_STATUS_QUEUED for r in results)
     assert await balance(token, user_id) == 91
     assert await references(admin, user_id) == {request.job_id: 1}
-    assert await admin.fetchval("SELECT count(*) FROM generation.generation_job WHERE user_id = $1", uuid.UUID(user_id)) == 1
+    assert (
+        await admin.fetchval("SELECT count(*) FROM generation.generation_job WHERE user_id = $1", uuid.UUID(user_id))
+        == 1
+    )
 
 
 async def test_twenty_workers_claim_two_hundred_jobs_once_each(
@@ -87,13 +94,18 @@ async def test_twenty_workers_claim_two_hundred_jobs_once_each(
     assert mine <= set(claimed)
     assert len({w for _, w in claims}) > 1, "claims were not spread over workers"
     rows = await admin.fetch(
-        "SELECT worker_id, status FROM generation.generation_job WHERE id = ANY($1::uuid[])", [uuid.UUID(j) for j in mine]
+        "SELECT worker_id, status FROM generation.generation_job WHERE id = ANY($1::uuid[])",
+        [uuid.UUID(j) for j in mine],
     )
     assert {r["status"] for r in rows} == {"RUNNING"}
     owner = dict(claims)
-    assert all(owner[str(j)] == w for j, w in await admin.fetch(
-        "SELECT id, worker_id FROM generation.generation_job WHERE id = ANY($1::uuid[])", [uuid.UUID(j) for j in mine]
-    ))
+    assert all(
+        owner[str(j)] == w
+        for j, w in await admin.fetch(
+            "SELECT id, worker_id FROM generation.generation_job WHERE id = ANY($1::uuid[])",
+            [uuid.UUID(j) for j in mine],
+        )
+    )
 
 
 async def test_claim_takes_the_oldest_and_empty_queue_returns_no_job(
@@ -137,7 +149,7 @@ async def test_expired_leases_requeue_then_fail_with_refund(
         state = await admin.fetchrow(
             "SELECT status, lost_leases FROM generation.generation_job WHERE id = $1", uuid.UUID(job.job_id)
         )
-        assert state["lost_leases"] == lost
+        assert state is not None and state["lost_leases"] == lost
         if lost < 3:
             assert claim.job.job_id == job.job_id and claim.job.worker_id == f"w{lost}"
         else:

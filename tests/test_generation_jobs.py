@@ -27,7 +27,9 @@ from tests.generation_support import (
 pytestmark = pytest.mark.asyncio
 
 
-async def test_create_charges_once_and_queues(generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection) -> None:
+async def test_create_charges_once_and_queues(
+    generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
+) -> None:
     user_id = await support.user_with_balance(token, 50)
     request = job_request(user_id, cost=7)
     request.params.extra.update({"style": "watercolor", "strength": 0.5})
@@ -104,14 +106,18 @@ async def test_insufficient_tokens_lists_nothing_and_may_be_retried(
     assert await references(admin, user_id) == {request.job_id: 1}
 
 
-async def test_unknown_user_is_not_found_and_lists_nothing(generation: GenerationStub, admin: asyncpg.Connection) -> None:
+async def test_unknown_user_is_not_found_and_lists_nothing(
+    generation: GenerationStub, admin: asyncpg.Connection
+) -> None:
     user_id = str(uuid.uuid4())
     request = job_request(user_id)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await generation.CreateGenerationJob(request)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert support.error_info(caught.value).reason == "USER_NOT_FOUND"
-    status = await admin.fetchval("SELECT status FROM generation.generation_job WHERE id = $1", uuid.UUID(request.job_id))
+    status = await admin.fetchval(
+        "SELECT status FROM generation.generation_job WHERE id = $1", uuid.UUID(request.job_id)
+    )
     assert status == "REJECTED"
     listed = await generation.ListGenerationJobs(gpb.ListGenerationJobsRequest(user_id=user_id))
     assert list(listed.jobs) == []
@@ -176,7 +182,8 @@ async def _bulk_rows(admin: asyncpg.Connection) -> None:
         return
     await admin.execute(
         """
-        INSERT INTO generation.generation_job (id, user_id, prompt, params, tokens_cost, status, request_digest, created_at)
+        INSERT INTO generation.generation_job
+          (id, user_id, prompt, params, tokens_cost, status, request_digest, created_at)
         SELECT gen_random_uuid(), gen_random_uuid(), 'bulk', '{}'::jsonb, 1, 'ARCHIVED', '\\x00'::bytea,
                now() - make_interval(days => 400 + n % 50)
         FROM generate_series(1, 6000) AS n
@@ -250,7 +257,9 @@ async def test_moves_stamp_times(generation: GenerationStub, token: TokenStub) -
     assert done.completed_at.ToDatetime() >= done.started_at.ToDatetime()
 
 
-async def test_failing_refunds_exactly_once(generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection) -> None:
+async def test_failing_refunds_exactly_once(
+    generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
+) -> None:
     user_id = await support.user_with_balance(token, 20)
     job = await running_job(generation, user_id, cost=6)
     assert await balance(token, user_id) == 14
@@ -261,12 +270,16 @@ async def test_failing_refunds_exactly_once(generation: GenerationStub, token: T
     await _move(generation, job.job_id, gpb.JOB_STATUS_ARCHIVED)
     assert await balance(token, user_id) == 20
     assert await references(admin, user_id) == {job.job_id: 1, f"{job.job_id}:refund": 1}
-    state = await admin.fetchval("SELECT refund_state FROM generation.generation_job WHERE id = $1", uuid.UUID(job.job_id))
+    state = await admin.fetchval(
+        "SELECT refund_state FROM generation.generation_job WHERE id = $1", uuid.UUID(job.job_id)
+    )
     assert state == "DONE"
     await no_mismatches(token, user_id)
 
 
-async def test_racing_moves_cannot_both_win(generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection) -> None:
+async def test_racing_moves_cannot_both_win(
+    generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
+) -> None:
     user_id = await support.user_with_balance(token, 200)
     for _ in range(10):
         job = await running_job(generation, user_id)

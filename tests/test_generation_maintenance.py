@@ -17,7 +17,9 @@ from tests.generation_support import GenerationStub, TokenStub, create_job, runn
 pytestmark = pytest.mark.asyncio
 
 
-async def _bulk_jobs(admin: asyncpg.Connection, count: int, status: str, completed_days_ago: int | None = None) -> list[uuid.UUID]:
+async def _bulk_jobs(
+    admin: asyncpg.Connection, count: int, status: str, completed_days_ago: int | None = None
+) -> list[uuid.UUID]:
     rows = await admin.fetch(
         """
         INSERT INTO generation.generation_job (id, user_id, prompt, params, tokens_cost, status, request_digest,
@@ -58,7 +60,9 @@ async def test_archive_completed_jobs_in_batches(generation: GenerationStub, adm
     assert week.archived >= 5
     assert await _statuses(admin, recent) == {"ARCHIVED": 5}
     # The claim-test queue must not see these rows.
-    await admin.execute("UPDATE generation.generation_job SET status = 'ARCHIVED' WHERE id = ANY($1::uuid[])", old_running)
+    await admin.execute(
+        "UPDATE generation.generation_job SET status = 'ARCHIVED' WHERE id = ANY($1::uuid[])", old_running
+    )
 
 
 async def test_pause_and_resume(generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection) -> None:

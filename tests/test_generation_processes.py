@@ -171,6 +171,7 @@ async def test_generation_service_killed_mid_burst(
         async with grpc.aio.insecure_channel(process.address) as channel:
             generation: GenerationStub = generation_pb2_grpc.GenerationServiceStub(channel)
             outcomes = await _burst_then_kill(generation, users, process)
+            outcomes.update(await _unfinished(admin, users))
             await process.start()
 
             async def settled() -> bool:
@@ -188,10 +189,23 @@ async def test_generation_service_killed_mid_burst(
     await _check_ledger_matches_jobs(admin, token, users)
 
 
+async def _unfinished(admin: asyncpg.Connection, users: list[str]) -> dict[str, int]:
+    """What the kill left half done: intents and owed refunds."""
+    row = await admin.fetchrow(
+        "SELECT count(*) FILTER (WHERE status = 'CHARGING') AS intents,"
+        " count(*) FILTER (WHERE refund_state = 'PENDING') AS refunds"
+        " FROM generation.generation_job WHERE user_id = ANY($1::uuid[])",
+        [uuid.UUID(u) for u in users],
+    )
+    assert row is not None
+    return {"intents_left": row["intents"], "refunds_left": row["refunds"]}
+
+
 async def _burst_then_kill(generation: GenerationStub, users: list[str], process: ServiceProcess) -> dict[str, int]:
     """Creates jobs and fails half of them from many tasks, and SIGKILLs the service midway."""
     outcomes = {"ok": 0, "failed": 0}
     rng = random.Random(7)
+    under_way = asyncio.Event()
 
     async def one(user_id: str) -> None:
         try:
@@ -201,6 +215,8 @@ async def _burst_then_kill(generation: GenerationStub, users: list[str], process
                     gpb.UpdateGenerationJobStatusRequest(job_id=job.job_id, status=gpb.JOB_STATUS_FAILED), timeout=5
                 )
             outcomes["ok"] += 1
+            if outcomes["ok"] >= 100:
+                under_way.set()
         except grpc.aio.AioRpcError:
             outcomes["failed"] += 1
 
@@ -211,8 +227,7 @@ async def _burst_then_kill(generation: GenerationStub, users: list[str], process
             await one(user_id)
 
     tasks = [asyncio.create_task(bounded(users[n % len(users)])) for n in range(600)]
-    while outcomes["ok"] < 100:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(under_way.wait(), WAIT_SECONDS)
     process.kill(signal.SIGKILL)
     await asyncio.wait_for(asyncio.gather(*tasks), WAIT_SECONDS)
     return outcomes

@@ -80,13 +80,23 @@ CASES: list[tuple[str, Callable[[], Any], str]] = [
     ("ListGenerationJobs", lambda: gpb.ListGenerationJobsRequest(user_id="x"), "user_id"),
     ("ListGenerationJobs", lambda: gpb.ListGenerationJobsRequest(user_id=USER, page_size=501), "page_size"),
     ("ListGenerationJobs", lambda: gpb.ListGenerationJobsRequest(user_id=USER, page_size=-1), "page_size"),
-    ("ListGenerationJobs", lambda: gpb.ListGenerationJobsRequest(user_id=USER, statuses=[0]), "statuses"),
+    (
+        "ListGenerationJobs",
+        lambda: gpb.ListGenerationJobsRequest(user_id=USER, statuses=[gpb.JOB_STATUS_UNSPECIFIED]),
+        "statuses",
+    ),
     ("ListGenerationJobs", lambda: gpb.ListGenerationJobsRequest(user_id=USER, page_token="zz"), "page_token"),
-    ("UpdateGenerationJobStatus", lambda: gpb.UpdateGenerationJobStatusRequest(job_id="x", status=1), "job_id"),
+    (
+        "UpdateGenerationJobStatus",
+        lambda: gpb.UpdateGenerationJobStatusRequest(job_id="x", status=gpb.JOB_STATUS_RUNNING),
+        "job_id",
+    ),
     ("UpdateGenerationJobStatus", lambda: gpb.UpdateGenerationJobStatusRequest(job_id=JOB), "status"),
     (
         "UpdateGenerationJobStatus",
-        lambda: gpb.UpdateGenerationJobStatusRequest(job_id=JOB, status=4, error_message="e" * 2001),
+        lambda: gpb.UpdateGenerationJobStatusRequest(
+            job_id=JOB, status=gpb.JOB_STATUS_FAILED, error_message="e" * 2001
+        ),
         "error_message",
     ),
     ("ClaimNextJob", lambda: gpb.ClaimNextJobRequest(worker_id="", lease_seconds=10), "worker_id"),
