@@ -158,14 +158,14 @@ FROM (SELECT) AS one LEFT JOIN inserted i ON true;
 SELECT * FROM asset_image_variant WHERE asset_id = $1 AND kind = $2;
 
 -- name: asset_with_variants
--- One row per variant (or one with NULL variant columns); the caller groups them.
+-- One row per variant, smallest kind first (or one with NULL variant columns); the caller groups them.
 SELECT a.*, v.id AS v_id, v.kind AS v_kind, v.storage_key AS v_storage_key, v.mime_type AS v_mime_type,
        v.bytes_size AS v_bytes_size, v.width AS v_width, v.height AS v_height, v.format AS v_format,
        v.created_at AS v_created_at
 FROM asset_image a
 LEFT JOIN asset_image_variant v ON v.asset_id = a.id
 WHERE a.id = $1
-ORDER BY v.kind;
+ORDER BY array_position(ARRAY['THUMBNAIL', 'WEB', 'PRINT'], v.kind);
 
 -- name: assets_for_user
 -- Newest first after the keyset ($2, $3), on idx_asset_image_user_time, each with its variants.
@@ -180,7 +180,7 @@ SELECT p.*, v.id AS v_id, v.kind AS v_kind, v.storage_key AS v_storage_key, v.mi
        v.created_at AS v_created_at
 FROM page p
 LEFT JOIN asset_image_variant v ON v.asset_id = p.id
-ORDER BY p.created_at DESC, p.id DESC, v.kind;
+ORDER BY p.created_at DESC, p.id DESC, array_position(ARRAY['THUMBNAIL', 'WEB', 'PRINT'], v.kind);
 
 -- name: archive_completed_batch
 -- The seed's monthly archive, at most $2 rows per statement (idx_generation_job_completed).
