@@ -66,9 +66,17 @@ def check_params(check: Checker, params: pb.GenerationParams) -> dict[str, Any]:
     check.in_range("params.height", params.height, 64, 4096)
     check.in_range("params.steps", params.steps, 1, 200)
     check.text("params.model", params.model, max_len=200, min_len=0)
-    extra = json_format.MessageToDict(params.extra)
-    if len(json.dumps(extra)) > MAX_EXTRA_BYTES:
-        check.add("params.extra", f"must serialize to at most {MAX_EXTRA_BYTES} bytes of JSON")
+    extra: dict[str, Any] = {}
+    try:
+        extra = json_format.MessageToDict(params.extra)
+        serialized = json.dumps(extra, allow_nan=False)
+    except ValueError:
+        check.add("params.extra", "must hold finite numbers only")
+    else:
+        if len(serialized) > MAX_EXTRA_BYTES:
+            check.add("params.extra", f"must serialize to at most {MAX_EXTRA_BYTES} bytes of JSON")
+        elif "\\u0000" in serialized:
+            check.add("params.extra", "must not contain NUL characters")
     return {
         "width": params.width,
         "height": params.height,
@@ -77,6 +85,14 @@ def check_params(check: Checker, params: pb.GenerationParams) -> dict[str, Any]:
         "model": params.model,
         "extra": extra,
     }
+
+
+def check_free_text(check: Checker, field: str, value: str, max_len: int, min_len: int) -> str:
+    """Text that may hold line breaks and tabs, but no NUL (PostgreSQL text cannot store it)."""
+    check.text(field, value, max_len=max_len, min_len=min_len, printable=False)
+    if "\x00" in value:
+        check.add(field, "must not contain NUL characters")
+    return value
 
 
 def check_image(
@@ -200,7 +216,7 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         check = Checker()
         user_id = check.uuid("user_id", request.user_id)
         job_id = check.uuid("job_id", request.job_id)
-        prompt = check.text("prompt", request.prompt, max_len=MAX_PROMPT, printable=False)
+        prompt = check_free_text(check, "prompt", request.prompt, MAX_PROMPT, 1)
         if not request.HasField("params"):
             check.add("params", "is required (width, height and steps at least)")
         params = check_params(check, request.params)
@@ -246,7 +262,7 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         check = Checker()
         job_id = check.uuid("job_id", request.job_id)
         target = check.choice("status", request.status, STATUSES)
-        check.text("error_message", request.error_message, max_len=MAX_ERROR_MESSAGE, min_len=0, printable=False)
+        check_free_text(check, "error_message", request.error_message, MAX_ERROR_MESSAGE, 0)
         check.done()
         assert target is not None
         row, changed = await self.store.move_job(job_id, target, request.error_message)

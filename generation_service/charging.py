@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import asyncpg
 import grpc
+import prometheus_client
 
 from blumpo_common import db
 from blumpo_common.errors import ServiceError
@@ -30,6 +31,13 @@ from generation_service.store import NewJob, Store
 from generation_service.token_client import Outcome, Result, TokenClient
 
 log = logging.getLogger(__name__)
+
+CHARGES = prometheus_client.Counter(
+    "generation_charges_total", "Debits of jobs asked of the token service, by outcome.", ["result"]
+)
+RECONCILED = prometheus_client.Counter(
+    "generation_reconciled_total", "Work the reconciler finished, by kind (leases, intents, refunds).", ["kind"]
+)
 
 
 def request_digest(user_id: uuid.UUID, prompt: str, params: dict[str, object], tokens_cost: int) -> bytes:
@@ -116,6 +124,7 @@ class Charger:
     async def settle_charge(
         self, job_id: uuid.UUID, user_id: uuid.UUID, outcome: Outcome, conn: db.Connection | None = None
     ) -> asyncpg.Record:
+        CHARGES.labels(outcome.result.value).inc()
         if outcome.result is Result.DONE:
             row = await self.store.finish_charged(job_id, conn=conn)
             if row is None:  # a racing attempt finished it first
@@ -174,6 +183,8 @@ class Reconciler:
                 await self.charger.refund(row)
         done["intents"] = await self._intents()
         done["refunds"] = await self._refunds()
+        for kind, count in done.items():
+            RECONCILED.labels(kind).inc(count)
         if any(done.values()):
             log.info("reconciled", extra=done)
         return done

@@ -63,15 +63,18 @@ class ServiceProcess:
                     raise AssertionError(f"{self.module} not ready in {READY_SECONDS}s\n{self.logs()}")
                 await asyncio.sleep(0.1)
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        """Sends sig and waits (bounded) for the exit; returns the exit status."""
         assert self.process is not None
         self.process.send_signal(sig)
-        self.process.wait(timeout=15)
+        code = self.process.wait(timeout=15)
         self.process = None
+        return code
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
         if self.process is not None and self.process.poll() is None:
-            self.kill(signal.SIGTERM)
+            return self.kill(signal.SIGTERM)
+        return None
 
     def logs(self) -> str:
         return self.log_path.read_text()[-5000:] if self.log_path.exists() else ""

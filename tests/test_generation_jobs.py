@@ -94,6 +94,10 @@ async def test_insufficient_tokens_lists_nothing_and_may_be_retried(
     listed = await generation.ListGenerationJobs(gpb.ListGenerationJobsRequest(user_id=user_id))
     assert list(listed.jobs) == []
     assert await references(admin, user_id) == {}
+    hidden = gpb.UpdateGenerationJobStatusRequest(job_id=request.job_id, status=gpb.JOB_STATUS_RUNNING)
+    with pytest.raises(grpc.aio.AioRpcError) as not_movable:
+        await generation.UpdateGenerationJobStatus(hidden)
+    assert not_movable.value.code() == grpc.StatusCode.NOT_FOUND
     # Once the balance allows it, the same request goes through, charged once.
     await token.AppendLedgerEntry(
         tpb.AppendLedgerEntryRequest(

@@ -183,6 +183,10 @@ async def test_generation_service_killed_mid_burst(
                 return bool(left == 0)
 
             await eventually(settled, "no intent or owed refund left after the restart")
+            # The restarted service serves as before, and SIGTERM stops it cleanly.
+            job = (await generation.CreateGenerationJob(job_request(users[0]))).job
+            assert job.status == gpb.JOB_STATUS_QUEUED
+        assert process.stop() == 0, process.logs()
     finally:
         process.stop()
     assert outcomes["ok"] > 0 and outcomes["failed"] > 0, outcomes

@@ -58,6 +58,12 @@ def _variant(**change: Any) -> gpb.AddAssetVariantRequest:
     return request
 
 
+def _extra(value: float | str) -> gpb.CreateGenerationJobRequest:
+    request = _create()
+    request.params.extra.update({"key": value})
+    return request
+
+
 def _far_future() -> Timestamp:
     return Timestamp(seconds=400_000_000_000)
 
@@ -68,6 +74,10 @@ CASES: list[tuple[str, Callable[[], Any], str]] = [
     *[("CreateGenerationJob", lambda v=v: _create(job_id=v), "job_id") for v in BAD_IDS],
     ("CreateGenerationJob", lambda: _create(prompt=""), "prompt"),
     ("CreateGenerationJob", lambda: _create(prompt="x" * 4001), "prompt"),
+    ("CreateGenerationJob", lambda: _create(prompt="nul\x00byte"), "prompt"),
+    ("CreateGenerationJob", lambda: _extra(float("nan")), "params.extra"),
+    ("CreateGenerationJob", lambda: _extra("nul\x00byte"), "params.extra"),
+    ("CreateGenerationJob", lambda: _extra("x" * 20_000), "params.extra"),
     ("CreateGenerationJob", lambda: _create(**{"params.width": 63}), "params.width"),
     ("CreateGenerationJob", lambda: _create(**{"params.width": 4097}), "params.width"),
     ("CreateGenerationJob", lambda: _create(**{"params.height": 0}), "params.height"),
@@ -97,6 +107,11 @@ CASES: list[tuple[str, Callable[[], Any], str]] = [
         lambda: gpb.UpdateGenerationJobStatusRequest(
             job_id=JOB, status=gpb.JOB_STATUS_FAILED, error_message="e" * 2001
         ),
+        "error_message",
+    ),
+    (
+        "UpdateGenerationJobStatus",
+        lambda: gpb.UpdateGenerationJobStatusRequest(job_id=JOB, status=gpb.JOB_STATUS_FAILED, error_message="a\x00"),
         "error_message",
     ),
     ("ClaimNextJob", lambda: gpb.ClaimNextJobRequest(worker_id="", lease_seconds=10), "worker_id"),
