@@ -1,1 +1,1 @@
-"""The generation service: image generation jobs, their assets and variants."""
+"""The generation service: generation jobs and their charge, workers' claims, assets and variants."""

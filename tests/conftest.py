@@ -10,10 +10,16 @@ import asyncpg
 import grpc
 import pytest
 
+from blumpo.generation.v1 import generation_pb2_grpc
 from blumpo.token.v1 import token_pb2_grpc
 from blumpo_common import server
 from blumpo_common.config import DatabaseConfig
 from blumpo_common.db import create_pool
+from blumpo_common.retry import RetryPolicy
+from generation_service.charging import ReconcilerSettings
+from generation_service.server import Parts as GenerationParts
+from generation_service.server import parts as generation_parts_for
+from generation_service.server import service as generation_service
 from tests import support
 from token_service.server import service as token_service
 from token_service.store import Store as TokenStore
@@ -55,3 +61,31 @@ async def token_address(database_url: str) -> AsyncIterator[str]:
 async def token(token_address: str) -> AsyncIterator[token_pb2_grpc.TokenServiceAsyncStub]:
     async with grpc.aio.insecure_channel(token_address) as channel:
         yield token_pb2_grpc.TokenServiceStub(channel)
+
+
+# The generation service, in-process, charging through the in-process token service.
+# Short reconciler delays, so tests see abandoned intents finished within seconds.
+TEST_RETRY = RetryPolicy(attempt_timeout_seconds=2.0, max_attempts=3, total_timeout_seconds=4.0)
+TEST_RECONCILER = ReconcilerSettings(grace_seconds=1.0, interval_seconds=0.2)
+
+
+@pytest.fixture(scope="session")
+async def generation_parts(database_url: str, token_address: str) -> AsyncIterator[GenerationParts]:
+    config = database_config(database_url, "generation_service", "generation")
+    pool = await create_pool(config)
+    async with grpc.aio.insecure_channel(token_address) as channel:
+        yield generation_parts_for(pool, config, channel, TEST_RETRY, TEST_RECONCILER)
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+async def generation_address(generation_parts: GenerationParts) -> AsyncIterator[str]:
+    running = await server.start(generation_service(generation_parts), generation_parts.store.pool, "127.0.0.1:0")
+    yield f"127.0.0.1:{running.port}"
+    await running.stop(1)
+
+
+@pytest.fixture(scope="session")
+async def generation(generation_address: str) -> AsyncIterator[generation_pb2_grpc.GenerationServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(generation_address) as channel:
+        yield generation_pb2_grpc.GenerationServiceStub(channel)

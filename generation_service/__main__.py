@@ -1,0 +1,3 @@
+from generation_service.server import main
+
+main()

@@ -1,0 +1,39 @@
+"""The generation service's settings, from the environment."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from blumpo_common.config import DatabaseConfig, ServerConfig, address, integer, load_database, load_server
+from blumpo_common.retry import RetryPolicy
+from generation_service.charging import ReconcilerSettings
+
+PORT = 50052
+METRICS_PORT = 9152
+
+
+@dataclass(frozen=True)
+class Config:
+    database: DatabaseConfig
+    server: ServerConfig
+    token_service_target: str
+    token_retry: RetryPolicy
+    reconciler: ReconcilerSettings
+
+
+def load(env: Mapping[str, str]) -> Config:
+    return Config(
+        database=load_database(env, role="generation_service", search_path="generation"),
+        server=load_server(env, "GENERATION", PORT, METRICS_PORT),
+        token_service_target=address(env, "TOKEN_SERVICE_TARGET", "localhost:50051"),
+        token_retry=RetryPolicy(
+            attempt_timeout_seconds=integer(env, "TOKEN_CALL_TIMEOUT_MS", 2000, 50, 60_000) / 1000,
+            max_attempts=integer(env, "TOKEN_CALL_ATTEMPTS", 4, 1, 10),
+            total_timeout_seconds=integer(env, "TOKEN_CALL_BUDGET_MS", 6000, 50, 120_000) / 1000,
+        ),
+        reconciler=ReconcilerSettings(
+            grace_seconds=integer(env, "RECONCILE_GRACE_MS", 10_000, 0, 3_600_000) / 1000,
+            interval_seconds=integer(env, "RECONCILE_INTERVAL_MS", 2000, 10, 3_600_000) / 1000,
+        ),
+    )

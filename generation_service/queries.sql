@@ -1,0 +1,225 @@
+-- Every statement of the generation service. Connections run with search_path = generation.
+-- CHARGING and REJECTED jobs are internal: every statement that serves a caller hides them.
+
+-- name: insert_intent
+-- Step 1 of the charge: the job, recorded before any token moves. No row when the id exists.
+INSERT INTO generation_job (id, user_id, prompt, params, tokens_cost, status, request_digest)
+VALUES ($1, $2, $3, $4::jsonb, $5, 'CHARGING', $6)
+ON CONFLICT (id) DO NOTHING
+RETURNING *;
+
+-- name: job_any_status
+SELECT * FROM generation_job WHERE id = $1;
+
+-- name: retry_rejected
+-- A refused job asked for again with the same request: charge it again.
+UPDATE generation_job SET status = 'CHARGING', error_message = NULL, updated_at = now()
+WHERE id = $1 AND status = 'REJECTED'
+RETURNING *;
+
+-- name: finish_charged
+-- The debit exists, so the job must be visible, even if a racing attempt had given up on it.
+UPDATE generation_job SET status = 'QUEUED', error_message = NULL, updated_at = now()
+WHERE id = $1 AND status IN ('CHARGING', 'REJECTED')
+RETURNING *;
+
+-- name: reject_intent
+UPDATE generation_job SET status = 'REJECTED', error_message = $2, updated_at = now()
+WHERE id = $1 AND status = 'CHARGING'
+RETURNING *;
+
+-- name: stale_intents
+-- For the reconciler: intents left alone $1 seconds, locked for the transaction in which
+-- their debits are repeated, so another process skips them (idx_generation_job_charging).
+SELECT * FROM generation_job
+WHERE status = 'CHARGING' AND updated_at < now() - make_interval(secs => $1)
+ORDER BY updated_at
+LIMIT $2
+FOR UPDATE SKIP LOCKED;
+
+-- name: owed_refunds
+-- Likewise for refunds of failed jobs (idx_generation_job_refund).
+SELECT * FROM generation_job
+WHERE refund_state = 'PENDING' AND updated_at < now() - make_interval(secs => $1)
+ORDER BY updated_at
+LIMIT $2
+FOR UPDATE SKIP LOCKED;
+
+-- name: refund_done
+UPDATE generation_job SET refund_state = 'DONE'
+WHERE id = $1 AND refund_state = 'PENDING';
+
+-- name: get_job
+SELECT * FROM generation_job
+WHERE id = $1 AND status NOT IN ('CHARGING', 'REJECTED');
+
+-- name: list_jobs
+-- Newest first after the keyset ($2, $3), on idx_generation_job_user_time; $4 = visible statuses wanted.
+SELECT * FROM generation_job
+WHERE user_id = $1
+  AND (created_at, id) < ($2::timestamptz, $3::uuid)
+  AND status = ANY($4::text[])
+ORDER BY created_at DESC, id DESC
+LIMIT $5;
+
+-- name: move_job
+-- One conditional UPDATE: the row lock and the re-check of status under it make
+-- racing moves serialize, and only one can find the job in an allowed source status.
+-- Entering FAILED owes a refund; leaving RUNNING drops the lease.
+UPDATE generation_job SET
+  status = $2,
+  error_message = CASE WHEN $2 = 'FAILED' THEN nullif($3, '') ELSE error_message END,
+  started_at = CASE WHEN $2 = 'RUNNING' THEN coalesce(started_at, now()) ELSE started_at END,
+  completed_at = CASE WHEN $2 IN ('SUCCEEDED', 'FAILED') THEN now() ELSE completed_at END,
+  lease_expires_at = NULL,
+  refund_state = CASE WHEN $2 = 'FAILED' THEN 'PENDING' ELSE refund_state END,
+  updated_at = now()
+WHERE id = $1 AND status = ANY($4::text[])
+RETURNING *;
+
+-- name: sweep_expired_leases
+-- RUNNING jobs whose worker went quiet go back to the queue; after $2 lost leases they fail and are owed a refund.
+WITH expired AS (
+  SELECT id FROM generation_job
+  WHERE status = 'RUNNING' AND lease_expires_at < now()
+  ORDER BY lease_expires_at
+  LIMIT $1
+  FOR UPDATE SKIP LOCKED
+)
+UPDATE generation_job j SET
+  lost_leases = j.lost_leases + 1,
+  status = CASE WHEN j.lost_leases + 1 >= $2 THEN 'FAILED' ELSE 'QUEUED' END,
+  error_message = CASE WHEN j.lost_leases + 1 >= $2
+                       THEN 'the worker lease expired ' || (j.lost_leases + 1) || ' times' ELSE j.error_message END,
+  completed_at = CASE WHEN j.lost_leases + 1 >= $2 THEN now() ELSE j.completed_at END,
+  refund_state = CASE WHEN j.lost_leases + 1 >= $2 THEN 'PENDING' ELSE j.refund_state END,
+  worker_id = NULL,
+  lease_expires_at = NULL,
+  updated_at = now()
+FROM expired
+WHERE j.id = expired.id
+RETURNING j.*;
+
+-- name: claim_next
+-- The oldest QUEUED job (idx_generation_job_queued); SKIP LOCKED lets workers claim side by side.
+WITH next AS (
+  SELECT id FROM generation_job
+  WHERE status = 'QUEUED'
+  ORDER BY created_at, id
+  LIMIT 1
+  FOR UPDATE SKIP LOCKED
+)
+UPDATE generation_job j SET
+  status = 'RUNNING',
+  worker_id = $1,
+  lease_expires_at = now() + make_interval(secs => $2),
+  started_at = coalesce(j.started_at, now()),
+  updated_at = now()
+FROM next
+WHERE j.id = next.id
+RETURNING j.*;
+
+-- name: attach_asset
+-- The job (hidden statuses excluded) and the asset inserted when the job allows it;
+-- job_user is NULL when there is no such job, id is NULL when nothing was inserted.
+WITH job AS (
+  SELECT id, user_id, status FROM generation_job
+  WHERE id = $2 AND status NOT IN ('CHARGING', 'REJECTED')
+  FOR SHARE
+), inserted AS (
+  INSERT INTO asset_image (id, job_id, user_id, title, storage_key, mime_type, bytes_size, width, height, format)
+  SELECT $1, job.id, job.user_id, $4, $5, $6, $7, $8, $9, $10 FROM job
+  WHERE job.user_id = $3 AND job.status IN ('RUNNING', 'SUCCEEDED')
+  ON CONFLICT (id) DO NOTHING
+  RETURNING *
+)
+SELECT job.user_id AS job_user, job.status AS job_status, i.*
+FROM (SELECT) AS one
+LEFT JOIN job ON true
+LEFT JOIN inserted i ON true;
+
+-- name: asset_row
+SELECT * FROM asset_image WHERE id = $1;
+
+-- name: add_variant
+-- asset_found tells an unknown asset from an existing variant of that kind (no row inserted).
+WITH asset AS (
+  SELECT id FROM asset_image WHERE id = $2
+), inserted AS (
+  INSERT INTO asset_image_variant (id, asset_id, kind, storage_key, mime_type, bytes_size, width, height, format)
+  SELECT $1, asset.id, $3, $4, $5, $6, $7, $8, $9 FROM asset
+  ON CONFLICT ON CONSTRAINT asset_image_variant_asset_kind_key DO NOTHING
+  RETURNING *
+)
+SELECT EXISTS (SELECT FROM asset) AS asset_found, i.*
+FROM (SELECT) AS one LEFT JOIN inserted i ON true;
+
+-- name: variant_by_kind
+SELECT * FROM asset_image_variant WHERE asset_id = $1 AND kind = $2;
+
+-- name: asset_with_variants
+-- One row per variant, smallest kind first (or one with NULL variant columns); the caller groups them.
+SELECT a.*, v.id AS v_id, v.kind AS v_kind, v.storage_key AS v_storage_key, v.mime_type AS v_mime_type,
+       v.bytes_size AS v_bytes_size, v.width AS v_width, v.height AS v_height, v.format AS v_format,
+       v.created_at AS v_created_at
+FROM asset_image a
+LEFT JOIN asset_image_variant v ON v.asset_id = a.id
+WHERE a.id = $1
+ORDER BY array_position(ARRAY['THUMBNAIL', 'WEB', 'PRINT'], v.kind);
+
+-- name: assets_for_user
+-- Newest first after the keyset ($2, $3), on idx_asset_image_user_time, each with its variants.
+WITH page AS (
+  SELECT * FROM asset_image
+  WHERE user_id = $1 AND (created_at, id) < ($2::timestamptz, $3::uuid)
+  ORDER BY created_at DESC, id DESC
+  LIMIT $4
+)
+SELECT p.*, v.id AS v_id, v.kind AS v_kind, v.storage_key AS v_storage_key, v.mime_type AS v_mime_type,
+       v.bytes_size AS v_bytes_size, v.width AS v_width, v.height AS v_height, v.format AS v_format,
+       v.created_at AS v_created_at
+FROM page p
+LEFT JOIN asset_image_variant v ON v.asset_id = p.id
+ORDER BY p.created_at DESC, p.id DESC, array_position(ARRAY['THUMBNAIL', 'WEB', 'PRINT'], v.kind);
+
+-- name: archive_completed_batch
+-- The seed's monthly archive, at most $2 rows per statement (idx_generation_job_completed).
+WITH batch AS (
+  SELECT id FROM generation_job
+  WHERE status IN ('SUCCEEDED', 'FAILED') AND completed_at < now() - make_interval(days => $1)
+  LIMIT $2
+  FOR UPDATE SKIP LOCKED
+), archived AS (
+  UPDATE generation_job j SET status = 'ARCHIVED', updated_at = now()
+  FROM batch WHERE j.id = batch.id
+  RETURNING 1
+)
+SELECT count(*) FROM archived;
+
+-- name: pause_queued_batch
+-- The seed's emergency disable, at most $2 rows per statement (idx_generation_job_queued).
+WITH batch AS (
+  SELECT id FROM generation_job
+  WHERE status = 'QUEUED' AND created_at > $1
+  LIMIT $2
+  FOR UPDATE SKIP LOCKED
+), paused AS (
+  UPDATE generation_job j SET status = 'PAUSED', updated_at = now()
+  FROM batch WHERE j.id = batch.id
+  RETURNING 1
+)
+SELECT count(*) FROM paused;
+
+-- name: resume_paused_batch
+-- PAUSED back to QUEUED, created after $1 (NULL: all), at most $2 rows per statement (idx_generation_job_paused).
+WITH batch AS (
+  SELECT id FROM generation_job
+  WHERE status = 'PAUSED' AND ($1::timestamptz IS NULL OR created_at > $1)
+  LIMIT $2
+  FOR UPDATE SKIP LOCKED
+), resumed AS (
+  UPDATE generation_job j SET status = 'QUEUED', updated_at = now()
+  FROM batch WHERE j.id = batch.id
+  RETURNING 1
+)
+SELECT count(*) FROM resumed;

@@ -1,0 +1,78 @@
+"""Start-up and wiring of the generation service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+
+from blumpo.generation.v1 import generation_pb2, generation_pb2_grpc
+from blumpo.token.v1 import token_pb2_grpc
+from blumpo_common import db, logs, retry, server
+from blumpo_common.config import ConfigError, DatabaseConfig
+from blumpo_common.retry import RetryPolicy
+from generation_service import config as generation_config
+from generation_service.api import ERROR_DOMAIN, GenerationApi
+from generation_service.charging import Charger, Reconciler, ReconcilerSettings
+from generation_service.store import Store
+from generation_service.token_client import TokenClient
+from generation_service.watch import Hub
+
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+@dataclass
+class Parts:
+    store: Store
+    charger: Charger
+    reconciler: Reconciler
+    hub: Hub
+
+
+def parts(
+    pool: asyncpg.Pool,
+    database: DatabaseConfig,
+    token_channel: grpc.aio.Channel,
+    policy: RetryPolicy,
+    settings: ReconcilerSettings,
+) -> Parts:
+    store = Store(pool, database.timeout_ms / 1000)
+    charger = Charger(store, TokenClient(token_pb2_grpc.TokenServiceStub(token_channel), policy))
+    return Parts(store, charger, Reconciler(charger, settings), Hub(database))
+
+
+def service(p: Parts) -> server.Service:
+    def register(grpc_server: grpc.aio.Server) -> None:
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+            GenerationApi(p.store, p.charger, p.hub), grpc_server
+        )
+
+    return server.Service(
+        full_name=SERVICE_NAME,
+        error_domain=ERROR_DOMAIN,
+        register=register,
+        background=(p.hub.run, p.reconciler.run),
+    )
+
+
+async def run(config: generation_config.Config) -> None:
+    pool = await db.create_pool(config.database)
+    async with grpc.aio.insecure_channel(config.token_service_target, options=retry.CHANNEL_OPTIONS) as channel:
+        wired = parts(pool, config.database, channel, config.token_retry, config.reconciler)
+        await server.serve(service(wired), pool, config.server)
+
+
+def main() -> None:
+    try:
+        config = generation_config.load(os.environ)
+    except ConfigError as exc:
+        print(f"generation_service: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logs.configure("generation_service", config.server.log_level)
+    logging.getLogger(__name__).info("starting", extra={"token_service": config.token_service_target})
+    asyncio.run(run(config))

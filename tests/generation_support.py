@@ -1,0 +1,96 @@
+"""Helpers for the generation service's tests: requests, ledger checks, queue draining."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from typing import TYPE_CHECKING, TypeAlias
+
+import asyncpg
+import grpc
+
+from blumpo.generation.v1 import generation_pb2 as gpb
+from blumpo.generation.v1 import generation_pb2_grpc
+from blumpo.token.v1 import token_pb2 as tpb
+from blumpo.token.v1 import token_pb2_grpc
+
+# The async stub classes exist only in the type stubs.
+if TYPE_CHECKING:
+    GenerationStub: TypeAlias = generation_pb2_grpc.GenerationServiceAsyncStub
+    TokenStub: TypeAlias = token_pb2_grpc.TokenServiceAsyncStub
+else:
+    GenerationStub = generation_pb2_grpc.GenerationServiceStub
+    TokenStub = token_pb2_grpc.TokenServiceStub
+
+
+def job_request(
+    user_id: str, job_id: str | None = None, cost: int = 1, prompt: str = "a lighthouse at dusk"
+) -> gpb.CreateGenerationJobRequest:
+    return gpb.CreateGenerationJobRequest(
+        user_id=user_id,
+        job_id=job_id or str(uuid.uuid4()),
+        prompt=prompt,
+        params=gpb.GenerationParams(width=1024, height=768, steps=30, seed=42, model="sdxl"),
+        tokens_cost=cost,
+    )
+
+
+def asset_input(
+    asset_id: str | None = None, fmt: int = gpb.IMAGE_FORMAT_WEBP, mime: str = "image/webp"
+) -> gpb.AssetInput:
+    return gpb.AssetInput(
+        asset_id=asset_id or str(uuid.uuid4()),
+        title="Lighthouse",
+        storage_key=f"users/u/jobs/j/{uuid.uuid4()}.webp",
+        mime_type=mime,
+        bytes_size=524288,
+        width=1024,
+        height=768,
+        format=fmt,  # type: ignore[arg-type]
+    )
+
+
+async def create_job(generation: GenerationStub, user_id: str, cost: int = 1) -> gpb.Job:
+    return (await generation.CreateGenerationJob(job_request(user_id, cost=cost))).job
+
+
+async def running_job(generation: GenerationStub, user_id: str, cost: int = 1) -> gpb.Job:
+    job = await create_job(generation, user_id, cost)
+    request = gpb.UpdateGenerationJobStatusRequest(job_id=job.job_id, status=gpb.JOB_STATUS_RUNNING)
+    return (await generation.UpdateGenerationJobStatus(request)).job
+
+
+async def balance(token: TokenStub, user_id: str) -> int:
+    return (await token.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=user_id))).balance
+
+
+async def references(admin: asyncpg.Connection, user_id: str) -> Counter[str]:
+    """How many ledger entries each generation reference of a user has."""
+    rows = await admin.fetch(
+        "SELECT reference_id FROM token.token_ledger WHERE user_id = $1 AND reason LIKE 'GENERATION%'",
+        uuid.UUID(user_id),
+    )
+    return Counter(r["reference_id"] for r in rows)
+
+
+async def no_mismatches(token: TokenStub, user_id: str = "") -> None:
+    checked = await token.CheckBalances(tpb.CheckBalancesRequest(user_id=user_id))
+    assert checked.accounts_checked >= 1
+    assert list(checked.mismatches) == []
+
+
+async def drain_queue(generation: GenerationStub, limit: int = 10_000) -> int:
+    """Claims every QUEUED job left by earlier tests, so a test starts with an empty queue."""
+    for drained in range(limit):
+        claim = await generation.ClaimNextJob(gpb.ClaimNextJobRequest(worker_id="drain", lease_seconds=3600))
+        if not claim.HasField("job"):
+            return drained
+    raise AssertionError("the queue did not drain")
+
+
+async def code_of(call: object) -> grpc.StatusCode:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK

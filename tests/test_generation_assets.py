@@ -1,0 +1,184 @@
+"""Assets and variants: ownership, job status, idempotency, listing and its index."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import asyncpg
+import grpc
+import pytest
+
+from blumpo.generation.v1 import generation_pb2 as gpb
+from generation_service.store import Q
+from tests import support
+from tests.generation_support import GenerationStub, TokenStub, asset_input, create_job, running_job
+
+pytestmark = pytest.mark.asyncio
+
+VARIANTS = [
+    (gpb.VARIANT_KIND_THUMBNAIL, gpb.IMAGE_FORMAT_WEBP, "image/webp", 256),
+    (gpb.VARIANT_KIND_WEB, gpb.IMAGE_FORMAT_JPEG, "image/jpeg", 1024),
+    (gpb.VARIANT_KIND_PRINT, gpb.IMAGE_FORMAT_PNG, "image/png", 4096),
+]
+
+
+def variant_request(asset_id: str, kind: int, fmt: int, mime: str, side: int) -> gpb.AddAssetVariantRequest:
+    return gpb.AddAssetVariantRequest(
+        asset_id=asset_id,
+        kind=kind,  # type: ignore[arg-type]
+        storage_key=f"variants/{asset_id}/{kind}",
+        mime_type=mime,
+        bytes_size=side * 10,
+        width=side,
+        height=side,
+        format=fmt,  # type: ignore[arg-type]
+    )
+
+
+async def _attach(generation: GenerationStub, job: gpb.Job, asset: gpb.AssetInput, user_id: str = "") -> gpb.Asset:
+    request = gpb.AttachAssetToJobRequest(job_id=job.job_id, user_id=user_id or job.user_id, asset=asset)
+    return (await generation.AttachAssetToJob(request)).asset
+
+
+async def _error(call: object) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call  # type: ignore[misc]
+    return caught.value
+
+
+async def test_attach_asset_and_three_variants(generation: GenerationStub, token: TokenStub) -> None:
+    user_id = await support.user_with_balance(token, 10)
+    job = await running_job(generation, user_id)
+    given = asset_input()
+    asset = await _attach(generation, job, given)
+    assert (asset.asset_id, asset.job_id, asset.user_id) == (given.asset_id, job.job_id, user_id)
+    assert (asset.title, asset.storage_key, asset.mime_type, asset.format) == (
+        given.title,
+        given.storage_key,
+        given.mime_type,
+        given.format,
+    )
+    assert await _attach(generation, job, given) == asset, "the same asset again is the same asset"
+    variants = [(await generation.AddAssetVariant(variant_request(asset.asset_id, *v))).variant for v in VARIANTS]
+    assert [v.kind for v in variants] == [v[0] for v in VARIANTS]
+    again = (await generation.AddAssetVariant(variant_request(asset.asset_id, *VARIANTS[0]))).variant
+    assert again == variants[0]
+    fetched = (await generation.GetAsset(gpb.GetAssetRequest(asset_id=asset.asset_id))).asset
+    assert list(fetched.variants) == variants  # THUMBNAIL, WEB, PRINT
+    fetched.ClearField("variants")
+    assert fetched == asset
+
+
+async def test_attach_rules(generation: GenerationStub, token: TokenStub) -> None:
+    user_id = await support.user_with_balance(token, 10)
+    other_user = await support.user_with_balance(token, 10)
+    queued = await create_job(generation, user_id)
+    running = await running_job(generation, user_id)
+
+    error = await _error(_attach(generation, running, asset_input(), user_id=other_user))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert support.error_info(error).reason == "JOB_NOT_OWNED"
+
+    error = await _error(_attach(generation, queued, asset_input()))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert support.error_info(error).reason == "JOB_NOT_ACCEPTING_ASSETS"
+
+    missing = gpb.Job(job_id=str(uuid.uuid4()), user_id=user_id)
+    error = await _error(_attach(generation, missing, asset_input()))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+    given = asset_input()
+    await _attach(generation, running, given)
+    changed = gpb.AssetInput()
+    changed.CopyFrom(given)
+    changed.title = "another title"
+    error = await _error(_attach(generation, running, changed))
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert support.error_info(error).reason == "ASSET_ID_REUSED"
+
+    error = await _error(_attach(generation, running, asset_input(mime="image/png")))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert support.bad_fields(error) == ["asset.mime_type"]
+
+    # SUCCEEDED still accepts assets; FAILED does not.
+    await generation.UpdateGenerationJobStatus(
+        gpb.UpdateGenerationJobStatusRequest(job_id=running.job_id, status=gpb.JOB_STATUS_SUCCEEDED)
+    )
+    await _attach(generation, running, asset_input())
+    failed = await running_job(generation, user_id)
+    await generation.UpdateGenerationJobStatus(
+        gpb.UpdateGenerationJobStatusRequest(job_id=failed.job_id, status=gpb.JOB_STATUS_FAILED)
+    )
+    error = await _error(_attach(generation, failed, asset_input()))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_variant_rules(generation: GenerationStub, token: TokenStub) -> None:
+    user_id = await support.user_with_balance(token, 10)
+    job = await running_job(generation, user_id)
+    asset = await _attach(generation, job, asset_input())
+    await generation.AddAssetVariant(variant_request(asset.asset_id, *VARIANTS[1]))
+    different = variant_request(asset.asset_id, *VARIANTS[1])
+    different.bytes_size += 1
+    error = await _error(generation.AddAssetVariant(different))
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert support.error_info(error).reason == "VARIANT_KIND_TAKEN"
+    error = await _error(generation.AddAssetVariant(variant_request(str(uuid.uuid4()), *VARIANTS[0])))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert support.error_info(error).reason == "ASSET_NOT_FOUND"
+    error = await _error(generation.GetAsset(gpb.GetAssetRequest(asset_id=str(uuid.uuid4()))))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_assets_for_user_newest_first_in_pages(generation: GenerationStub, token: TokenStub) -> None:
+    user_id = await support.user_with_balance(token, 10)
+    job = await running_job(generation, user_id)
+    assets = [await _attach(generation, job, asset_input()) for _ in range(5)]
+    await generation.AddAssetVariant(variant_request(assets[0].asset_id, *VARIANTS[0]))
+    await generation.AddAssetVariant(variant_request(assets[0].asset_id, *VARIANTS[2]))
+    seen: list[gpb.Asset] = []
+    page_token = ""
+    for _ in range(10):
+        page = await generation.GetAssetsForUser(
+            gpb.GetAssetsForUserRequest(user_id=user_id, page_size=2, page_token=page_token)
+        )
+        seen += page.assets
+        page_token = page.next_page_token
+        if not page_token:
+            break
+    assert [a.asset_id for a in seen] == [a.asset_id for a in reversed(assets)]
+    assert [len(a.variants) for a in seen] == [0, 0, 0, 0, 2]
+    default = await generation.GetAssetsForUser(gpb.GetAssetsForUserRequest(user_id=user_id))
+    assert len(default.assets) == 5 and default.next_page_token == ""
+    nobody = await generation.GetAssetsForUser(gpb.GetAssetsForUserRequest(user_id=str(uuid.uuid4())))
+    assert list(nobody.assets) == []
+    error = await _error(generation.GetAssetsForUser(gpb.GetAssetsForUserRequest(user_id=user_id, page_token="x")))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_assets_for_user_uses_the_user_time_index(admin: asyncpg.Connection) -> None:
+    job_id = uuid.uuid4()
+    await admin.execute(
+        "INSERT INTO generation.generation_job (id, user_id, prompt, params, tokens_cost, status, request_digest)"
+        " VALUES ($1, gen_random_uuid(), 'bulk', '{}'::jsonb, 1, 'ARCHIVED', '\\x00'::bytea)",
+        job_id,
+    )
+    await admin.execute(
+        """
+        INSERT INTO generation.asset_image (id, job_id, user_id, title, storage_key, mime_type, bytes_size,
+                                            width, height, format, created_at)
+        SELECT gen_random_uuid(), $1, gen_random_uuid(), 't', 'k', 'image/png', 1, 1, 1, 'PNG',
+               now() - make_interval(secs => n)
+        FROM generate_series(1, 5000) AS n
+        """,
+        job_id,
+    )
+    await admin.execute("ANALYZE generation.asset_image")
+    async with admin.transaction():
+        await admin.execute("SET LOCAL search_path = generation")
+        rows = await admin.fetch(
+            "EXPLAIN " + Q["assets_for_user"], uuid.uuid4(), datetime.max, uuid.UUID(int=2**128 - 1), 21
+        )
+    plan = "\n".join(r[0] for r in rows)
+    assert "idx_asset_image_user_time" in plan, plan

@@ -1,0 +1,309 @@
+"""Jobs through the real service: the charge, visibility, listing and the state machine."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime
+
+import asyncpg
+import grpc
+import pytest
+
+from blumpo.generation.v1 import generation_pb2 as gpb
+from blumpo.token.v1 import token_pb2 as tpb
+from tests import support
+from tests.generation_support import (
+    GenerationStub,
+    TokenStub,
+    balance,
+    create_job,
+    job_request,
+    no_mismatches,
+    references,
+    running_job,
+)
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_create_charges_once_and_queues(
+    generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
+) -> None:
+    user_id = await support.user_with_balance(token, 50)
+    request = job_request(user_id, cost=7)
+    request.params.extra.update({"style": "watercolor", "strength": 0.5})
+    job = (await generation.CreateGenerationJob(request)).job
+    assert job.status == gpb.JOB_STATUS_QUEUED
+    assert (job.job_id, job.user_id, job.prompt, job.tokens_cost) == (request.job_id, user_id, request.prompt, 7)
+    assert job.params == request.params
+    assert job.HasField("created_at") and not job.HasField("started_at")
+    assert await balance(token, user_id) == 43
+    assert await references(admin, user_id) == {request.job_id: 1}
+    fetched = (await generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=job.job_id))).job
+    assert fetched == job
+    await no_mismatches(token, user_id)
+
+
+async def test_same_job_id_same_request_is_the_same_job(
+    generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
+) -> None:
+    user_id = await support.user_with_balance(token, 10)
+    request = job_request(user_id, cost=3)
+    first = (await generation.CreateGenerationJob(request)).job
+    again = (await generation.CreateGenerationJob(request)).job
+    assert again == first
+    assert await balance(token, user_id) == 7
+    assert await references(admin, user_id) == {request.job_id: 1}
+
+
+async def test_same_job_id_other_request_is_already_exists(generation: GenerationStub, token: TokenStub) -> None:
+    user_id = await support.user_with_balance(token, 10)
+    request = job_request(user_id, cost=3)
+    await generation.CreateGenerationJob(request)
+    for change in ("prompt", "cost", "params"):
+        other = job_request(user_id, job_id=request.job_id, cost=3)
+        if change == "prompt":
+            other.prompt = "something else"
+        elif change == "cost":
+            other.tokens_cost = 4
+        else:
+            other.params.steps = 31
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await generation.CreateGenerationJob(other)
+        assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        info = support.error_info(caught.value)
+        assert (info.reason, info.domain) == ("JOB_ID_REUSED", "blumpo.generation")
+    assert await balance(token, user_id) == 7
+
+
+async def test_insufficient_tokens_lists_nothing_and_may_be_retried(
+    generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
+) -> None:
+    user_id = await support.user_with_balance(token, 5)
+    request = job_request(user_id, cost=8)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await generation.CreateGenerationJob(request)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = support.error_info(caught.value)
+    assert info.reason == "INSUFFICIENT_TOKENS"
+    assert (info.metadata["balance"], info.metadata["requested"]) == ("5", "8")
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=request.job_id))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    listed = await generation.ListGenerationJobs(gpb.ListGenerationJobsRequest(user_id=user_id))
+    assert list(listed.jobs) == []
+    assert await references(admin, user_id) == {}
+    hidden = gpb.UpdateGenerationJobStatusRequest(job_id=request.job_id, status=gpb.JOB_STATUS_RUNNING)
+    with pytest.raises(grpc.aio.AioRpcError) as not_movable:
+        await generation.UpdateGenerationJobStatus(hidden)
+    assert not_movable.value.code() == grpc.StatusCode.NOT_FOUND
+    # Once the balance allows it, the same request goes through, charged once.
+    await token.AppendLedgerEntry(
+        tpb.AppendLedgerEntryRequest(
+            user_id=user_id, delta=10, reason=tpb.LEDGER_REASON_PURCHASE, reference_id=f"buy-{uuid.uuid4()}"
+        )
+    )
+    job = (await generation.CreateGenerationJob(request)).job
+    assert job.status == gpb.JOB_STATUS_QUEUED
+    assert await balance(token, user_id) == 7
+    assert await references(admin, user_id) == {request.job_id: 1}
+
+
+async def test_unknown_user_is_not_found_and_lists_nothing(
+    generation: GenerationStub, admin: asyncpg.Connection
+) -> None:
+    user_id = str(uuid.uuid4())
+    request = job_request(user_id)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await generation.CreateGenerationJob(request)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert support.error_info(caught.value).reason == "USER_NOT_FOUND"
+    status = await admin.fetchval(
+        "SELECT status FROM generation.generation_job WHERE id = $1", uuid.UUID(request.job_id)
+    )
+    assert status == "REJECTED"
+    listed = await generation.ListGenerationJobs(gpb.ListGenerationJobsRequest(user_id=user_id))
+    assert list(listed.jobs) == []
+
+
+async def test_get_unknown_job_is_not_found(generation: GenerationStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=str(uuid.uuid4())))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert support.error_info(caught.value).reason == "JOB_NOT_FOUND"
+
+
+async def test_list_newest_first_with_pages_and_status_filter(generation: GenerationStub, token: TokenStub) -> None:
+    user_id = await support.user_with_balance(token, 100)
+    jobs = [await create_job(generation, user_id) for _ in range(5)]
+    await generation.UpdateGenerationJobStatus(
+        gpb.UpdateGenerationJobStatusRequest(job_id=jobs[1].job_id, status=gpb.JOB_STATUS_PAUSED)
+    )
+    seen: list[str] = []
+    token_ = ""
+    for _ in range(10):
+        page = await generation.ListGenerationJobs(
+            gpb.ListGenerationJobsRequest(user_id=user_id, page_size=2, page_token=token_)
+        )
+        assert len(page.jobs) <= 2
+        seen += [j.job_id for j in page.jobs]
+        token_ = page.next_page_token
+        if not token_:
+            break
+    assert seen == [j.job_id for j in reversed(jobs)]
+    paused = await generation.ListGenerationJobs(
+        gpb.ListGenerationJobsRequest(user_id=user_id, statuses=[gpb.JOB_STATUS_PAUSED])
+    )
+    assert [j.job_id for j in paused.jobs] == [jobs[1].job_id]
+    # A token is bound to its query.
+    first = await generation.ListGenerationJobs(gpb.ListGenerationJobsRequest(user_id=user_id, page_size=2))
+    for bad in (first.next_page_token[:-2] + "xx", "not-a-token"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await generation.ListGenerationJobs(gpb.ListGenerationJobsRequest(user_id=user_id, page_token=bad))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert support.bad_fields(caught.value) == ["page_token"]
+    with pytest.raises(grpc.aio.AioRpcError) as other_query:
+        await generation.ListGenerationJobs(
+            gpb.ListGenerationJobsRequest(
+                user_id=user_id, statuses=[gpb.JOB_STATUS_QUEUED], page_token=first.next_page_token
+            )
+        )
+    assert other_query.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_list_uses_the_user_time_index(admin: asyncpg.Connection) -> None:
+    from generation_service.store import Q
+
+    await _bulk_rows(admin)
+    plan = await _explain(admin, Q["list_jobs"], uuid.uuid4(), datetime.max, uuid.UUID(int=2**128 - 1), ["QUEUED"], 51)
+    assert "idx_generation_job_user_time" in plan, plan
+
+
+async def _bulk_rows(admin: asyncpg.Connection) -> None:
+    """Enough rows of other users that a sequential scan would cost more than the index."""
+    if await admin.fetchval("SELECT count(*) FROM generation.generation_job") > 5000:
+        return
+    await admin.execute(
+        """
+        INSERT INTO generation.generation_job
+          (id, user_id, prompt, params, tokens_cost, status, request_digest, created_at)
+        SELECT gen_random_uuid(), gen_random_uuid(), 'bulk', '{}'::jsonb, 1, 'ARCHIVED', '\\x00'::bytea,
+               now() - make_interval(days => 400 + n % 50)
+        FROM generate_series(1, 6000) AS n
+        """
+    )
+    await admin.execute("ANALYZE generation.generation_job")
+
+
+async def _explain(admin: asyncpg.Connection, sql: str, *args: object) -> str:
+    async with admin.transaction():
+        await admin.execute("SET LOCAL search_path = generation")
+        rows = await admin.fetch("EXPLAIN " + sql, *args)
+    return "\n".join(r[0] for r in rows)
+
+
+ALLOWED = {
+    (gpb.JOB_STATUS_QUEUED, gpb.JOB_STATUS_RUNNING),
+    (gpb.JOB_STATUS_QUEUED, gpb.JOB_STATUS_PAUSED),
+    (gpb.JOB_STATUS_PAUSED, gpb.JOB_STATUS_QUEUED),
+    (gpb.JOB_STATUS_RUNNING, gpb.JOB_STATUS_SUCCEEDED),
+    (gpb.JOB_STATUS_RUNNING, gpb.JOB_STATUS_FAILED),
+    (gpb.JOB_STATUS_QUEUED, gpb.JOB_STATUS_FAILED),
+    (gpb.JOB_STATUS_SUCCEEDED, gpb.JOB_STATUS_ARCHIVED),
+    (gpb.JOB_STATUS_FAILED, gpb.JOB_STATUS_ARCHIVED),
+}
+# How to bring a fresh QUEUED job to each status through allowed moves.
+PATHS = {
+    gpb.JOB_STATUS_QUEUED: [],
+    gpb.JOB_STATUS_PAUSED: [gpb.JOB_STATUS_PAUSED],
+    gpb.JOB_STATUS_RUNNING: [gpb.JOB_STATUS_RUNNING],
+    gpb.JOB_STATUS_SUCCEEDED: [gpb.JOB_STATUS_RUNNING, gpb.JOB_STATUS_SUCCEEDED],
+    gpb.JOB_STATUS_FAILED: [gpb.JOB_STATUS_FAILED],
+    gpb.JOB_STATUS_ARCHIVED: [gpb.JOB_STATUS_FAILED, gpb.JOB_STATUS_ARCHIVED],
+}
+
+
+async def _move(generation: GenerationStub, job_id: str, status: int, message: str = "") -> gpb.Job:
+    request = gpb.UpdateGenerationJobStatusRequest(job_id=job_id, status=status, error_message=message)  # type: ignore[arg-type]
+    return (await generation.UpdateGenerationJobStatus(request)).job
+
+
+async def test_every_move_of_the_state_machine(generation: GenerationStub, token: TokenStub) -> None:
+    user_id = await support.user_with_balance(token, 1000)
+    for source, path in PATHS.items():
+        for target in PATHS:
+            job = await create_job(generation, user_id)
+            for step in path:
+                job = await _move(generation, job.job_id, step)
+            assert job.status == source
+            if (source, target) in ALLOWED or source == target:
+                moved = await _move(generation, job.job_id, target)
+                assert moved.status == target
+                if source == target:
+                    assert moved.updated_at == job.updated_at, "a no-op writes nothing"
+            else:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await _move(generation, job.job_id, target)
+                assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, (source, target)
+                info = support.error_info(caught.value)
+                assert info.reason == "INVALID_TRANSITION"
+                assert info.metadata["current_status"] == gpb.JobStatus.Name(source).removeprefix("JOB_STATUS_")
+
+
+async def test_moves_stamp_times(generation: GenerationStub, token: TokenStub) -> None:
+    user_id = await support.user_with_balance(token, 10)
+    job = await running_job(generation, user_id)
+    assert job.HasField("started_at") and not job.HasField("completed_at")
+    done = await _move(generation, job.job_id, gpb.JOB_STATUS_SUCCEEDED)
+    assert done.HasField("completed_at")
+    assert done.started_at == job.started_at
+    assert done.completed_at.ToDatetime() >= done.started_at.ToDatetime()
+
+
+async def test_failing_refunds_exactly_once(
+    generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
+) -> None:
+    user_id = await support.user_with_balance(token, 20)
+    job = await running_job(generation, user_id, cost=6)
+    assert await balance(token, user_id) == 14
+    failed = await _move(generation, job.job_id, gpb.JOB_STATUS_FAILED, "out of GPU memory")
+    assert failed.status == gpb.JOB_STATUS_FAILED and failed.error_message == "out of GPU memory"
+    again = await _move(generation, job.job_id, gpb.JOB_STATUS_FAILED, "again")
+    assert again.error_message == "out of GPU memory"
+    await _move(generation, job.job_id, gpb.JOB_STATUS_ARCHIVED)
+    assert await balance(token, user_id) == 20
+    assert await references(admin, user_id) == {job.job_id: 1, f"{job.job_id}:refund": 1}
+    state = await admin.fetchval(
+        "SELECT refund_state FROM generation.generation_job WHERE id = $1", uuid.UUID(job.job_id)
+    )
+    assert state == "DONE"
+    await no_mismatches(token, user_id)
+
+
+async def test_racing_moves_cannot_both_win(
+    generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
+) -> None:
+    user_id = await support.user_with_balance(token, 200)
+    for _ in range(10):
+        job = await running_job(generation, user_id)
+        results = await asyncio.gather(
+            _move(generation, job.job_id, gpb.JOB_STATUS_SUCCEEDED),
+            _move(generation, job.job_id, gpb.JOB_STATUS_FAILED),
+            return_exceptions=True,
+        )
+        wins = [r for r in results if isinstance(r, gpb.Job)]
+        losses = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        assert len(wins) == 1 and len(losses) == 1, results
+        assert losses[0].code() == grpc.StatusCode.FAILED_PRECONDITION
+        final = (await generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=job.job_id))).job
+        assert final.status == wins[0].status
+    counts = await references(admin, user_id)
+    assert all(n == 1 for n in counts.values())
+    await no_mismatches(token, user_id)
+
+
+async def test_update_unknown_job_is_not_found(generation: GenerationStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _move(generation, str(uuid.uuid4()), gpb.JOB_STATUS_RUNNING)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,182 @@
+"""Bad input for every request field: INVALID_ARGUMENT naming the field, and nothing written."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from blumpo.generation.v1 import generation_pb2 as gpb
+from tests import support
+from tests.generation_support import GenerationStub, asset_input, job_request
+
+pytestmark = pytest.mark.asyncio
+
+USER = str(uuid.uuid4())
+JOB = str(uuid.uuid4())
+BAD_IDS = ["", "not-a-uuid", str(uuid.uuid4()).upper()]
+
+
+def _create(**change: Any) -> gpb.CreateGenerationJobRequest:
+    request = job_request(USER, job_id=JOB)
+    for name, value in change.items():
+        if name.startswith("params."):
+            setattr(request.params, name.removeprefix("params."), value)
+        else:
+            setattr(request, name, value)
+    return request
+
+
+def _attach(**change: Any) -> gpb.AttachAssetToJobRequest:
+    request = gpb.AttachAssetToJobRequest(job_id=JOB, user_id=USER, asset=asset_input())
+    for name, value in change.items():
+        if name.startswith("asset."):
+            setattr(request.asset, name.removeprefix("asset."), value)
+        else:
+            setattr(request, name, value)
+    return request
+
+
+def _variant(**change: Any) -> gpb.AddAssetVariantRequest:
+    request = gpb.AddAssetVariantRequest(
+        asset_id=str(uuid.uuid4()),
+        kind=gpb.VARIANT_KIND_WEB,
+        storage_key="k",
+        mime_type="image/png",
+        bytes_size=1,
+        width=1,
+        height=1,
+        format=gpb.IMAGE_FORMAT_PNG,
+    )
+    for name, value in change.items():
+        setattr(request, name, value)
+    return request
+
+
+def _extra(value: float | str) -> gpb.CreateGenerationJobRequest:
+    request = _create()
+    request.params.extra.update({"key": value})
+    return request
+
+
+def _far_future() -> Timestamp:
+    return Timestamp(seconds=400_000_000_000)
+
+
+# (method, request, the field the error must name)
+CASES: list[tuple[str, Callable[[], Any], str]] = [
+    *[("CreateGenerationJob", lambda v=v: _create(user_id=v), "user_id") for v in BAD_IDS],
+    *[("CreateGenerationJob", lambda v=v: _create(job_id=v), "job_id") for v in BAD_IDS],
+    ("CreateGenerationJob", lambda: _create(prompt=""), "prompt"),
+    ("CreateGenerationJob", lambda: _create(prompt="x" * 4001), "prompt"),
+    ("CreateGenerationJob", lambda: _create(prompt="nul\x00byte"), "prompt"),
+    ("CreateGenerationJob", lambda: _extra(float("nan")), "params.extra"),
+    ("CreateGenerationJob", lambda: _extra("nul\x00byte"), "params.extra"),
+    ("CreateGenerationJob", lambda: _extra("x" * 20_000), "params.extra"),
+    ("CreateGenerationJob", lambda: _create(**{"params.width": 63}), "params.width"),
+    ("CreateGenerationJob", lambda: _create(**{"params.width": 4097}), "params.width"),
+    ("CreateGenerationJob", lambda: _create(**{"params.height": 0}), "params.height"),
+    ("CreateGenerationJob", lambda: _create(**{"params.steps": 0}), "params.steps"),
+    ("CreateGenerationJob", lambda: _create(**{"params.steps": 201}), "params.steps"),
+    ("CreateGenerationJob", lambda: _create(**{"params.model": "m" * 201}), "params.model"),
+    ("CreateGenerationJob", lambda: _create(tokens_cost=0), "tokens_cost"),
+    ("CreateGenerationJob", lambda: _create(tokens_cost=-5), "tokens_cost"),
+    *[("GetGenerationJob", lambda v=v: gpb.GetGenerationJobRequest(job_id=v), "job_id") for v in BAD_IDS],
+    ("ListGenerationJobs", lambda: gpb.ListGenerationJobsRequest(user_id="x"), "user_id"),
+    ("ListGenerationJobs", lambda: gpb.ListGenerationJobsRequest(user_id=USER, page_size=501), "page_size"),
+    ("ListGenerationJobs", lambda: gpb.ListGenerationJobsRequest(user_id=USER, page_size=-1), "page_size"),
+    (
+        "ListGenerationJobs",
+        lambda: gpb.ListGenerationJobsRequest(user_id=USER, statuses=[gpb.JOB_STATUS_UNSPECIFIED]),
+        "statuses",
+    ),
+    ("ListGenerationJobs", lambda: gpb.ListGenerationJobsRequest(user_id=USER, page_token="zz"), "page_token"),
+    (
+        "UpdateGenerationJobStatus",
+        lambda: gpb.UpdateGenerationJobStatusRequest(job_id="x", status=gpb.JOB_STATUS_RUNNING),
+        "job_id",
+    ),
+    ("UpdateGenerationJobStatus", lambda: gpb.UpdateGenerationJobStatusRequest(job_id=JOB), "status"),
+    (
+        "UpdateGenerationJobStatus",
+        lambda: gpb.UpdateGenerationJobStatusRequest(
+            job_id=JOB, status=gpb.JOB_STATUS_FAILED, error_message="e" * 2001
+        ),
+        "error_message",
+    ),
+    (
+        "UpdateGenerationJobStatus",
+        lambda: gpb.UpdateGenerationJobStatusRequest(job_id=JOB, status=gpb.JOB_STATUS_FAILED, error_message="a\x00"),
+        "error_message",
+    ),
+    ("ClaimNextJob", lambda: gpb.ClaimNextJobRequest(worker_id="", lease_seconds=10), "worker_id"),
+    ("ClaimNextJob", lambda: gpb.ClaimNextJobRequest(worker_id="w" * 201, lease_seconds=10), "worker_id"),
+    ("ClaimNextJob", lambda: gpb.ClaimNextJobRequest(worker_id="bad\nid", lease_seconds=10), "worker_id"),
+    ("ClaimNextJob", lambda: gpb.ClaimNextJobRequest(worker_id="w", lease_seconds=0), "lease_seconds"),
+    ("ClaimNextJob", lambda: gpb.ClaimNextJobRequest(worker_id="w", lease_seconds=3601), "lease_seconds"),
+    *[("AttachAssetToJob", lambda v=v: _attach(job_id=v), "job_id") for v in BAD_IDS],
+    *[("AttachAssetToJob", lambda v=v: _attach(user_id=v), "user_id") for v in BAD_IDS],
+    ("AttachAssetToJob", lambda: gpb.AttachAssetToJobRequest(job_id=JOB, user_id=USER), "asset"),
+    ("AttachAssetToJob", lambda: _attach(**{"asset.asset_id": "x"}), "asset.asset_id"),
+    ("AttachAssetToJob", lambda: _attach(**{"asset.title": "t" * 201}), "asset.title"),
+    ("AttachAssetToJob", lambda: _attach(**{"asset.storage_key": ""}), "asset.storage_key"),
+    ("AttachAssetToJob", lambda: _attach(**{"asset.storage_key": "k" * 1025}), "asset.storage_key"),
+    ("AttachAssetToJob", lambda: _attach(**{"asset.mime_type": ""}), "asset.mime_type"),
+    ("AttachAssetToJob", lambda: _attach(**{"asset.mime_type": "image/jpeg"}), "asset.mime_type"),
+    ("AttachAssetToJob", lambda: _attach(**{"asset.bytes_size": 0}), "asset.bytes_size"),
+    ("AttachAssetToJob", lambda: _attach(**{"asset.width": 0}), "asset.width"),
+    ("AttachAssetToJob", lambda: _attach(**{"asset.height": 16385}), "asset.height"),
+    ("AttachAssetToJob", lambda: _attach(**{"asset.format": 0}), "asset.format"),
+    *[("AddAssetVariant", lambda v=v: _variant(asset_id=v), "asset_id") for v in BAD_IDS],
+    ("AddAssetVariant", lambda: _variant(kind=0), "kind"),
+    ("AddAssetVariant", lambda: _variant(storage_key=""), "storage_key"),
+    ("AddAssetVariant", lambda: _variant(mime_type="image/webp"), "mime_type"),
+    ("AddAssetVariant", lambda: _variant(bytes_size=-1), "bytes_size"),
+    ("AddAssetVariant", lambda: _variant(width=-1), "width"),
+    ("AddAssetVariant", lambda: _variant(height=0), "height"),
+    ("AddAssetVariant", lambda: _variant(format=0), "format"),
+    *[("GetAsset", lambda v=v: gpb.GetAssetRequest(asset_id=v), "asset_id") for v in BAD_IDS],
+    ("GetAssetsForUser", lambda: gpb.GetAssetsForUserRequest(user_id=""), "user_id"),
+    ("GetAssetsForUser", lambda: gpb.GetAssetsForUserRequest(user_id=USER, page_size=501), "page_size"),
+    ("GetAssetsForUser", lambda: gpb.GetAssetsForUserRequest(user_id=USER, page_token="zz"), "page_token"),
+    ("ArchiveCompletedJobs", lambda: gpb.ArchiveCompletedJobsRequest(older_than_days=-1), "older_than_days"),
+    ("ArchiveCompletedJobs", lambda: gpb.ArchiveCompletedJobsRequest(older_than_days=36501), "older_than_days"),
+    ("PauseQueuedJobs", lambda: gpb.PauseQueuedJobsRequest(), "created_after"),
+    ("PauseQueuedJobs", lambda: gpb.PauseQueuedJobsRequest(created_after=_far_future()), "created_after"),
+    ("ResumePausedJobs", lambda: gpb.ResumePausedJobsRequest(created_after=_far_future()), "created_after"),
+]
+
+
+@pytest.mark.parametrize(("method", "make", "field"), CASES, ids=[f"{m}-{f}-{i}" for i, (m, _, f) in enumerate(CASES)])
+async def test_bad_field_is_invalid_argument_and_writes_nothing(
+    generation: GenerationStub, admin: asyncpg.Connection, method: str, make: Callable[[], Any], field: str
+) -> None:
+    before = await support.row_counts(admin, "generation")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await getattr(generation, method)(make())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+    info = support.error_info(caught.value)
+    assert (info.reason, info.domain) == ("INVALID_ARGUMENT", "blumpo.generation")
+    assert field in support.bad_fields(caught.value)
+    assert await support.row_counts(admin, "generation") == before
+
+
+async def test_every_bad_field_is_named_at_once(generation: GenerationStub) -> None:
+    request = gpb.CreateGenerationJobRequest(user_id="x", job_id="y", tokens_cost=0)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await generation.CreateGenerationJob(request)
+    assert set(support.bad_fields(caught.value)) >= {
+        "user_id",
+        "job_id",
+        "prompt",
+        "params",
+        "params.width",
+        "params.height",
+        "params.steps",
+        "tokens_cost",
+    }
