@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -14,7 +12,6 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import grpc
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from blumpo.token.v1 import token_pb2 as tpb
@@ -95,38 +92,3 @@ async def row_counts(conn: asyncpg.Connection, schema: str) -> dict[str, int]:
     """Rows per table of a schema, to show that a rejected call wrote nothing."""
     tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1 ORDER BY 1", schema)
     return {t["tablename"]: await conn.fetchval(f'SELECT count(*) FROM "{schema}"."{t["tablename"]}"') for t in tables}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_process(module: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    """Runs `python -m module` from the project root with env added to ours."""
-    return subprocess.Popen(
-        [sys.executable, "-m", module],
-        cwd=ROOT,
-        env=os.environ | {"PYTHONUNBUFFERED": "1"} | env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-async def wait_serving(address: str, service: str = "", timeout_seconds: float = 20.0) -> None:
-    """Waits until the health service at address reports SERVING."""
-    deadline = asyncio.get_running_loop().time() + timeout_seconds
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"{address} not serving after {timeout_seconds}s")
-            await asyncio.sleep(0.1)

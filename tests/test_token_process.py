@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
+import sys
 import urllib.request
 import uuid
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -16,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
 from tests import support
+from tests.processes import ServiceProcess, free_port
 
 
 def read_metrics(port: int) -> str:
@@ -23,11 +27,14 @@ def read_metrics(port: int) -> str:
         return str(reply.read().decode())
 
 
-def stop(process: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
-    if process.poll() is None:
-        process.send_signal(sig)
-    out, _ = process.communicate(timeout=30)
-    return out
+def token_process(tmp_path: Path, database_url: str) -> tuple[ServiceProcess, int]:
+    port, metrics = free_port(), free_port()
+    env = {
+        "DATABASE_URL": database_url,
+        "TOKEN_LISTEN_ADDR": f"127.0.0.1:{port}",
+        "TOKEN_METRICS_ADDR": f"127.0.0.1:{metrics}",
+    }
+    return ServiceProcess("token_service", env, port, tmp_path / "token.log"), metrics
 
 
 @pytest.mark.parametrize(
@@ -42,27 +49,25 @@ def stop(process: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
     ],
 )
 def test_bad_setting_stops_start_up_with_one_clear_line(database_url: str, env: dict[str, str], complaint: str) -> None:
-    process = support.start_process("token_service", {"DATABASE_URL": database_url} | env)
-    out, _ = process.communicate(timeout=30)
-    assert process.returncode == 2
-    lines = out.strip().splitlines()
-    assert len(lines) == 1, out
+    done = subprocess.run(
+        [sys.executable, "-m", "token_service"],
+        cwd=support.ROOT,
+        env=os.environ | {"DATABASE_URL": database_url} | env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
     assert complaint in lines[0]
 
 
-async def test_serves_then_shuts_down_gracefully_on_sigterm(database_url: str) -> None:
-    port, metrics = support.free_port(), support.free_port()
-    process = support.start_process(
-        "token_service",
-        {
-            "DATABASE_URL": database_url,
-            "TOKEN_LISTEN_ADDR": f"127.0.0.1:{port}",
-            "TOKEN_METRICS_ADDR": f"127.0.0.1:{metrics}",
-        },
-    )
+async def test_serves_then_shuts_down_gracefully_on_sigterm(database_url: str, tmp_path: Path) -> None:
+    service, metrics = token_process(tmp_path, database_url)
+    await service.start()
     try:
-        await support.wait_serving(f"127.0.0.1:{port}", "blumpo.token.v1.TokenService")
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(service.address) as channel:
             stub = token_pb2_grpc.TokenServiceStub(channel)
             user = (await stub.CreateUser(tpb.CreateUserRequest(email=support.new_email()))).user
             # Hold the account row so a debit is in flight when SIGTERM arrives.
@@ -81,39 +86,35 @@ async def test_serves_then_shuts_down_gracefully_on_sigterm(database_url: str) -
                 )
             )
             await asyncio.sleep(0.5)
-            process.send_signal(signal.SIGTERM)
+            assert service.process is not None
+            service.process.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.5)
             assert not debit.done()
+            # New calls are refused while the one in flight finishes.
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=user.user_id), timeout=5)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            metrics_text = await asyncio.to_thread(read_metrics, metrics)
             await locked.rollback()
             await blocker.close()
             assert (await debit).entry.balance_after == 95
-            metrics_text = await asyncio.to_thread(read_metrics, metrics)
-            assert 'grpc_server_handled_total{code="OK",method="/blumpo.token.v1.TokenService/CreateUser"} 1.0' in (
-                metrics_text
-            )
-        out = await asyncio.to_thread(stop, process)
-        assert process.returncode == 0, out
-        assert '"message": "stopped"' in out
-        assert '"method": "/blumpo.token.v1.TokenService/CreateUser", "code": "OK"' in out
+        assert 'grpc_server_handled_total{code="OK",method="/blumpo.token.v1.TokenService/CreateUser"} 1.0' in (
+            metrics_text
+        )
+        assert await asyncio.to_thread(service.process.wait, 30) == 0
+        logs = service.logs()
+        assert '"message": "stopped"' in logs
+        assert '"method": "/blumpo.token.v1.TokenService/AppendLedgerEntry", "code": "OK"' in logs
     finally:
-        stop(process, signal.SIGKILL)
+        if service.process is not None and service.process.poll() is None:
+            service.kill()
 
 
-async def test_reports_not_serving_while_the_database_is_unreachable(database_url: str) -> None:
-    port, metrics, closed = support.free_port(), support.free_port(), support.free_port()
-    process = support.start_process(
-        "token_service",
-        {
-            "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{closed}/nowhere",
-            "TOKEN_LISTEN_ADDR": f"127.0.0.1:{port}",
-            "TOKEN_METRICS_ADDR": f"127.0.0.1:{metrics}",
-        },
-    )
+async def test_reports_not_serving_while_the_database_is_unreachable(tmp_path: Path) -> None:
+    service, _ = token_process(tmp_path, f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
+    service.spawn()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(service.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             status = None
             for _ in range(100):
@@ -131,4 +132,4 @@ async def test_reports_not_serving_while_the_database_is_unreachable(database_ur
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert support.error_info(caught.value).reason == "DATABASE_UNAVAILABLE"
     finally:
-        stop(process)
+        service.stop()
