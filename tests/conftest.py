@@ -15,6 +15,7 @@ from blumpo_common import server
 from blumpo_common.config import DatabaseConfig
 from blumpo_common.db import create_pool
 from tests import support
+from token_service.otp import OtpLogins
 from token_service.server import service as token_service
 from token_service.store import Store as TokenStore
 
@@ -55,3 +56,29 @@ async def token_address(database_url: str) -> AsyncIterator[str]:
 async def token(token_address: str) -> AsyncIterator[token_pb2_grpc.TokenServiceAsyncStub]:
     async with grpc.aio.insecure_channel(token_address) as channel:
         yield token_pb2_grpc.TokenServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+async def token_store(database_url: str) -> AsyncIterator[TokenStore]:
+    """The token service's store on its own pool, for driving the refill step by step."""
+    pool = await create_pool(database_config(database_url, "token_service", "token"))
+    yield TokenStore(pool, 30.0)
+    await pool.close()
+
+
+OTP_TEST_SECRET = b"otp-test-secret-0123456789abcdef0123456789"
+
+
+@pytest.fixture(scope="session")
+async def otp(database_url: str) -> AsyncIterator[support.OtpHarness]:
+    """A second token server whose OTP login uses a fake clock and a capturing sender."""
+    pool = await create_pool(database_config(database_url, "token_service", "token"))
+    store = TokenStore(pool, 30.0)
+    clock = support.FakeClock()
+    sender = support.CapturingSender()
+    logins = OtpLogins(store, sender, clock, OTP_TEST_SECRET, ttl_seconds=600)
+    running = await server.start(token_service(store, logins), pool, "127.0.0.1:0")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        yield support.OtpHarness(token_pb2_grpc.TokenServiceStub(channel), clock, sender, OTP_TEST_SECRET)
+    await running.stop(1)
+    await pool.close()
