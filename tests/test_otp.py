@@ -44,9 +44,7 @@ async def challenges(admin: asyncpg.Connection, email: str) -> list[asyncpg.Reco
     return await admin.fetch("SELECT * FROM token.auth_otp WHERE email = $1 ORDER BY created_at, id", email)
 
 
-async def test_first_login_creates_the_user_and_links_the_challenge(
-    otp: OtpHarness, admin: asyncpg.Connection
-) -> None:
+async def test_first_login_creates_the_user_and_links_the_challenge(otp: OtpHarness, admin: asyncpg.Connection) -> None:
     email = support.new_email()
     response, code = await request(otp, email.upper())
     assert uuid.UUID(response.challenge_id)

@@ -19,14 +19,14 @@ from token_service.store import Store
 
 BATCH_SIZE = 1000
 REASON = "MONTHLY_REFILL"
-_PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+_PERIOD = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
 _FIRST = uuid.UUID(int=0)
 
 log = logging.getLogger(__name__)
 
 
 def check_period(check: Checker, field: str, period: str) -> str:
-    match = _PERIOD.match(period)
+    match = _PERIOD.fullmatch(period)
     if match is None or int(match.group(1)) < 2000:
         check.add(field, f"must be a month as YYYY-MM (year 2000 or later), got {period!r}")
     return period
