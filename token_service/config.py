@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from blumpo_common.config import (
     ConfigError,
@@ -30,14 +30,14 @@ class SmtpConfig:
     sender_address: str
     # Empty user: no login (a relay that trusts the network).
     user: str
-    password: str
+    password: str = field(repr=False)
     starttls: bool
     timeout_seconds: int
 
 
 @dataclass(frozen=True)
 class OtpConfig:
-    secret: bytes
+    secret: bytes = field(repr=False)
     ttl_seconds: int
     # None: codes go to the service log (development only).
     smtp: SmtpConfig | None

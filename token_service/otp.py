@@ -24,6 +24,7 @@ from typing import Protocol
 import asyncpg
 import grpc
 
+from blumpo_common.db import Connection
 from blumpo_common.errors import ServiceError
 from token_service.otp_sender import DeliveryError, OtpSender, delivery_failed
 from token_service.store import Store
@@ -169,7 +170,7 @@ class OtpLogins:
                 user = await self.store.user_by_email_on(conn, email)
                 created = user is None
                 if user is None:
-                    user = await self.store.create_user(email, SIGNUP_PLAN, conn=conn)
+                    user = await self._sign_up(conn, email)
                 await self.store.consume_otp(conn, challenge["id"], user["id"], now)
                 return Login(user, created)
             if verdict is Verdict.INVALID and challenge is not None and judge(challenge, now, True) is Verdict.ACCEPTED:
@@ -181,6 +182,20 @@ class OtpLogins:
                     verdict = Verdict.EXHAUSTED
         # Out of the transaction block, so the counted attempt is committed first.
         raise attempts_exhausted() if verdict is Verdict.EXHAUSTED else invalid_code()
+
+    async def _sign_up(self, conn: Connection, email: str) -> asyncpg.Record:
+        try:
+            return await self.store.create_user(email, SIGNUP_PLAN, conn=conn)
+        except ServiceError as error:
+            if error.reason != "EMAIL_TAKEN":
+                raise
+            # A CreateUser for this email committed since the lookup: the code is still
+            # unused (this transaction rolls back), so the client can simply retry.
+            raise ServiceError(
+                grpc.StatusCode.ABORTED,
+                "CONCURRENT_UPDATE",
+                "the user was created by a concurrent call; retry the verification",
+            ) from None
 
     async def delete_expired(self, older_than: timedelta) -> int:
         return await self.store.delete_expired_otps(self.clock.now() - older_than)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -51,18 +52,19 @@ async def run(store: Store, period: str, batch_size: int = BATCH_SIZE, max_batch
     result = RefillResult()
     after = _FIRST
     ref = reference(period)
-    while max_batches is None or result.batches < max_batches:
+    started = time.monotonic()
+    while not result.finished and (max_batches is None or result.batches < max_batches):
         async with store.transaction() as conn:
             accounts = await store.refill_batch(conn, after, batch_size)
-            if not accounts:
-                result.finished = True
-                return result
             requests = [
                 ledger.EntryRequest(row["user_id"], row["monthly_allowance"], REASON, ref)
                 for row in accounts
                 if row["monthly_allowance"] > 0
             ]
             outcomes = await store.append_entries_on(conn, requests, store.call_timeout()) if requests else []
+        result.finished = len(accounts) < batch_size
+        if not accounts:
+            break
         result.batches += 1
         after = accounts[-1]["user_id"]
         credited = sum(1 for o in outcomes if o.entry is not None and not o.replayed)
@@ -71,7 +73,15 @@ async def run(store: Store, period: str, batch_size: int = BATCH_SIZE, max_batch
                 log.warning("refill entry refused", extra={"period": period, "error": str(outcome.error)})
         result.credited += credited
         result.skipped += len(accounts) - credited
-        if len(accounts) < batch_size:
-            result.finished = True
-            return result
+    log.info(
+        "monthly refill",
+        extra={
+            "period": period,
+            "credited": result.credited,
+            "skipped": result.skipped,
+            "batches": result.batches,
+            "finished": result.finished,
+            "duration_ms": round((time.monotonic() - started) * 1000),
+        },
+    )
     return result
