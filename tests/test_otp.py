@@ -7,6 +7,7 @@ import hashlib
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import asyncpg
 import grpc
@@ -282,3 +283,26 @@ def test_codes_are_six_digits_and_vary() -> None:
     codes = {otp_rules.generate_code() for _ in range(200)}
     assert all(otp_rules.is_well_formed(code) for code in codes)
     assert len(codes) > 190
+
+
+def challenge_row(**overrides: Any) -> asyncpg.Record:
+    now = datetime.now(UTC)
+    row = {"expires_at": now + timedelta(minutes=5), "consumed_at": None, "invalidated_at": None, "attempts": 0}
+    row.update(overrides)
+    return cast(asyncpg.Record, row)
+
+
+@pytest.mark.parametrize(
+    ("row", "code_ok", "verdict"),
+    [
+        (None, False, otp_rules.Verdict.INVALID),
+        (challenge_row(), True, otp_rules.Verdict.ACCEPTED),
+        (challenge_row(), False, otp_rules.Verdict.INVALID),
+        (challenge_row(expires_at=datetime.now(UTC) - timedelta(seconds=1)), True, otp_rules.Verdict.INVALID),
+        (challenge_row(consumed_at=datetime.now(UTC)), True, otp_rules.Verdict.INVALID),
+        (challenge_row(invalidated_at=datetime.now(UTC), attempts=1), True, otp_rules.Verdict.INVALID),
+        (challenge_row(invalidated_at=datetime.now(UTC), attempts=5), True, otp_rules.Verdict.EXHAUSTED),
+    ],
+)
+def test_the_rules_of_a_verification(row: asyncpg.Record | None, code_ok: bool, verdict: otp_rules.Verdict) -> None:
+    assert otp_rules.judge(row, datetime.now(UTC), code_ok) is verdict

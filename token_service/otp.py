@@ -173,10 +173,11 @@ class OtpLogins:
                     user = await self._sign_up(conn, email)
                 await self.store.consume_otp(conn, challenge["id"], user["id"], now)
                 return Login(user, created)
-            if verdict is Verdict.INVALID and challenge is not None and judge(challenge, now, True) is Verdict.ACCEPTED:
-                # A live challenge and a wrong code: count it; the last allowed miss kills it.
-                attempts = challenge["attempts"] + 1
-                dead = attempts >= MAX_ATTEMPTS
+            live = challenge is not None and judge(challenge, now, code_ok=True) is Verdict.ACCEPTED
+            if live:
+                assert challenge is not None
+                # A wrong code for a live challenge counts; the last allowed miss kills it.
+                dead = challenge["attempts"] + 1 >= MAX_ATTEMPTS
                 await self.store.record_otp_attempt(conn, challenge["id"], now if dead else None)
                 if dead:
                     verdict = Verdict.EXHAUSTED
