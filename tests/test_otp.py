@@ -306,3 +306,52 @@ def challenge_row(**overrides: Any) -> asyncpg.Record:
 )
 def test_the_rules_of_a_verification(row: asyncpg.Record | None, code_ok: bool, verdict: otp_rules.Verdict) -> None:
     assert otp_rules.judge(row, datetime.now(UTC), code_ok) is verdict
+
+
+class SmtpSink:
+    """A minimal SMTP server on a free port that keeps each message it receives."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.port = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> SmtpSink:
+        self.server = await asyncio.start_server(self.session, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 sink ESMTP\r\n")
+        while line := (await reader.readline()).decode().strip():
+            verb = line.split()[0].upper()
+            if verb == "EHLO":
+                writer.write(b"250-sink\r\n250 8BITMIME\r\n")
+            elif verb == "DATA":
+                writer.write(b"354 end with .\r\n")
+                await writer.drain()
+                body = await reader.readuntil(b"\r\n.\r\n")
+                self.messages.append(body.decode())
+                writer.write(b"250 queued\r\n")
+            elif verb == "QUIT":
+                writer.write(b"221 bye\r\n")
+                await writer.drain()
+                break
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+
+async def test_the_smtp_sender_delivers_the_code_by_mail() -> None:
+    async with SmtpSink() as sink:
+        config = SmtpConfig("127.0.0.1", sink.port, "login@blumpo.example", "", "", starttls=False, timeout_seconds=5)
+        await SmtpSender(config).send("ada@example.com", "654321", datetime(2030, 1, 1, tzinfo=UTC))
+    [message] = sink.messages
+    assert "To: ada@example.com" in message and "From: login@blumpo.example" in message
+    assert "654321" in message
