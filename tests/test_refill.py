@@ -169,3 +169,33 @@ async def test_refill_refuses_a_malformed_period_and_writes_nothing(
 
 def test_reference_is_the_period() -> None:
     assert refill.reference("2026-11") == "refill:2026-11"
+
+
+async def test_refill_concurrent_with_debits_keeps_every_balance_equal_to_its_ledger(
+    token: Stub, admin: asyncpg.Connection
+) -> None:
+    users = await new_users(token, ["free"] * 8)
+    debits = [
+        token.AppendLedgerEntries(
+            tpb.AppendLedgerEntriesRequest(
+                entries=[
+                    tpb.AppendLedgerEntryRequest(
+                        user_id=user, delta=-30, reason=tpb.LEDGER_REASON_GENERATION, reference_id=f"job-{round_}"
+                    )
+                    for user in users
+                ]
+            )
+        )
+        for round_ in range(6)
+    ]
+    refill_call = token.RunMonthlyRefill(tpb.RunMonthlyRefillRequest(period="2036-02"))
+    await asyncio.gather(refill_call, *debits)
+    entries = await refill_entries(admin, "2036-02")
+    for user in users:
+        assert entries[user] == [50]
+        # 100 signup + 50 refill = 150 at most: five debits of 30 fit, the sixth never does.
+        jobs = await admin.fetchval(
+            "SELECT count(*) FROM token.token_ledger WHERE user_id = $1 AND reason = 'GENERATION'", user
+        )
+        assert 3 <= jobs <= 5
+    await assert_consistent(token)
