@@ -46,9 +46,10 @@ migrate-status: $(INSTALLED)
 schema: $(INSTALLED)
 	DATABASE_URL='$(DB_URL)' scripts/dump-schema
 
+# Development mode unless BLUMPO_ENV says otherwise: a fixed OTP secret and login codes in the log.
 run: $(GENERATED)
 	@url='$(DB_URL)'; DATABASE_URL="$$url" $(DBMATE) --no-dump-schema up && \
-	  DATABASE_URL="$$url" scripts/run-services
+	  BLUMPO_ENV="$${BLUMPO_ENV:-development}" DATABASE_URL="$$url" scripts/run-services
 
 stop:
 	@for f in .data/run/*.pid; do [[ -f $$f ]] && kill -TERM $$(cat $$f) 2>/dev/null; rm -f $$f; done; true

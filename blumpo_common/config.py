@@ -55,6 +55,17 @@ def integer(env: Mapping[str, str], name: str, default: int, low: int, high: int
     return value
 
 
+def boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
 def address(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name, "") or default
     host, sep, port = value.rpartition(":")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 
@@ -25,6 +25,8 @@ class ServiceError(Exception):
     metadata: Mapping[str, str] = field(default_factory=dict)
     # (field path, description) pairs, for INVALID_ARGUMENT.
     violations: Sequence[tuple[str, str]] = ()
+    # When set, a google.rpc.RetryInfo detail tells the caller how long to back off.
+    retry_delay_seconds: int | None = None
 
     def __str__(self) -> str:
         return f"{self.code.name} {self.reason}: {self.message}"
@@ -46,7 +48,7 @@ def not_found(what: str, key: str) -> ServiceError:
 def to_status(error: ServiceError, domain: str) -> status_pb2.Status:
     status = status_pb2.Status(code=error.code.value[0], message=error.message)
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=dict(error.metadata))
-    details = [info]
+    details: list[error_details_pb2.ErrorInfo | error_details_pb2.BadRequest | error_details_pb2.RetryInfo] = [info]
     if error.violations:
         details.append(
             error_details_pb2.BadRequest(
@@ -55,6 +57,10 @@ def to_status(error: ServiceError, domain: str) -> status_pb2.Status:
                     for name, why in error.violations
                 ]
             )
+        )
+    if error.retry_delay_seconds is not None:
+        details.append(
+            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=error.retry_delay_seconds))
         )
     for detail in details:
         packed = any_pb2.Any()

@@ -21,6 +21,7 @@ from generation_service.server import Parts as GenerationParts
 from generation_service.server import parts as generation_parts_for
 from generation_service.server import service as generation_service
 from tests import support
+from token_service.otp import OtpLogins
 from token_service.server import service as token_service
 from token_service.store import Store as TokenStore
 
@@ -89,3 +90,29 @@ async def generation_address(generation_parts: GenerationParts) -> AsyncIterator
 async def generation(generation_address: str) -> AsyncIterator[generation_pb2_grpc.GenerationServiceAsyncStub]:
     async with grpc.aio.insecure_channel(generation_address) as channel:
         yield generation_pb2_grpc.GenerationServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+async def token_store(database_url: str) -> AsyncIterator[TokenStore]:
+    """The token service's store on its own pool, for driving the refill step by step."""
+    pool = await create_pool(database_config(database_url, "token_service", "token"))
+    yield TokenStore(pool, 30.0)
+    await pool.close()
+
+
+OTP_TEST_SECRET = b"otp-test-secret-0123456789abcdef0123456789"
+
+
+@pytest.fixture(scope="session")
+async def otp(database_url: str) -> AsyncIterator[support.OtpHarness]:
+    """A second token server whose OTP login uses a fake clock and a capturing sender."""
+    pool = await create_pool(database_config(database_url, "token_service", "token"))
+    store = TokenStore(pool, 30.0)
+    clock = support.FakeClock()
+    sender = support.CapturingSender()
+    logins = OtpLogins(store, sender, clock, OTP_TEST_SECRET, ttl_seconds=600)
+    running = await server.start(token_service(store, logins), pool, "127.0.0.1:0")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        yield support.OtpHarness(token_pb2_grpc.TokenServiceStub(channel), clock, sender, OTP_TEST_SECRET)
+    await running.stop(1)
+    await pool.close()

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -16,6 +18,7 @@ from grpc_status import rpc_status
 
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
+from token_service.otp_sender import DeliveryError
 
 ROOT = Path(__file__).resolve().parent.parent
 DBMATE = Path(sys.executable).with_name("dbmate")
@@ -92,3 +95,54 @@ async def row_counts(conn: asyncpg.Connection, schema: str) -> dict[str, int]:
     """Rows per table of a schema, to show that a rejected call wrote nothing."""
     tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1 ORDER BY 1", schema)
     return {t["tablename"]: await conn.fetchval(f'SELECT count(*) FROM "{schema}"."{t["tablename"]}"') for t in tables}
+
+
+class FakeClock:
+    """A clock that moves only when a test advances it."""
+
+    def __init__(self) -> None:
+        self.current = datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return self.current
+
+    def advance(self, seconds: float) -> None:
+        self.current += timedelta(seconds=seconds)
+
+
+@dataclass
+class CapturingSender:
+    """Keeps the codes it is given, as a mailbox would; fail=True simulates a delivery outage."""
+
+    sent: list[tuple[str, str]] = field(default_factory=list)
+    fail: bool = False
+
+    async def send(self, email: str, code: str, expires_at: datetime) -> None:
+        if self.fail:
+            raise DeliveryError("simulated outage")
+        self.sent.append((email, code))
+
+    def last_code(self, email: str) -> str:
+        return [code for to, code in self.sent if to == email.strip().lower()][-1]
+
+
+@dataclass
+class OtpHarness:
+    """A token server whose OTP login runs on a fake clock and a capturing sender."""
+
+    token: token_pb2_grpc.TokenServiceAsyncStub
+    clock: FakeClock
+    sender: CapturingSender
+    secret: bytes
+
+
+def retry_delay_seconds(error: grpc.aio.AioRpcError) -> int:
+    """The google.rpc.RetryInfo delay of a failed call."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, f"no status details in {error}"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return int(info.retry_delay.seconds)
+    raise AssertionError(f"no RetryInfo in {error}")

@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 import email_validator
-import grpc
 from google.rpc import status_pb2
 
 from blumpo.token.v1 import token_pb2 as pb
 from blumpo.token.v1 import token_pb2_grpc
 from blumpo_common import pagination
-from blumpo_common.errors import ServiceError, to_status
+from blumpo_common.errors import to_status
 from blumpo_common.server import Context
 from blumpo_common.timestamps import to_proto
 from blumpo_common.validation import Checker
-from token_service import ledger
+from token_service import ledger, otp, refill
 from token_service.store import Store
 
 ERROR_DOMAIN = "blumpo.token"
 DEFAULT_PLAN = "free"
 MAX_BATCH = 1000
+DEFAULT_OTP_CLEANUP_HOURS = 24
+# A year; at least 1, so cleanup never deletes a challenge the hourly rate limit still counts.
+MAX_OTP_CLEANUP_HOURS = 24 * 366
 
 REASONS: dict[int, str] = {
     pb.LEDGER_REASON_GENERATION: "GENERATION",
@@ -108,8 +110,9 @@ def raise_error(outcome: ledger.Outcome) -> ledger.Entry:
 
 
 class TokenApi(token_pb2_grpc.TokenServiceServicer):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, logins: otp.OtpLogins) -> None:
         self.store = store
+        self.logins = logins
 
     async def CreateUser(self, request: pb.CreateUserRequest, context: Context) -> pb.CreateUserResponse:
         check = Checker()
@@ -219,22 +222,36 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
     async def RunMonthlyRefill(
         self, request: pb.RunMonthlyRefillRequest, context: Context
     ) -> pb.RunMonthlyRefillResponse:
-        raise _unimplemented()
+        check = Checker()
+        period = refill.check_period(check, "period", request.period)
+        check.done()
+        result = await refill.run(self.store, period)
+        return pb.RunMonthlyRefillResponse(accounts_credited=result.credited, accounts_skipped=result.skipped)
 
     async def RequestOtp(self, request: pb.RequestOtpRequest, context: Context) -> pb.RequestOtpResponse:
-        raise _unimplemented()
+        check = Checker()
+        email = check_email(check, "email", request.email)
+        check.done()
+        challenge = await self.logins.request(email)
+        return pb.RequestOtpResponse(challenge_id=str(challenge.id), expires_at=to_proto(challenge.expires_at))
 
     async def VerifyOtp(self, request: pb.VerifyOtpRequest, context: Context) -> pb.VerifyOtpResponse:
-        raise _unimplemented()
+        check = Checker()
+        email = check_email(check, "email", request.email)
+        if not otp.is_well_formed(request.code):
+            check.add("code", f"must be the {otp.CODE_DIGITS}-digit code from the email")
+        check.done()
+        login = await self.logins.verify(email, request.code)
+        return pb.VerifyOtpResponse(user=user_message(login.user), created=login.created)
 
     async def DeleteExpiredOtps(
         self, request: pb.DeleteExpiredOtpsRequest, context: Context
     ) -> pb.DeleteExpiredOtpsResponse:
-        raise _unimplemented()
-
-
-def _unimplemented() -> ServiceError:
-    return ServiceError(grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED", "this method is not implemented yet")
+        check = Checker()
+        hours = request.older_than_hours or DEFAULT_OTP_CLEANUP_HOURS
+        check.in_range("older_than_hours", hours, 1, MAX_OTP_CLEANUP_HOURS)
+        check.done()
+        return pb.DeleteExpiredOtpsResponse(deleted=await self.logins.delete_expired(timedelta(hours=hours)))
 
 
 def _result(outcome: ledger.Outcome) -> pb.AppendLedgerEntryResult:

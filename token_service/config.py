@@ -3,22 +3,103 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from blumpo_common.config import DatabaseConfig, ServerConfig, load_database, load_server
+from blumpo_common.config import (
+    ConfigError,
+    DatabaseConfig,
+    ServerConfig,
+    boolean,
+    integer,
+    load_database,
+    load_server,
+)
 
 PORT = 50051
 METRICS_PORT = 9151
+DEVELOPMENT = "development"
+# Used only when BLUMPO_ENV=development; its name says what it is in any log or dump.
+DEVELOPMENT_OTP_SECRET = "insecure-development-only-otp-secret-never-use-in-production"
+MIN_SECRET_LENGTH = 32
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    host: str
+    port: int
+    sender_address: str
+    # Empty user: no login (a relay that trusts the network).
+    user: str
+    password: str = field(repr=False)
+    starttls: bool
+    timeout_seconds: int
+
+
+@dataclass(frozen=True)
+class OtpConfig:
+    secret: bytes = field(repr=False)
+    ttl_seconds: int
+    # None: codes go to the service log (development only).
+    smtp: SmtpConfig | None
+    # True when the fixed development secret stands in for OTP_SECRET (start-up warns).
+    development_secret: bool = False
 
 
 @dataclass(frozen=True)
 class Config:
     database: DatabaseConfig
     server: ServerConfig
+    otp: OtpConfig
+    development: bool
+
+
+def load_smtp(env: Mapping[str, str], development: bool) -> SmtpConfig | None:
+    host = env.get("OTP_SMTP_HOST", "").strip()
+    if not host:
+        if development:
+            return None
+        raise ConfigError(
+            "OTP_SMTP_HOST is not set: outside development login codes must be mailed "
+            "(set BLUMPO_ENV=development to write them to the log instead)"
+        )
+    sender_address = env.get("OTP_SMTP_FROM", "").strip()
+    if "@" not in sender_address:
+        raise ConfigError(f"OTP_SMTP_FROM must be the sender's email address, got {sender_address!r}")
+    user, password = env.get("OTP_SMTP_USER", ""), env.get("OTP_SMTP_PASSWORD", "")
+    if bool(user) != bool(password):
+        raise ConfigError("OTP_SMTP_USER and OTP_SMTP_PASSWORD must be set together")
+    return SmtpConfig(
+        host=host,
+        port=integer(env, "OTP_SMTP_PORT", 587, 1, 65535),
+        sender_address=sender_address,
+        user=user,
+        password=password,
+        starttls=boolean(env, "OTP_SMTP_STARTTLS", True),
+        timeout_seconds=integer(env, "OTP_SMTP_TIMEOUT_SECONDS", 10, 1, 60),
+    )
+
+
+def load_otp(env: Mapping[str, str], development: bool) -> OtpConfig:
+    secret = env.get("OTP_SECRET", "")
+    if not secret:
+        if not development:
+            raise ConfigError("OTP_SECRET is not set (at least 32 random characters; required outside development)")
+        secret = DEVELOPMENT_OTP_SECRET
+    elif len(secret) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"OTP_SECRET must be at least {MIN_SECRET_LENGTH} characters, got {len(secret)}")
+    return OtpConfig(
+        secret=secret.encode(),
+        ttl_seconds=integer(env, "OTP_TTL_SECONDS", 600, 60, 3600),
+        smtp=load_smtp(env, development),
+        development_secret=secret == DEVELOPMENT_OTP_SECRET,
+    )
 
 
 def load(env: Mapping[str, str]) -> Config:
+    development = env.get("BLUMPO_ENV", "").strip().lower() == DEVELOPMENT
     return Config(
         database=load_database(env, role="token_service", search_path="token"),
         server=load_server(env, "TOKEN", PORT, METRICS_PORT),
+        otp=load_otp(env, development),
+        development=development,
     )

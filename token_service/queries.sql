@@ -107,3 +107,54 @@ WITH chosen_plan AS (
 )
 SELECT EXISTS (SELECT FROM chosen_plan) AS plan_exists, u.*
 FROM (SELECT) AS one LEFT JOIN updated u ON true;
+
+-- name: lock_email
+-- Serializes every OTP step of one email (request, verify) until the transaction ends.
+-- The first key namespaces the lock (hashtext('auth_otp')) away from other advisory locks.
+SELECT pg_advisory_xact_lock(hashtext('auth_otp'), hashtext($1));
+
+-- name: otp_requests_since
+-- The rate-limit window: how many challenges the email asked for since $2, and the oldest.
+SELECT count(*) AS requests, min(created_at) AS oldest
+FROM auth_otp
+WHERE email = $1 AND created_at > $2;
+
+-- name: supersede_otps
+-- A new request kills the active challenge (at most one: idx_auth_otp_email_active).
+UPDATE auth_otp SET invalidated_at = $2
+WHERE email = $1 AND consumed_at IS NULL AND invalidated_at IS NULL;
+
+-- name: insert_otp
+INSERT INTO auth_otp (id, email, code_hash, created_at, expires_at)
+VALUES ($1, $2, $3, $4, $5);
+
+-- name: newest_otp_for_update
+-- The active challenge if there is one, else the newest other (to tell exhausted apart).
+SELECT id, code_hash, expires_at, attempts, consumed_at, invalidated_at
+FROM auth_otp
+WHERE email = $1
+ORDER BY (consumed_at IS NULL AND invalidated_at IS NULL) DESC, created_at DESC
+LIMIT 1
+FOR UPDATE;
+
+-- name: record_otp_attempt
+-- A wrong code; $2 (not null) also kills the challenge.
+UPDATE auth_otp SET attempts = attempts + 1, invalidated_at = coalesce($2::timestamptz, invalidated_at)
+WHERE id = $1;
+
+-- name: consume_otp
+UPDATE auth_otp SET consumed_at = $3, user_id = $2
+WHERE id = $1 AND consumed_at IS NULL AND invalidated_at IS NULL;
+
+-- name: delete_expired_otps
+-- One batch; the caller repeats until a batch comes back short.
+DELETE FROM auth_otp
+WHERE id IN (SELECT id FROM auth_otp WHERE expires_at < $1 LIMIT $2);
+
+-- name: refill_batch
+-- The next accounts after $1 in user_id order, with their plan's allowance.
+SELECT a.user_id, p.monthly_allowance
+FROM token_account a JOIN plan p ON p.code = a.plan_code
+WHERE a.user_id > $1
+ORDER BY a.user_id
+LIMIT $2;

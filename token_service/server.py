@@ -13,15 +13,33 @@ from blumpo.token.v1 import token_pb2, token_pb2_grpc
 from blumpo_common import db, logs, server
 from blumpo_common.config import ConfigError
 from token_service import config as token_config
+from token_service import otp, otp_sender
 from token_service.api import ERROR_DOMAIN, TokenApi
 from token_service.store import Store
 
 SERVICE_NAME = token_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name
+DEFAULT_OTP_TTL_SECONDS = 600
+
+log = logging.getLogger(__name__)
 
 
-def service(store: Store) -> server.Service:
+def development_logins(store: Store) -> otp.OtpLogins:
+    """OTP login as BLUMPO_ENV=development has it: fixed secret, codes in the log."""
+    return otp.OtpLogins(
+        store,
+        otp_sender.LogSender(),
+        otp.SystemClock(),
+        token_config.DEVELOPMENT_OTP_SECRET.encode(),
+        DEFAULT_OTP_TTL_SECONDS,
+    )
+
+
+def service(store: Store, logins: otp.OtpLogins | None = None) -> server.Service:
+    """The service to serve; without logins, OTP login runs with the development settings."""
+    api = TokenApi(store, logins or development_logins(store))
+
     def register(grpc_server: grpc.aio.Server) -> None:
-        token_pb2_grpc.add_TokenServiceServicer_to_server(TokenApi(store), grpc_server)
+        token_pb2_grpc.add_TokenServiceServicer_to_server(api, grpc_server)
 
     return server.Service(full_name=SERVICE_NAME, error_domain=ERROR_DOMAIN, register=register)
 
@@ -29,7 +47,10 @@ def service(store: Store) -> server.Service:
 async def run(config: token_config.Config) -> None:
     pool = await db.create_pool(config.database)
     store = Store(pool, config.database.timeout_ms / 1000)
-    await server.serve(service(store), pool, config.server)
+    logins = otp.OtpLogins(
+        store, otp_sender.from_config(config.otp), otp.SystemClock(), config.otp.secret, config.otp.ttl_seconds
+    )
+    await server.serve(service(store, logins), pool, config.server)
 
 
 def main() -> None:
@@ -39,5 +60,9 @@ def main() -> None:
         print(f"token_service: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
     logs.configure("token_service", config.server.log_level)
-    logging.getLogger(__name__).info("starting")
+    if config.otp.development_secret:
+        log.warning("OTP_SECRET is not set: using the fixed development secret (BLUMPO_ENV=development only)")
+    if config.otp.smtp is None:
+        log.warning("login codes are written to this log (development sender); set OTP_SMTP_HOST to mail them")
+    log.info("starting", extra={"development": config.development, "otp_ttl_seconds": config.otp.ttl_seconds})
     asyncio.run(run(config))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from token_service import ledger
 
 Q = db.load_queries(Path(__file__).with_name("queries.sql"))
 MAX_MISMATCHES = 1000
+OTP_DELETE_BATCH = 1000
 _END_OF_TIME = datetime.max
 _MAX_SEQ = 2**63 - 1
 
@@ -39,6 +41,16 @@ class Store:
 
     def _timeout(self) -> float:
         return db.timeout(self.timeout_seconds)
+
+    def call_timeout(self) -> float:
+        """The timeout for one statement of the call being served."""
+        return self._timeout()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[db.Connection]:
+        """A pooled connection in a transaction: committed on exit, rolled back on an exception."""
+        async with self.pool.acquire(timeout=self._timeout()) as conn, conn.transaction():
+            yield conn
 
     async def create_user(self, email: str, plan: str, conn: db.Connection | None = None) -> asyncpg.Record:
         """Creates the user, account and signup grant; runs on conn when given (a caller's transaction)."""
@@ -141,3 +153,62 @@ class Store:
         if row["user_id"] is None:
             raise not_found("account", str(user_id))
         return row
+
+    # OTP challenges. The flows (otp.py) hold a transaction and the email's lock.
+
+    async def lock_email(self, conn: db.Connection, email: str) -> None:
+        await conn.execute(Q["lock_email"], email, timeout=self._timeout())
+
+    async def otp_requests_since(self, conn: db.Connection, email: str, since: datetime) -> tuple[int, datetime | None]:
+        row = await conn.fetchrow(Q["otp_requests_since"], email, since, timeout=self._timeout())
+        assert row is not None
+        return row["requests"], row["oldest"]
+
+    async def supersede_otps(self, conn: db.Connection, email: str, now: datetime) -> None:
+        await conn.execute(Q["supersede_otps"], email, now, timeout=self._timeout())
+
+    async def insert_otp(
+        self,
+        conn: db.Connection,
+        challenge_id: uuid.UUID,
+        email: str,
+        code_hash: bytes,
+        now: datetime,
+        expires_at: datetime,
+    ) -> None:
+        await conn.execute(Q["insert_otp"], challenge_id, email, code_hash, now, expires_at, timeout=self._timeout())
+
+    async def newest_otp_for_update(self, conn: db.Connection, email: str) -> asyncpg.Record | None:
+        return await conn.fetchrow(Q["newest_otp_for_update"], email, timeout=self._timeout())
+
+    async def record_otp_attempt(
+        self, conn: db.Connection, challenge_id: uuid.UUID, invalidate_at: datetime | None
+    ) -> None:
+        await conn.execute(Q["record_otp_attempt"], challenge_id, invalidate_at, timeout=self._timeout())
+
+    async def consume_otp(
+        self, conn: db.Connection, challenge_id: uuid.UUID, user_id: uuid.UUID, now: datetime
+    ) -> None:
+        status = await conn.execute(Q["consume_otp"], challenge_id, user_id, now, timeout=self._timeout())
+        # The row is locked and was checked live: anything else is a bug, not a race.
+        assert status == "UPDATE 1", status
+
+    async def user_by_email_on(self, conn: db.Connection, email: str) -> asyncpg.Record | None:
+        return await conn.fetchrow(Q["user_by_email"], email, timeout=self._timeout())
+
+    async def delete_expired_otps(self, expired_before: datetime, batch_size: int = OTP_DELETE_BATCH) -> int:
+        """Deletes in batches of short transactions, so cleanup never holds many row locks."""
+        deleted = 0
+        while True:
+            status = await self.pool.execute(
+                Q["delete_expired_otps"], expired_before, batch_size, timeout=self._timeout()
+            )
+            count = int(status.split()[-1])
+            deleted += count
+            if count < batch_size:
+                return deleted
+
+    # Monthly refill.
+
+    async def refill_batch(self, conn: db.Connection, after: uuid.UUID, limit: int) -> list[asyncpg.Record]:
+        return await conn.fetch(Q["refill_batch"], after, limit, timeout=self._timeout())

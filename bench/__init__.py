@@ -1,0 +1,1 @@
+"""Benchmarks, run by `make bench` against a scratch database; not part of `make test`."""

@@ -1,0 +1,307 @@
+"""Development data, made through the services' own RPCs; safe to run again.
+
+`make seed` (python -m scripts.seed) talks to the token service at TOKEN_SERVICE_ADDR
+(default 127.0.0.1:50051) and the generation service at GENERATION_SERVICE_ADDR
+(default 127.0.0.1:50052), as `make run` serves them. When no token service answers,
+it serves one in-process on DATABASE_URL (already migrated) for the duration of the
+seed. When no generation service answers, jobs and assets are skipped with a message.
+
+Everything is keyed: fixed emails, ledger references and uuid5 job/asset ids, so a
+second run finds what the first made (replays, same-request answers, ALREADY_EXISTS)
+and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+import grpc
+from google.protobuf import struct_pb2
+
+from blumpo.generation.v1 import generation_pb2 as gpb
+from blumpo.generation.v1 import generation_pb2_grpc
+from blumpo.token.v1 import token_pb2 as tpb
+from blumpo.token.v1 import token_pb2_grpc
+from blumpo_common import server
+from blumpo_common.config import ConfigError, load_database
+from blumpo_common.db import create_pool
+from token_service.server import service as token_service
+from token_service.store import Store
+
+TokenStub: TypeAlias = "token_pb2_grpc.TokenServiceAsyncStub"
+GenerationStub: TypeAlias = "generation_pb2_grpc.GenerationServiceAsyncStub"
+
+NAMESPACE = uuid.UUID("7b0f3c2e-5d1a-4c8e-9f6b-2a4d8e1c3b5f")
+CALL_TIMEOUT_SECONDS = 10.0
+CONNECT_TIMEOUT_SECONDS = 2.0
+TEST_EMAIL = "test@blumpo.dev"
+FREE_EMAIL = "free@blumpo.dev"
+Status: TypeAlias = "gpb.JobStatus.ValueType"
+
+
+def seed_id(name: str) -> str:
+    return str(uuid.uuid5(NAMESPACE, name))
+
+
+@dataclass(frozen=True)
+class Grant:
+    delta: int
+    reason: tpb.LedgerReason.ValueType
+    reference_id: str
+
+
+@dataclass(frozen=True)
+class SeedUser:
+    email: str
+    plan: str
+    grants: tuple[Grant, ...] = ()
+
+
+@dataclass(frozen=True)
+class Variant:
+    kind: gpb.VariantKind.ValueType
+    width: int
+    height: int
+    bytes_size: int
+
+
+@dataclass(frozen=True)
+class SeedJob:
+    name: str
+    prompt: str
+    target: Status
+    tokens_cost: int = 10
+    # An asset (with these variants) is attached while the job runs.
+    variants: tuple[Variant, ...] | None = None
+    error_message: str = ""
+
+
+USERS = (
+    SeedUser(
+        TEST_EMAIL,
+        "pro",
+        (
+            Grant(500, tpb.LEDGER_REASON_ADJUSTMENT, "seed:welcome-tokens"),
+            Grant(250, tpb.LEDGER_REASON_PURCHASE, "seed:purchase-0001"),
+        ),
+    ),
+    SeedUser(FREE_EMAIL, "free"),
+)
+
+THUMB = Variant(gpb.VARIANT_KIND_THUMBNAIL, 256, 256, 18_432)
+WEB = Variant(gpb.VARIANT_KIND_WEB, 1024, 1024, 262_144)
+PRINT = Variant(gpb.VARIANT_KIND_PRINT, 4096, 4096, 4_194_304)
+
+JOBS = (
+    SeedJob("lighthouse", "A lighthouse on a cliff at dawn, watercolour", gpb.JOB_STATUS_SUCCEEDED, 10, (THUMB, WEB)),
+    SeedJob("fox", "A red fox in fresh snow, studio photo", gpb.JOB_STATUS_SUCCEEDED, 20, (THUMB, WEB, PRINT)),
+    SeedJob("city", "A neon city street in the rain, cinematic", gpb.JOB_STATUS_RUNNING, 10),
+    SeedJob("garden", "A Japanese garden in autumn, isometric", gpb.JOB_STATUS_QUEUED, 10),
+    SeedJob("robot", "A tin robot reading a book, pixel art", gpb.JOB_STATUS_PAUSED, 10),
+    SeedJob(
+        "storm", "A thunderstorm over wheat fields", gpb.JOB_STATUS_FAILED, 10, error_message="seed: model timed out"
+    ),
+)
+
+# The moves from QUEUED to each status the seed uses, along the allowed transitions.
+PATHS: dict[Status, list[Status]] = {
+    gpb.JOB_STATUS_QUEUED: [],
+    gpb.JOB_STATUS_RUNNING: [gpb.JOB_STATUS_RUNNING],
+    gpb.JOB_STATUS_SUCCEEDED: [gpb.JOB_STATUS_RUNNING, gpb.JOB_STATUS_SUCCEEDED],
+    gpb.JOB_STATUS_FAILED: [gpb.JOB_STATUS_RUNNING, gpb.JOB_STATUS_FAILED],
+    gpb.JOB_STATUS_PAUSED: [gpb.JOB_STATUS_PAUSED],
+}
+
+
+@dataclass
+class Summary:
+    lines: list[str] = field(default_factory=list)
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+        print(line, flush=True)
+
+
+async def reachable(channel: grpc.aio.Channel, timeout: float = CONNECT_TIMEOUT_SECONDS) -> bool:
+    try:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+    except (TimeoutError, grpc.aio.AioRpcError):
+        return False
+    return True
+
+
+async def ensure_user(token: TokenStub, user: SeedUser, out: Summary) -> tpb.User:
+    try:
+        created = await token.CreateUser(
+            tpb.CreateUserRequest(email=user.email, plan=user.plan), timeout=CALL_TIMEOUT_SECONDS
+        )
+        found, verb = created.user, "created"
+    except grpc.aio.AioRpcError as error:
+        if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+            raise
+        lookup = await token.GetUser(tpb.GetUserRequest(email=user.email), timeout=CALL_TIMEOUT_SECONDS)
+        found, verb = lookup.user, "found"
+    if found.account.plan != user.plan:
+        await token.ChangePlan(
+            tpb.ChangePlanRequest(user_id=found.user_id, plan=user.plan), timeout=CALL_TIMEOUT_SECONDS
+        )
+    for grant in user.grants:
+        await token.AppendLedgerEntry(
+            tpb.AppendLedgerEntryRequest(
+                user_id=found.user_id, delta=grant.delta, reason=grant.reason, reference_id=grant.reference_id
+            ),
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
+    fresh = await token.GetUser(tpb.GetUserRequest(user_id=found.user_id), timeout=CALL_TIMEOUT_SECONDS)
+    out.say(
+        f"user {user.email} ({verb}): id {fresh.user.user_id}, plan {fresh.user.account.plan}, "
+        f"balance {fresh.user.account.balance}"
+    )
+    return fresh.user
+
+
+async def ensure_job(generation: GenerationStub, user_id: str, job: SeedJob, out: Summary) -> None:
+    job_id = seed_id(f"job:{job.name}")
+    params = gpb.GenerationParams(width=1024, height=1024, steps=30, seed=42, model="blumpo-diffusion-v1")
+    params.extra.CopyFrom(struct_pb2.Struct(fields={"style": struct_pb2.Value(string_value="seed")}))
+    created = await generation.CreateGenerationJob(
+        gpb.CreateGenerationJobRequest(
+            user_id=user_id, job_id=job_id, prompt=job.prompt, params=params, tokens_cost=job.tokens_cost
+        ),
+        timeout=CALL_TIMEOUT_SECONDS,
+    )
+    status = created.job.status
+    path = PATHS[job.target]
+    # Only the moves still ahead of the job's current status, so a rerun moves nothing.
+    ahead = path[path.index(status) + 1 :] if status in path else (path if status == gpb.JOB_STATUS_QUEUED else [])
+    for step in ahead:
+        if step == gpb.JOB_STATUS_SUCCEEDED and job.variants is not None:
+            await attach_asset(generation, user_id, job_id, job, out)
+        await generation.UpdateGenerationJobStatus(
+            gpb.UpdateGenerationJobStatusRequest(
+                job_id=job_id, status=step, error_message=job.error_message if step == gpb.JOB_STATUS_FAILED else ""
+            ),
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
+    if not ahead and status == gpb.JOB_STATUS_SUCCEEDED and job.variants is not None:
+        await attach_asset(generation, user_id, job_id, job, out)  # same data again: the same asset
+    out.say(f"job {job.name}: id {job_id}, {gpb.JobStatus.Name(job.target)}")
+
+
+async def attach_asset(generation: GenerationStub, user_id: str, job_id: str, job: SeedJob, out: Summary) -> None:
+    asset_id = seed_id(f"asset:{job.name}")
+    base = f"users/{user_id}/jobs/{job_id}"
+    await generation.AttachAssetToJob(
+        gpb.AttachAssetToJobRequest(
+            job_id=job_id,
+            user_id=user_id,
+            asset=gpb.AssetInput(
+                asset_id=asset_id,
+                title=job.prompt.split(",")[0],
+                storage_key=f"{base}/original.webp",
+                mime_type="image/webp",
+                bytes_size=1_048_576,
+                width=1024,
+                height=1024,
+                format=gpb.IMAGE_FORMAT_WEBP,
+            ),
+        ),
+        timeout=CALL_TIMEOUT_SECONDS,
+    )
+    for variant in job.variants or ():
+        kind = gpb.VariantKind.Name(variant.kind).removeprefix("VARIANT_KIND_").lower()
+        try:
+            await generation.AddAssetVariant(
+                gpb.AddAssetVariantRequest(
+                    asset_id=asset_id,
+                    kind=variant.kind,
+                    storage_key=f"{base}/{kind}.webp",
+                    mime_type="image/webp",
+                    bytes_size=variant.bytes_size,
+                    width=variant.width,
+                    height=variant.height,
+                    format=gpb.IMAGE_FORMAT_WEBP,
+                ),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+    out.say(f"  asset {asset_id} with {len(job.variants or ())} variants")
+
+
+async def seed_generation(
+    address: str, user_id: str, jobs: Iterable[SeedJob], out: Summary, connect_timeout: float
+) -> bool:
+    async with grpc.aio.insecure_channel(address) as channel:
+        if not await reachable(channel, connect_timeout):
+            out.say(
+                f"generation service not reachable at {address}: skipped jobs, assets and variants "
+                "(start both services with `make run`, then run `make seed` again)"
+            )
+            return False
+        generation = generation_pb2_grpc.GenerationServiceStub(channel)
+        try:
+            for job in jobs:
+                await ensure_job(generation, user_id, job, out)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            out.say(f"generation service at {address} does not implement {error.details()}: skipped jobs")
+            return False
+    return True
+
+
+async def seed(
+    token_address: str, generation_address: str, connect_timeout: float = CONNECT_TIMEOUT_SECONDS
+) -> Summary:
+    out = Summary()
+    async with grpc.aio.insecure_channel(token_address) as channel:
+        token = token_pb2_grpc.TokenServiceStub(channel)
+        users = [await ensure_user(token, user, out) for user in USERS]
+    await seed_generation(generation_address, users[0].user_id, JOBS, out, connect_timeout)
+    return out
+
+
+@asynccontextmanager
+async def token_service_at(address: str) -> AsyncIterator[str]:
+    """The address of a token service: the one running there, else one served in-process."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        if await reachable(channel):
+            yield address
+            return
+    config = load_database(os.environ, role="token_service", search_path="token")
+    pool = await create_pool(config)
+    print(f"token service not reachable at {address}: serving one in-process on DATABASE_URL", flush=True)
+    running = await server.start(token_service(Store(pool, config.timeout_ms / 1000)), pool, "127.0.0.1:0")
+    try:
+        yield f"127.0.0.1:{running.port}"
+    finally:
+        await running.stop(1)
+        await pool.close()
+
+
+async def main() -> int:
+    token_address = os.environ.get("TOKEN_SERVICE_ADDR", "127.0.0.1:50051")
+    generation_address = os.environ.get("GENERATION_SERVICE_ADDR", "127.0.0.1:50052")
+    try:
+        async with token_service_at(token_address) as address:
+            await seed(address, generation_address)
+    except ConfigError as exc:
+        print(f"seed: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as error:
+        print(f"seed: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

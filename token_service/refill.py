@@ -1,0 +1,87 @@
+"""The monthly refill: every account gets its plan's allowance once per period.
+
+Accounts are walked in user_id order in batches; each batch is one transaction that
+goes through the ledger's batch path with reference `refill:YYYY-MM`. Stopping at any
+point loses at most the batch in flight, and a rerun replays what was committed, so
+every account is credited exactly once per period however often it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+from blumpo_common.validation import Checker
+from token_service import ledger
+from token_service.store import Store
+
+BATCH_SIZE = 1000
+REASON = "MONTHLY_REFILL"
+_PERIOD = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
+_FIRST = uuid.UUID(int=0)
+
+log = logging.getLogger(__name__)
+
+
+def check_period(check: Checker, field: str, period: str) -> str:
+    match = _PERIOD.fullmatch(period)
+    if match is None or int(match.group(1)) < 2000:
+        check.add(field, f"must be a month as YYYY-MM (year 2000 or later), got {period!r}")
+    return period
+
+
+def reference(period: str) -> str:
+    return f"refill:{period}"
+
+
+@dataclass
+class RefillResult:
+    credited: int = 0
+    # Already credited for the period, on a plan without allowance, or refused.
+    skipped: int = 0
+    batches: int = 0
+    # False when stopped by max_batches before the last account.
+    finished: bool = False
+
+
+async def run(store: Store, period: str, batch_size: int = BATCH_SIZE, max_batches: int | None = None) -> RefillResult:
+    """Credits the period's allowance to every account not yet credited for it."""
+    result = RefillResult()
+    after = _FIRST
+    ref = reference(period)
+    started = time.monotonic()
+    while not result.finished and (max_batches is None or result.batches < max_batches):
+        async with store.transaction() as conn:
+            accounts = await store.refill_batch(conn, after, batch_size)
+            requests = [
+                ledger.EntryRequest(row["user_id"], row["monthly_allowance"], REASON, ref)
+                for row in accounts
+                if row["monthly_allowance"] > 0
+            ]
+            outcomes = await store.append_entries_on(conn, requests, store.call_timeout()) if requests else []
+        result.finished = len(accounts) < batch_size
+        if not accounts:
+            break
+        result.batches += 1
+        after = accounts[-1]["user_id"]
+        credited = sum(1 for o in outcomes if o.entry is not None and not o.replayed)
+        for outcome in outcomes:
+            if outcome.error is not None:
+                log.warning("refill entry refused", extra={"period": period, "error": str(outcome.error)})
+        result.credited += credited
+        result.skipped += len(accounts) - credited
+    log.info(
+        "monthly refill",
+        extra={
+            "period": period,
+            "credited": result.credited,
+            "skipped": result.skipped,
+            "batches": result.batches,
+            "finished": result.finished,
+            "duration_ms": round((time.monotonic() - started) * 1000),
+        },
+    )
+    return result
