@@ -30,7 +30,8 @@ class ServiceProcess:
 
     def __init__(self, module: str, env: dict[str, str], port: int, log_path: Path) -> None:
         self.module = module
-        self.env = {**os.environ, **env}
+        # Development mode: OTP codes go to the log, no SMTP server or secret needed.
+        self.env = {**os.environ, "BLUMPO_ENV": "development", **env}
         self.port = port
         self.address = f"127.0.0.1:{port}"
         self.log_path = log_path

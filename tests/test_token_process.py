@@ -52,7 +52,7 @@ def test_bad_setting_stops_start_up_with_one_clear_line(database_url: str, env: 
     done = subprocess.run(
         [sys.executable, "-m", "token_service"],
         cwd=support.ROOT,
-        env=os.environ | {"DATABASE_URL": database_url} | env,
+        env=os.environ | {"BLUMPO_ENV": "development", "DATABASE_URL": database_url} | env,
         capture_output=True,
         text=True,
         timeout=30,
