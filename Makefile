@@ -70,8 +70,10 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --silent --no-audit --no-fund
 	touch $@
 
+# Development data through the services' own RPCs; starts them for the while if they are not running.
 seed: $(GENERATED)
-	DATABASE_URL='$(DB_URL)' $(PY) -m scripts.seed
+	@url='$(DB_URL)'; DATABASE_URL="$$url" $(DBMATE) --no-dump-schema up >/dev/null && mkdir -p .data && \
+	  DATABASE_URL="$$url" BLUMPO_ENV="$${BLUMPO_ENV:-development}" scripts/with-services $(PY) -m scripts.seed
 
 bench: $(GENERATED)
 	DATABASE_URL='$(DB_URL)' $(PY) -m bench

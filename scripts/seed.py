@@ -2,9 +2,8 @@
 
 `make seed` (python -m scripts.seed) talks to the token service at TOKEN_SERVICE_ADDR
 (default 127.0.0.1:50051) and the generation service at GENERATION_SERVICE_ADDR
-(default 127.0.0.1:50052), as `make run` serves them. When no token service answers,
-it serves one in-process on DATABASE_URL (already migrated) for the duration of the
-seed. When no generation service answers, jobs and assets are skipped with a message.
+(default 127.0.0.1:50052), as `make run` serves them (`make seed` starts them for the
+while when they are not running).
 
 Everything is keyed: fixed emails, ledger references and uuid5 job/asset ids, so a
 second run finds what the first made (replays, same-request answers, ALREADY_EXISTS)
@@ -17,8 +16,6 @@ import asyncio
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -29,11 +26,6 @@ from blumpo.generation.v1 import generation_pb2 as gpb
 from blumpo.generation.v1 import generation_pb2_grpc
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
-from blumpo_common import server
-from blumpo_common.config import ConfigError, load_database
-from blumpo_common.db import create_pool
-from token_service.server import service as token_service
-from token_service.store import Store
 
 TokenStub: TypeAlias = "token_pb2_grpc.TokenServiceAsyncStub"
 GenerationStub: TypeAlias = "generation_pb2_grpc.GenerationServiceAsyncStub"
@@ -237,66 +229,35 @@ async def attach_asset(generation: GenerationStub, user_id: str, job_id: str, jo
     out.say(f"  asset {asset_id} with {len(job.variants or ())} variants")
 
 
-async def seed_generation(
-    address: str, user_id: str, jobs: Iterable[SeedJob], out: Summary, connect_timeout: float
-) -> bool:
-    async with grpc.aio.insecure_channel(address) as channel:
-        if not await reachable(channel, connect_timeout):
-            out.say(
-                f"generation service not reachable at {address}: skipped jobs, assets and variants "
-                "(start both services with `make run`, then run `make seed` again)"
-            )
-            return False
-        generation = generation_pb2_grpc.GenerationServiceStub(channel)
-        try:
-            for job in jobs:
-                await ensure_job(generation, user_id, job, out)
-        except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-            out.say(f"generation service at {address} does not implement {error.details()}: skipped jobs")
-            return False
-    return True
-
-
-async def seed(
-    token_address: str, generation_address: str, connect_timeout: float = CONNECT_TIMEOUT_SECONDS
-) -> Summary:
+async def seed(token_address: str, generation_address: str) -> Summary:
     out = Summary()
-    async with grpc.aio.insecure_channel(token_address) as channel:
-        token = token_pb2_grpc.TokenServiceStub(channel)
+    async with (
+        grpc.aio.insecure_channel(token_address) as token_channel,
+        grpc.aio.insecure_channel(generation_address) as generation_channel,
+    ):
+        for address, channel in [(token_address, token_channel), (generation_address, generation_channel)]:
+            if not await reachable(channel):
+                raise Unreachable(f"no service answers at {address}: start both with `make run`")
+        token = token_pb2_grpc.TokenServiceStub(token_channel)
         users = [await ensure_user(token, user, out) for user in USERS]
-    await seed_generation(generation_address, users[0].user_id, JOBS, out, connect_timeout)
+        generation = generation_pb2_grpc.GenerationServiceStub(generation_channel)
+        for job in JOBS:
+            await ensure_job(generation, users[0].user_id, job, out)
     return out
 
 
-@asynccontextmanager
-async def token_service_at(address: str) -> AsyncIterator[str]:
-    """The address of a token service: the one running there, else one served in-process."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        if await reachable(channel):
-            yield address
-            return
-    config = load_database(os.environ, role="token_service", search_path="token")
-    pool = await create_pool(config)
-    print(f"token service not reachable at {address}: serving one in-process on DATABASE_URL", flush=True)
-    running = await server.start(token_service(Store(pool, config.timeout_ms / 1000)), pool, "127.0.0.1:0")
-    try:
-        yield f"127.0.0.1:{running.port}"
-    finally:
-        await running.stop(1)
-        await pool.close()
+class Unreachable(Exception):
+    pass
 
 
 async def main() -> int:
     token_address = os.environ.get("TOKEN_SERVICE_ADDR", "127.0.0.1:50051")
     generation_address = os.environ.get("GENERATION_SERVICE_ADDR", "127.0.0.1:50052")
     try:
-        async with token_service_at(token_address) as address:
-            await seed(address, generation_address)
-    except ConfigError as exc:
-        print(f"seed: configuration error: {exc}", file=sys.stderr)
-        return 2
+        await seed(token_address, generation_address)
+    except Unreachable as exc:
+        print(f"seed: {exc}", file=sys.stderr)
+        return 1
     except grpc.aio.AioRpcError as error:
         print(f"seed: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
