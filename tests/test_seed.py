@@ -6,6 +6,7 @@ import re
 
 import asyncpg
 
+from blumpo.generation.v1 import generation_pb2 as gpb
 from scripts import seed
 
 
@@ -43,7 +44,7 @@ async def test_seed_twice_makes_users_tokens_jobs_and_assets_once(
     state = await generation_state(admin)
     expected = {
         seed.seed_id(f"job:{job.name}"): (
-            seed.gpb.JobStatus.Name(job.target).removeprefix("JOB_STATUS_"),
+            gpb.JobStatus.Name(job.target).removeprefix("JOB_STATUS_"),
             0 if job.variants is None else 1,
             len(job.variants or ()),
         )
