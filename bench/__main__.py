@@ -1,6 +1,44 @@
-import asyncio
-import sys
+"""`python -m bench [refill] [append] [--write-docs]`: runs the benchmarks on a scratch database."""
 
-from bench.refill import main
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import append, common, refill
+from token_service import refill as refill_job
+
+
+async def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("which", nargs="*", help="append, refill (default: both)")
+    parser.add_argument("--accounts", type=int, default=100_000, help="accounts for the refill")
+    parser.add_argument("--write-docs", action="store_true", help="put the figures into docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    unknown = set(args.which) - {"append", "refill"}
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(sorted(unknown))}")
+    base = os.environ.get("DATABASE_URL") or os.environ.get("POSTGRES_URL")
+    if not base:
+        print("DATABASE_URL is not set: run `make bench`", file=sys.stderr)
+        return 2
+    for which in args.which or ["append", "refill"]:
+        url = common.scratch_database_url(base, "bench")
+        common.dbmate(url, "up")
+        try:
+            if which == "refill":
+                lines = await refill.bench(url, args.accounts, refill_job.BATCH_SIZE)
+            else:
+                with tempfile.TemporaryDirectory() as work_dir:
+                    lines = await append.bench(url, Path(work_dir))
+        finally:
+            common.drop_database(url)
+        print(f"## {which}\n" + "\n".join(lines) + "\n", flush=True)
+        if args.write_docs:
+            common.write_docs(which, lines)
+    return 0
+
 
 sys.exit(asyncio.run(main(sys.argv[1:])))

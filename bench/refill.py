@@ -15,35 +15,21 @@ and their signup entries with generate_series, then in the same run:
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
-import uuid
-from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
 
+from bench import common
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
 from blumpo_common import server
 from blumpo_common.config import DatabaseConfig
 from blumpo_common.db import create_pool
-from token_service import refill
+from token_service import refill as refill_job
 from token_service.server import service
 from token_service.store import Q, Store
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- bench:refill:start -->", "<!-- bench:refill:end -->"
 BASELINE_PERIOD, GRPC_PERIOD = "2099-01", "2099-02"
 DEADLINE_SECONDS = 600.0
 
@@ -74,19 +60,12 @@ CREATE SEQUENCE public.bench_batch_no MINVALUE 0 START 0;
 """
 
 
-def one_line(sql: str, params: dict[int, str]) -> str:
-    """A statement of queries.sql as one pgbench line, $n replaced by pgbench variables."""
-    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
-    text = " ".join(line.strip() for line in lines).rstrip(";")
-    return re.sub(r"\$(\d+)", lambda m: params[int(m.group(1))], text)
-
-
 def pgbench_script(period: str, batch_size: int) -> str:
-    ref = f"'{refill.reference(period)}'::text"
-    select_batch = one_line(Q["refill_batch"], {1: ":after_id::uuid", 2: str(batch_size)})
-    lock = one_line(Q["lock_accounts"], {1: ":ids"})
-    existing = one_line(Q["entries_by_reference"], {1: ":ids", 2: ":refs"})
-    insert = one_line(
+    ref = f"'{refill_job.reference(period)}'::text"
+    select_batch = common.one_line(Q["refill_batch"], {1: ":after_id::uuid", 2: str(batch_size)})
+    lock = common.one_line(Q["lock_accounts"], {1: ":ids"})
+    existing = common.one_line(Q["entries_by_reference"], {1: ":ids", 2: ":refs"})
+    insert = common.one_line(
         Q["insert_entries"],
         {1: ":new_ids", 2: ":ids", 3: ":allowances", 4: ":reasons", 5: ":refs", 6: ":after_balances"},
     )
@@ -114,72 +93,15 @@ def pgbench_script(period: str, batch_size: int) -> str:
     )
 
 
-def pgbench_binary() -> str:
-    found = shutil.which("pgbench")
-    if found:
-        return found
-    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin/pgbench"), reverse=True):
-        return str(candidate)
-    raise SystemExit("pgbench not found: install postgresql-client (or put pgbench on PATH)")
-
-
-@dataclass
-class PgbenchResult:
-    batches: int
-    latency_ms: float
-    wall_seconds: float
-
-    @property
-    def statement_seconds(self) -> float:
-        return self.batches * self.latency_ms / 1000
-
-
-def run_pgbench(url: str, period: str, batches: int, batch_size: int) -> PgbenchResult:
-    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
-        script.write(pgbench_script(period, batch_size))
-    try:
-        env = {**os.environ, "PGOPTIONS": "-c search_path=token"}
-        cmd = [pgbench_binary(), "-n", "-M", "prepared", "-c", "1", "-t", str(batches), "-f", script.name, url]
-        started = time.perf_counter()
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        wall = time.perf_counter() - started
-    finally:
-        os.unlink(script.name)
-    if done.returncode != 0 or "latency average" not in done.stdout:
-        raise SystemExit(f"pgbench failed:\n{done.stdout}\n{done.stderr}")
-    match = re.search(r"latency average = ([0-9.]+) ms", done.stdout)
-    assert match is not None
-    return PgbenchResult(batches, float(match.group(1)), wall)
-
-
-def scratch_url(base: str) -> str:
-    parts = urlsplit(base)
-    return urlunsplit(parts._replace(path=f"/blumpo_bench_{os.getpid()}_{uuid.uuid4().hex[:8]}"))
-
-
-def dbmate(url: str, *args: str) -> None:
-    binary = Path(sys.executable).with_name("dbmate")
-    migrations = str(ROOT / "db" / "migrations")
-    cmd = [str(binary), "--url", url, "--migrations-dir", migrations, "--no-dump-schema", *args]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+def run_baseline(url: str, period: str, batches: int, batch_size: int) -> common.Pgbench:
+    """One client taking the batches one after another, as RunMonthlyRefill does."""
+    return common.run_pgbench(url, pgbench_script(period, batch_size), 1, batches, "token")
 
 
 async def timed_refill(stub: token_pb2_grpc.TokenServiceAsyncStub, period: str) -> tuple[float, int, int]:
     started = time.perf_counter()
     response = await stub.RunMonthlyRefill(tpb.RunMonthlyRefillRequest(period=period), timeout=DEADLINE_SECONDS)
     return time.perf_counter() - started, response.accounts_credited, response.accounts_skipped
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs ({cpu})"
 
 
 async def bench(url: str, accounts: int, batch_size: int) -> list[str]:
@@ -194,9 +116,10 @@ async def bench(url: str, accounts: int, batch_size: int) -> list[str]:
         batches = -(-accounts // batch_size)
 
         await admin.execute("CHECKPOINT")
-        baseline = run_pgbench(url, BASELINE_PERIOD, batches, batch_size)
+        baseline = run_baseline(url, BASELINE_PERIOD, batches, batch_size)
+        baseline_seconds = baseline.transactions * baseline.latency_ms / 1000
         written = await admin.fetchval(
-            "SELECT count(*) FROM token.token_ledger WHERE reference_id = $1", refill.reference(BASELINE_PERIOD)
+            "SELECT count(*) FROM token.token_ledger WHERE reference_id = $1", refill_job.reference(BASELINE_PERIOD)
         )
         assert written == accounts, f"the baseline wrote {written} entries, expected {accounts}"
 
@@ -225,50 +148,20 @@ async def bench(url: str, accounts: int, batch_size: int) -> list[str]:
         return f"{seconds / batches * 1000:.1f} ms"
 
     return [
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}, PostgreSQL {pg_version} "
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {common.machine()}, PostgreSQL {pg_version} "
         f"(stock settings), {accounts:,} accounts (one in five on `pro`), batches of {batch_size}; "
         f"seeding took {seed_seconds:.1f} s.",
         "",
         "| run | total | per batch | accounts/s |",
         "| --- | ---: | ---: | ---: |",
-        f"| baseline: pgbench, the batch's SQL only, 1 client, prepared | {baseline.statement_seconds:.2f} s "
-        f"| {baseline.latency_ms:.1f} ms | {accounts / baseline.statement_seconds:,.0f} |",
+        f"| baseline: pgbench, the batch's SQL only, 1 client, prepared | {baseline_seconds:.2f} s "
+        f"| {baseline.latency_ms:.1f} ms | {accounts / baseline_seconds:,.0f} |",
         f"| `RunMonthlyRefill` over gRPC, first run (credits {first[1]:,}) | {first[0]:.2f} s "
         f"| {per_batch(first[0])} | {accounts / first[0]:,.0f} |",
         f"| `RunMonthlyRefill` again, same period (skips {again[2]:,} replays) | {again[0]:.2f} s "
         f"| {per_batch(again[0])} | {accounts / again[0]:,.0f} |",
         f"| `CheckBalances` over all accounts (no mismatches) | {check_seconds:.2f} s | | |",
         "",
-        f"The service takes {first[0] / baseline.statement_seconds:.1f}x the baseline's database time "
+        f"The service takes {first[0] / baseline_seconds:.1f}x the baseline's database time "
         f"(pgbench wall time, connection included: {baseline.wall_seconds:.2f} s).",
     ]
-
-
-def write_docs(lines: list[str]) -> None:
-    text = DOCS.read_text()
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    DOCS.write_text(head + START + "\n" + "\n".join(lines) + "\n" + END + tail)
-
-
-async def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--accounts", type=int, default=100_000)
-    parser.add_argument("--write-docs", action="store_true", help=f"put the figures into {DOCS.relative_to(ROOT)}")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch database")
-    args = parser.parse_args(argv)
-    base = os.environ.get("DATABASE_URL") or os.environ.get("POSTGRES_URL")
-    if not base:
-        print("DATABASE_URL is not set: run `make bench`", file=sys.stderr)
-        return 2
-    url = scratch_url(base)
-    dbmate(url, "up")
-    try:
-        lines = await bench(url, args.accounts, refill.BATCH_SIZE)
-    finally:
-        if not args.keep:
-            dbmate(url, "drop")
-    print("\n".join(lines))
-    if args.write_docs:
-        write_docs(lines)
-    return 0

@@ -1,0 +1,86 @@
+"""What the benchmarks share: scratch databases, pgbench, the machine, docs sections."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support import ROOT, dbmate, drop_database, scratch_database_url
+
+DOCS = ROOT / "docs" / "benchmarks.md"
+
+__all__ = ["DOCS", "Pgbench", "dbmate", "drop_database", "machine", "one_line", "run_pgbench", "scratch_database_url"]
+
+
+def one_line(sql: str, params: dict[int, str]) -> str:
+    """A statement of queries.sql as one pgbench line, $n replaced by pgbench variables."""
+    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
+    text = " ".join(line.strip() for line in lines).rstrip(";")
+    return re.sub(r"\$(\d+)", lambda m: params[int(m.group(1))], text)
+
+
+def pgbench_binary() -> str:
+    found = shutil.which("pgbench")
+    if found:
+        return found
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin/pgbench"), reverse=True):
+        return str(candidate)
+    raise SystemExit("pgbench not found: install postgresql-client (or put pgbench on PATH)")
+
+
+@dataclass
+class Pgbench:
+    transactions: int
+    latency_ms: float
+    tps: float
+    wall_seconds: float
+
+
+def run_pgbench(url: str, script: str, clients: int, transactions_per_client: int, search_path: str) -> Pgbench:
+    """Runs a custom script with the prepared protocol (as asyncpg uses), no vacuum."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as file:
+        file.write(script)
+    try:
+        env = {**os.environ, "PGOPTIONS": f"-c search_path={search_path}"}
+        threads = min(clients, os.cpu_count() or 1)
+        cmd = [pgbench_binary(), "-n", "-M", "prepared", "-c", str(clients), "-j", str(threads)]
+        cmd += ["-t", str(transactions_per_client), "-f", file.name, url]
+        started = time.perf_counter()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - started
+    finally:
+        os.unlink(file.name)
+    latency = re.search(r"latency average = ([0-9.]+) ms", done.stdout)
+    tps = re.search(r"tps = ([0-9.]+)", done.stdout)
+    if done.returncode != 0 or latency is None or tps is None:
+        raise SystemExit(f"pgbench failed:\n{done.stdout}\n{done.stderr}")
+    return Pgbench(clients * transactions_per_client, float(latency.group(1)), float(tps.group(1)), wall)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({cpu})"
+
+
+def write_docs(section: str, lines: Sequence[str]) -> None:
+    """Replaces the figures between the section's markers in docs/benchmarks.md."""
+    start, end = f"<!-- bench:{section}:start -->", f"<!-- bench:{section}:end -->"
+    text = DOCS.read_text()
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    DOCS.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + tail)
