@@ -1,9 +1,9 @@
 """Ledger appends: AppendLedgerEntry over gRPC against pgbench running the same SQL.
 
-Each service call is one transaction of the statements in token_service/queries.sql
-(lock_accounts, entries_by_reference, insert_entries); the baseline runs those same
-statements with pgbench, with as many clients, on the same accounts, in the same run,
-so the difference is what the service adds: gRPC, validation and Python.
+Each service call runs one statement of token_service/queries.sql, append_entries (the
+ledger function); the baseline runs that same statement with pgbench, with as many
+clients, on the same accounts, in the same run, so the difference is what the service
+adds: gRPC, validation, the connection pool and Python.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from bench import common
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
 from tests.processes import ServiceProcess, free_port
+from token_service import ledger
 from token_service.store import Q
 
 ACCOUNTS = 1000
@@ -45,29 +46,21 @@ SELECT id, {START_BALANCE}, 'PURCHASE', 'bench-start', {START_BALANCE} FROM g
 
 def pgbench_script() -> str:
     """One debit of 1 token on a random account, as AppendLedgerEntry runs it."""
-    reference = "('ref-' || :client_id || '-' || :r)"
-    lock = common.one_line(Q["lock_accounts"], {1: "ARRAY[md5(:u::text)::uuid]"})
-    existing = common.one_line(Q["entries_by_reference"], {1: "ARRAY[:user_id::uuid]", 2: f"ARRAY[{reference}]"})
-    insert = common.one_line(
-        Q["insert_entries"],
+    append = common.one_line(
+        Q["append_entries"],
         {
-            1: "ARRAY[gen_random_uuid()]",
-            2: "ARRAY[:user_id::uuid]",
-            3: "ARRAY[-1]",
-            4: "ARRAY['GENERATION']",
-            5: f"ARRAY[{reference}]",
-            6: "ARRAY[:balance::bigint - 1]",
+            1: "ARRAY[md5(:u::text)::uuid]",
+            2: "ARRAY[-1]",
+            3: "ARRAY['GENERATION']",
+            4: "ARRAY[('ref-' || :client_id || '-' || :r)]",
+            5: str(ledger.MAX_BALANCE),
         },
     )
     return "\n".join(
         [
             f"\\set u random(1, {ACCOUNTS})",
             "\\set r random(1, 9000000000000000000)",
-            "BEGIN;",
-            f"{lock} \\gset",
-            f"SELECT count(*) FROM ({existing}) e;",
-            f"{insert};",
-            "COMMIT;",
+            f"{append};",
             "",
         ]
     )

@@ -43,6 +43,57 @@ $$;
 
 
 --
+-- Name: append_entries(uuid[], bigint[], text[], text[], bigint); Type: FUNCTION; Schema: token; Owner: -
+--
+
+CREATE FUNCTION token.append_entries(p_user_ids uuid[], p_deltas bigint[], p_reasons text[], p_references text[], p_max_balance bigint) RETURNS TABLE(outcome text, entry_id uuid, user_id uuid, delta bigint, reason text, reference_id text, balance_after bigint, occurred_at timestamp with time zone, balance bigint)
+    LANGUAGE plpgsql
+    AS $$
+#variable_conflict use_column
+DECLARE
+  i integer;
+  current_balance bigint;
+  entry token.token_ledger;
+BEGIN
+  -- Every account involved, locked in user_id order so concurrent calls cannot deadlock.
+  PERFORM 1 FROM token.token_account a WHERE a.user_id = ANY (p_user_ids) ORDER BY a.user_id FOR UPDATE;
+  FOR i IN 1 .. coalesce(array_length(p_user_ids, 1), 0) LOOP
+    -- Each statement from here on sees what was committed before the locks were granted,
+    -- and what earlier entries of this call wrote.
+    SELECT a.balance INTO current_balance FROM token.token_account a WHERE a.user_id = p_user_ids[i];
+    IF NOT FOUND THEN
+      RETURN QUERY SELECT 'NO_ACCOUNT', NULL::uuid, p_user_ids[i], p_deltas[i], p_reasons[i], p_references[i],
+        NULL::bigint, NULL::timestamptz, NULL::bigint;
+      CONTINUE;
+    END IF;
+    SELECT * INTO entry FROM token.token_ledger l
+    WHERE l.user_id = p_user_ids[i] AND l.reference_id = p_references[i];
+    IF FOUND THEN
+      RETURN QUERY SELECT
+        CASE WHEN entry.delta = p_deltas[i] AND entry.reason = p_reasons[i] THEN 'REPLAYED' ELSE 'REUSED' END,
+        entry.id, entry.user_id, entry.delta, entry.reason, entry.reference_id, entry.balance_after,
+        entry.occurred_at, current_balance;
+      CONTINUE;
+    END IF;
+    IF current_balance + p_deltas[i] < 0 OR current_balance + p_deltas[i] > p_max_balance THEN
+      RETURN QUERY SELECT CASE WHEN p_deltas[i] < 0 THEN 'INSUFFICIENT' ELSE 'BALANCE_LIMIT' END,
+        NULL::uuid, p_user_ids[i], p_deltas[i], p_reasons[i], p_references[i], NULL::bigint, NULL::timestamptz,
+        current_balance;
+      CONTINUE;
+    END IF;
+    INSERT INTO token.token_ledger (user_id, delta, reason, reference_id, balance_after)
+    VALUES (p_user_ids[i], p_deltas[i], p_reasons[i], p_references[i], current_balance + p_deltas[i])
+    RETURNING * INTO entry;
+    UPDATE token.token_account a SET balance = entry.balance_after, updated_at = now()
+    WHERE a.user_id = p_user_ids[i];
+    RETURN QUERY SELECT 'APPLIED', entry.id, entry.user_id, entry.delta, entry.reason, entry.reference_id,
+      entry.balance_after, entry.occurred_at, current_balance;
+  END LOOP;
+END
+$$;
+
+
+--
 -- Name: reject_ledger_change(); Type: FUNCTION; Schema: token; Owner: -
 --
 
@@ -521,4 +572,5 @@ ALTER TABLE ONLY token.token_ledger
 
 INSERT INTO public.schema_migrations (version) VALUES
     ('20261125000001'),
-    ('20261125000002');
+    ('20261125000002'),
+    ('20261125000003');

@@ -1,15 +1,17 @@
-"""The rules of the ledger: how a list of requested entries applies to locked accounts.
+"""The ledger's vocabulary: requested entries, written entries, and what each came to.
 
-Pure logic, no I/O: the store locks the accounts, reads the entries that already
-hold the requested references, and applies what plan() decides.
+The rules themselves run in the database, in the function token.append_entries
+(migration 20261125000003), so that one call applies a whole batch in one round trip
+with the accounts locked. Here each outcome it reports becomes an entry or an error.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 
+import asyncpg
 import grpc
 
 from blumpo_common.errors import ServiceError, not_found
@@ -36,8 +38,7 @@ class Entry:
     reason: str
     reference_id: str
     balance_after: int
-    # None until the entry is written.
-    occurred_at: datetime | None
+    occurred_at: datetime
 
 
 @dataclass(frozen=True)
@@ -49,63 +50,41 @@ class Outcome:
     error: ServiceError | None = None
 
 
-def plan(
-    requests: list[EntryRequest],
-    balances: dict[uuid.UUID, int],
-    existing: dict[tuple[uuid.UUID, str], Entry],
-) -> tuple[list[Outcome], list[Entry]]:
-    """Judges each request in order; returns the outcomes and the entries to write.
-
-    balances holds the locked accounts and is updated as entries apply, so later
-    requests of an account see earlier ones; so is existing, for repeated references.
-    """
-    outcomes: list[Outcome] = []
-    new_entries: list[Entry] = []
-    for request in requests:
-        outcome = _judge(request, balances, existing)
-        if outcome.entry is not None and not outcome.replayed:
-            new_entries.append(outcome.entry)
-            balances[request.user_id] = outcome.entry.balance_after
-            existing[(request.user_id, request.reference_id)] = outcome.entry
-        outcomes.append(outcome)
-    return outcomes, new_entries
-
-
-def _judge(
-    request: EntryRequest,
-    balances: dict[uuid.UUID, int],
-    existing: dict[tuple[uuid.UUID, str], Entry],
-) -> Outcome:
-    balance = balances.get(request.user_id)
-    if balance is None:
-        return Outcome(error=not_found("account", str(request.user_id)))
-    earlier = existing.get((request.user_id, request.reference_id))
-    if earlier is not None:
-        if earlier.delta == request.delta and earlier.reason == request.reason:
-            return Outcome(entry=earlier, replayed=True)
-        return Outcome(error=_reference_reused(request, earlier))
-    balance_after = balance + request.delta
-    if balance_after < 0:
-        return Outcome(error=_insufficient(balance, -request.delta))
-    if balance_after > MAX_BALANCE:
-        return Outcome(
-            error=ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "BALANCE_LIMIT_EXCEEDED",
-                f"the balance would exceed {MAX_BALANCE}",
-                {"balance": str(balance), "limit": str(MAX_BALANCE)},
-            )
-        )
-    entry = Entry(
-        id=uuid.uuid4(),
-        user_id=request.user_id,
-        delta=request.delta,
-        reason=request.reason,
-        reference_id=request.reference_id,
-        balance_after=balance_after,
-        occurred_at=None,
+def entry_of(row: asyncpg.Record) -> Entry:
+    return Entry(
+        id=row["entry_id"],
+        user_id=row["user_id"],
+        delta=row["delta"],
+        reason=row["reason"],
+        reference_id=row["reference_id"],
+        balance_after=row["balance_after"],
+        occurred_at=row["occurred_at"],
     )
-    return Outcome(entry=entry)
+
+
+def outcome_of(row: asyncpg.Record) -> Outcome:
+    """An Outcome from a row of token.append_entries."""
+    match row["outcome"]:
+        case "APPLIED":
+            return Outcome(entry=entry_of(row))
+        case "REPLAYED":
+            return Outcome(entry=entry_of(row), replayed=True)
+        case "REUSED":
+            return Outcome(error=_reference_reused(entry_of(row)))
+        case "INSUFFICIENT":
+            return Outcome(error=_insufficient(row["balance"], -row["delta"]))
+        case "BALANCE_LIMIT":
+            return Outcome(
+                error=ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "BALANCE_LIMIT_EXCEEDED",
+                    f"the balance would exceed {MAX_BALANCE}",
+                    {"balance": str(row["balance"]), "limit": str(MAX_BALANCE)},
+                )
+            )
+        case "NO_ACCOUNT":
+            return Outcome(error=not_found("account", str(row["user_id"])))
+    raise AssertionError(f"unknown ledger outcome {row['outcome']!r}")
 
 
 def _insufficient(balance: int, requested: int) -> ServiceError:
@@ -117,21 +96,11 @@ def _insufficient(balance: int, requested: int) -> ServiceError:
     )
 
 
-def _reference_reused(request: EntryRequest, earlier: Entry) -> ServiceError:
+def _reference_reused(earlier: Entry) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.ALREADY_EXISTS,
         "IDEMPOTENCY_KEY_REUSED",
-        f"reference_id {request.reference_id!r} was already used with delta {earlier.delta} "
+        f"reference_id {earlier.reference_id!r} was already used with delta {earlier.delta} "
         f"and reason {earlier.reason}; use a new reference for a different entry",
-        {"reference_id": request.reference_id, "delta": str(earlier.delta), "reason": earlier.reason},
+        {"reference_id": earlier.reference_id, "delta": str(earlier.delta), "reason": earlier.reason},
     )
-
-
-def written(outcomes: list[Outcome], occurred_at: dict[uuid.UUID, datetime]) -> list[Outcome]:
-    """The outcomes with the write time of the entries just written filled in."""
-    return [
-        replace(o, entry=replace(o.entry, occurred_at=occurred_at[o.entry.id]))
-        if o.entry is not None and o.entry.occurred_at is None
-        else o
-        for o in outcomes
-    ]

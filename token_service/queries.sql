@@ -33,35 +33,11 @@ WHERE u.email = $1;
 -- name: account
 SELECT user_id, balance, plan_code, updated_at FROM token_account WHERE user_id = $1;
 
--- name: lock_accounts
--- In user_id order, so concurrent batches cannot deadlock.
-SELECT user_id, balance FROM token_account
-WHERE user_id = ANY($1::uuid[])
-ORDER BY user_id
-FOR UPDATE;
-
--- name: entries_by_reference
--- Run after lock_accounts, so entries committed while waiting for the lock are seen.
-SELECT l.id, l.user_id, l.delta, l.reason, l.reference_id, l.balance_after, l.occurred_at
-FROM unnest($1::uuid[], $2::text[]) AS k(user_id, reference_id)
-JOIN token_ledger l ON l.user_id = k.user_id AND l.reference_id = k.reference_id;
-
--- name: insert_entries
--- New entries in request order, and each account's balance set to its last entry's.
-WITH new_entry AS (
-  SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::bigint[])
-    WITH ORDINALITY AS n(id, user_id, delta, reason, reference_id, balance_after, ord)
-), inserted AS (
-  INSERT INTO token_ledger (id, user_id, delta, reason, reference_id, balance_after)
-  SELECT id, user_id, delta, reason, reference_id, balance_after FROM new_entry ORDER BY ord
-  RETURNING id, occurred_at
-), final_balance AS (
-  SELECT DISTINCT ON (user_id) user_id, balance_after FROM new_entry ORDER BY user_id, ord DESC
-), updated AS (
-  UPDATE token_account a SET balance = f.balance_after, updated_at = now()
-  FROM final_balance f WHERE a.user_id = f.user_id
-)
-SELECT id, occurred_at FROM inserted;
+-- name: append_entries
+-- The ledger's rules live in the function (migration 20261125000003): entries applied in
+-- order, each judged alone, the accounts locked FOR UPDATE, in one round trip.
+SELECT outcome, entry_id, user_id, delta, reason, reference_id, balance_after, occurred_at, balance
+FROM append_entries($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::bigint);
 
 -- name: list_entries
 -- Newest first, after the keyset ($2, $3); the first page passes ('infinity', max bigint).
