@@ -12,10 +12,13 @@ import binascii
 import hashlib
 import hmac
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
 
 from blumpo_common.errors import invalid_argument
+
+T = TypeVar("T")
 
 _KEY = b"blumpo-page-token-v1"
 _DIGEST_BYTES = 16
@@ -44,3 +47,26 @@ def decode(scope: str, token: str, field: str = "page_token") -> list[Any] | Non
     except (binascii.Error, ValueError):
         pass
     raise invalid_argument([(field, "is not a page token issued for this query")])
+
+
+def encode_after(scope: str, moment: datetime, tiebreak: str | int) -> str:
+    """A token for the rows after (moment, tiebreak) in a newest-first keyset list."""
+    return encode(scope, [moment.isoformat(), tiebreak])
+
+
+def next_page_token(scope: str, keys: Sequence[tuple[datetime, str | int]], page_size: int) -> str:
+    """For rows fetched one beyond the page (given by their keys): the next page's token, empty at the end."""
+    if len(keys) <= page_size:
+        return ""
+    return encode_after(scope, *keys[page_size - 1])
+
+
+def decode_after(scope: str, token: str, tiebreak: Callable[[Any], T]) -> tuple[datetime, T] | None:
+    """The (moment, tiebreak) of a token from encode_after; None for an empty token."""
+    key = decode(scope, token)
+    if key is None:
+        return None
+    try:
+        return datetime.fromisoformat(key[0]), tiebreak(key[1])
+    except (IndexError, TypeError, ValueError):
+        raise invalid_argument([("page_token", "is not a page token issued for this query")]) from None

@@ -15,7 +15,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from blumpo.generation.v1 import generation_pb2 as pb
 from blumpo.generation.v1 import generation_pb2_grpc
 from blumpo_common import pagination
-from blumpo_common.errors import ServiceError, invalid_argument
+from blumpo_common.errors import ServiceError
 from blumpo_common.server import Context
 from blumpo_common.timestamps import from_proto, to_proto
 from blumpo_common.validation import Checker
@@ -118,23 +118,6 @@ def check_time(check: Checker, field: str, value: timestamp_pb2.Timestamp) -> da
     except (ValueError, OverflowError):
         check.add(field, "must be a valid timestamp between years 1 and 9999")
         return None
-
-
-def page_after(scope: str, token: str) -> tuple[datetime, uuid.UUID] | None:
-    key = pagination.decode(scope, token)
-    if key is None:
-        return None
-    try:
-        return datetime.fromisoformat(key[0]), uuid.UUID(key[1])
-    except (IndexError, TypeError, ValueError):
-        raise invalid_argument([("page_token", "is not a page token issued for this query")]) from None
-
-
-def next_token(scope: str, rows: list[asyncpg.Record], page_size: int) -> str:
-    if len(rows) <= page_size:
-        return ""
-    last = rows[page_size - 1]
-    return pagination.encode(scope, [last["created_at"].isoformat(), str(last["id"])])
 
 
 # Rows to messages.
@@ -250,10 +233,13 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         check.done()
         wanted = statuses or sorted(lifecycle.VISIBLE)
         scope = f"jobs:{user_id}:{','.join(statuses)}"
-        after = page_after(scope, request.page_token)
+        after = pagination.decode_after(scope, request.page_token, uuid.UUID)
         rows = await self.store.list_jobs(user_id, wanted, after, page_size + 1)
         return pb.ListGenerationJobsResponse(
-            jobs=[job_message(r) for r in rows[:page_size]], next_page_token=next_token(scope, rows, page_size)
+            jobs=[job_message(r) for r in rows[:page_size]],
+            next_page_token=pagination.next_page_token(
+                scope, [(r["created_at"], str(r["id"])) for r in rows], page_size
+            ),
         )
 
     async def UpdateGenerationJobStatus(
@@ -358,14 +344,12 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         page_size = check.page_size("page_size", request.page_size, default=20)
         check.done()
         scope = f"assets:{user_id}"
-        after = page_after(scope, request.page_token)
+        after = pagination.decode_after(scope, request.page_token, uuid.UUID)
         items = await self.store.assets_for_user(user_id, after, page_size + 1)
-        token = ""
-        if len(items) > page_size:
-            last = items[page_size - 1].asset
-            token = pagination.encode(scope, [last["created_at"].isoformat(), str(last["id"])])
+        keys = [(i.asset["created_at"], str(i.asset["id"])) for i in items]
         return pb.GetAssetsForUserResponse(
-            assets=[grouped_message(i) for i in items[:page_size]], next_page_token=token
+            assets=[grouped_message(i) for i in items[:page_size]],
+            next_page_token=pagination.next_page_token(scope, keys, page_size),
         )
 
     async def ArchiveCompletedJobs(

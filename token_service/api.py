@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import asyncpg
 import email_validator
@@ -184,15 +184,12 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         page_size = check.page_size("page_size", request.page_size, default=50)
         check.done()
         scope = f"ledger:{user_id}"
-        key = pagination.decode(scope, request.page_token)
-        after = (datetime.fromisoformat(key[0]), int(key[1])) if key else None
+        after = pagination.decode_after(scope, request.page_token, int)
         rows = await self.store.list_entries(user_id, after, page_size + 1)
-        page = rows[:page_size]
-        next_token = ""
-        if len(rows) > page_size:
-            last = page[-1]
-            next_token = pagination.encode(scope, [last["occurred_at"].isoformat(), last["seq"]])
-        return pb.ListLedgerEntriesResponse(entries=[entry_message(r) for r in page], next_page_token=next_token)
+        return pb.ListLedgerEntriesResponse(
+            entries=[entry_message(r) for r in rows[:page_size]],
+            next_page_token=pagination.next_page_token(scope, [(r["occurred_at"], r["seq"]) for r in rows], page_size),
+        )
 
     async def CheckBalances(self, request: pb.CheckBalancesRequest, context: Context) -> pb.CheckBalancesResponse:
         check = Checker()
