@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit
+
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
     """A setting is missing or malformed; the message names it."""
+
+
+def load_or_exit(service: str, load: Callable[[Mapping[str, str]], T], env: Mapping[str, str]) -> T:
+    """The service's settings; on a bad one, a single line naming it and exit status 2."""
+    try:
+        return load(env)
+    except ConfigError as exc:
+        print(f"{service}: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 @dataclass(frozen=True)

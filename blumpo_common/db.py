@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextvars
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -52,3 +53,21 @@ def timeout(default_seconds: float) -> float:
     if deadline is None:
         return default_seconds
     return max(0.001, min(default_seconds, deadline - time.monotonic()))
+
+
+class BaseStore:
+    """What each service's store shares: its pool and the timeout of each statement."""
+
+    def __init__(self, pool: asyncpg.Pool, timeout_seconds: float) -> None:
+        self.pool = pool
+        self.timeout_seconds = timeout_seconds
+
+    def timeout(self) -> float:
+        """The timeout for one statement of the call being served."""
+        return timeout(self.timeout_seconds)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """A pooled connection in a transaction: committed on exit, rolled back on an exception."""
+        async with self.pool.acquire(timeout=self.timeout()) as conn, conn.transaction():
+            yield conn

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 from dataclasses import dataclass
 
 import asyncpg
@@ -14,7 +13,7 @@ import grpc
 from blumpo.generation.v1 import generation_pb2, generation_pb2_grpc
 from blumpo.token.v1 import token_pb2_grpc
 from blumpo_common import db, logs, retry, server
-from blumpo_common.config import ConfigError, DatabaseConfig
+from blumpo_common.config import DatabaseConfig, load_or_exit
 from blumpo_common.retry import RetryPolicy
 from generation_service import config as generation_config
 from generation_service.api import ERROR_DOMAIN, GenerationApi
@@ -68,11 +67,7 @@ async def run(config: generation_config.Config) -> None:
 
 
 def main() -> None:
-    try:
-        config = generation_config.load(os.environ)
-    except ConfigError as exc:
-        print(f"generation_service: configuration error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    config = load_or_exit("generation_service", generation_config.load, os.environ)
     logs.configure("generation_service", config.server.log_level)
     logging.getLogger(__name__).info("starting", extra={"token_service": config.token_service_target})
     asyncio.run(run(config))

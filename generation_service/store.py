@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -58,22 +57,10 @@ class AssetWithVariants:
     variants: list[asyncpg.Record]
 
 
-class Store:
-    def __init__(self, pool: asyncpg.Pool, timeout_seconds: float) -> None:
-        self.pool = pool
-        self.timeout_seconds = timeout_seconds
-
-    def _timeout(self) -> float:
-        return db.timeout(self.timeout_seconds)
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[db.Connection]:
-        async with self.pool.acquire(timeout=self._timeout()) as conn, conn.transaction():
-            yield conn
-
+class Store(db.BaseStore):
     async def _row(self, name: str, *args: Any, conn: db.Connection | None = None) -> asyncpg.Record | None:
         executor = conn if conn is not None else self.pool
-        return await executor.fetchrow(Q[name], *args, timeout=self._timeout())
+        return await executor.fetchrow(Q[name], *args, timeout=self.timeout())
 
     # The charge saga.
 
@@ -105,14 +92,14 @@ class Store:
 
     async def stale_intents(self, conn: db.Connection, older_than_seconds: float, limit: int) -> list[asyncpg.Record]:
         """The oldest CHARGING jobs left alone that long, locked in conn's transaction; others skip them."""
-        return await conn.fetch(Q["stale_intents"], older_than_seconds, limit, timeout=self._timeout())
+        return await conn.fetch(Q["stale_intents"], older_than_seconds, limit, timeout=self.timeout())
 
     async def owed_refunds(self, conn: db.Connection, older_than_seconds: float, limit: int) -> list[asyncpg.Record]:
-        return await conn.fetch(Q["owed_refunds"], older_than_seconds, limit, timeout=self._timeout())
+        return await conn.fetch(Q["owed_refunds"], older_than_seconds, limit, timeout=self.timeout())
 
     async def refund_done(self, job_id: uuid.UUID, conn: db.Connection | None = None) -> None:
         executor = conn if conn is not None else self.pool
-        await executor.execute(Q["refund_done"], job_id, timeout=self._timeout())
+        await executor.execute(Q["refund_done"], job_id, timeout=self.timeout())
 
     # Jobs.
 
@@ -131,7 +118,7 @@ class Store:
     ) -> list[asyncpg.Record]:
         created_at, job_id = after or (_END_OF_TIME, _MAX_UUID)
         return await self.pool.fetch(
-            Q["list_jobs"], user_id, created_at, job_id, list(statuses), limit, timeout=self._timeout()
+            Q["list_jobs"], user_id, created_at, job_id, list(statuses), limit, timeout=self.timeout()
         )
 
     async def move_job(self, job_id: uuid.UUID, target: str, error_message: str) -> tuple[asyncpg.Record, bool]:
@@ -152,7 +139,7 @@ class Store:
     async def sweep_expired_leases(self) -> list[asyncpg.Record]:
         """Requeues (or fails) up to a batch of RUNNING jobs whose lease ran out."""
         return await self.pool.fetch(
-            Q["sweep_expired_leases"], LEASE_SWEEP_BATCH, lifecycle.MAX_LOST_LEASES, timeout=self._timeout()
+            Q["sweep_expired_leases"], LEASE_SWEEP_BATCH, lifecycle.MAX_LOST_LEASES, timeout=self.timeout()
         )
 
     async def claim_next(self, worker_id: str, lease_seconds: int) -> asyncpg.Record | None:
@@ -237,7 +224,7 @@ class Store:
         return existing
 
     async def asset(self, asset_id: uuid.UUID) -> AssetWithVariants:
-        rows = await self.pool.fetch(Q["asset_with_variants"], asset_id, timeout=self._timeout())
+        rows = await self.pool.fetch(Q["asset_with_variants"], asset_id, timeout=self.timeout())
         if not rows:
             raise not_found("asset", str(asset_id))
         return _group(rows)[0]
@@ -246,9 +233,7 @@ class Store:
         self, user_id: uuid.UUID, after: tuple[datetime, uuid.UUID] | None, limit: int
     ) -> list[AssetWithVariants]:
         created_at, asset_id = after or (_END_OF_TIME, _MAX_UUID)
-        rows = await self.pool.fetch(
-            Q["assets_for_user"], user_id, created_at, asset_id, limit, timeout=self._timeout()
-        )
+        rows = await self.pool.fetch(Q["assets_for_user"], user_id, created_at, asset_id, limit, timeout=self.timeout())
         return _group(rows)
 
     # Maintenance: batch after batch, each its own short transaction.
@@ -256,7 +241,7 @@ class Store:
     async def _in_batches(self, name: str, *args: Any) -> int:
         total = 0
         while True:
-            count: int = await self.pool.fetchval(Q[name], *args, MAINTENANCE_BATCH, timeout=self._timeout())
+            count: int = await self.pool.fetchval(Q[name], *args, MAINTENANCE_BATCH, timeout=self.timeout())
             total += count
             if count < MAINTENANCE_BATCH:
                 return total

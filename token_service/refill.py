@@ -61,7 +61,7 @@ async def run(store: Store, period: str, batch_size: int = BATCH_SIZE, max_batch
                 for row in accounts
                 if row["monthly_allowance"] > 0
             ]
-            outcomes = await store.append_entries_on(conn, requests, store.call_timeout()) if requests else []
+            outcomes = await store.append_entries_on(conn, requests, store.timeout()) if requests else []
         result.finished = len(accounts) < batch_size
         if not accounts:
             break

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 
 import grpc
 
 from blumpo.token.v1 import token_pb2, token_pb2_grpc
 from blumpo_common import db, logs, server
-from blumpo_common.config import ConfigError
+from blumpo_common.config import load_or_exit
 from token_service import config as token_config
 from token_service import otp, otp_sender
 from token_service.api import ERROR_DOMAIN, TokenApi
@@ -54,11 +53,7 @@ async def run(config: token_config.Config) -> None:
 
 
 def main() -> None:
-    try:
-        config = token_config.load(os.environ)
-    except ConfigError as exc:
-        print(f"token_service: configuration error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    config = load_or_exit("token_service", token_config.load, os.environ)
     logs.configure("token_service", config.server.log_level)
     if config.otp.development_secret:
         log.warning("OTP_SECRET is not set: using the fixed development secret (BLUMPO_ENV=development only)")

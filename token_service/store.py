@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -22,31 +21,12 @@ _END_OF_TIME = datetime.max
 _MAX_SEQ = 2**63 - 1
 
 
-class Store:
-    def __init__(self, pool: asyncpg.Pool, timeout_seconds: float) -> None:
-        self.pool = pool
-        self.timeout_seconds = timeout_seconds
-
-    def _timeout(self) -> float:
-        return db.timeout(self.timeout_seconds)
-
-    def call_timeout(self) -> float:
-        """The timeout for one statement of the call being served."""
-        return self._timeout()
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[db.Connection]:
-        """A pooled connection in a transaction: committed on exit, rolled back on an exception."""
-        async with self.pool.acquire(timeout=self._timeout()) as conn, conn.transaction():
-            yield conn
-
+class Store(db.BaseStore):
     async def create_user(self, email: str, plan: str, conn: db.Connection | None = None) -> asyncpg.Record:
         """Creates the user, account and signup grant; runs on conn when given (a caller's transaction)."""
         try:
-            if conn is None:
-                row = await self.pool.fetchrow(Q["create_user"], email, plan, timeout=self._timeout())
-            else:
-                row = await conn.fetchrow(Q["create_user"], email, plan, timeout=self._timeout())
+            executor = conn if conn is not None else self.pool
+            row = await executor.fetchrow(Q["create_user"], email, plan, timeout=self.timeout())
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "app_user_email_key":
                 raise ServiceError(
@@ -58,26 +38,26 @@ class Store:
         return row
 
     async def user_by_id(self, user_id: uuid.UUID) -> asyncpg.Record:
-        row = await self.pool.fetchrow(Q["user_by_id"], user_id, timeout=self._timeout())
+        row = await self.pool.fetchrow(Q["user_by_id"], user_id, timeout=self.timeout())
         if row is None:
             raise not_found("user", str(user_id))
         return row
 
     async def user_by_email(self, email: str) -> asyncpg.Record:
-        row = await self.pool.fetchrow(Q["user_by_email"], email, timeout=self._timeout())
+        row = await self.pool.fetchrow(Q["user_by_email"], email, timeout=self.timeout())
         if row is None:
             raise not_found("user", email)
         return row
 
     async def account(self, user_id: uuid.UUID) -> asyncpg.Record:
-        row = await self.pool.fetchrow(Q["account"], user_id, timeout=self._timeout())
+        row = await self.pool.fetchrow(Q["account"], user_id, timeout=self.timeout())
         if row is None:
             raise not_found("account", str(user_id))
         return row
 
     async def append_entries(self, requests: Sequence[ledger.EntryRequest]) -> list[ledger.Outcome]:
         """Applies the requests in order, in one statement (its own transaction)."""
-        timeout = self._timeout()
+        timeout = self.timeout()
         async with self.pool.acquire(timeout=timeout) as conn:
             return await self.append_entries_on(conn, requests, timeout)
 
@@ -101,7 +81,7 @@ class Store:
         self, user_id: uuid.UUID, after: tuple[datetime, int] | None, limit: int
     ) -> list[asyncpg.Record]:
         occurred_at, seq = after or (_END_OF_TIME, _MAX_SEQ)
-        timeout = self._timeout()
+        timeout = self.timeout()
         rows = await self.pool.fetch(Q["list_entries"], user_id, occurred_at, seq, limit, timeout=timeout)
         if not rows and after is None and not await self.pool.fetchval(Q["user_exists"], user_id, timeout=timeout):
             raise not_found("user", str(user_id))
@@ -109,7 +89,7 @@ class Store:
 
     async def check_balances(self, user_id: uuid.UUID | None) -> tuple[int, list[asyncpg.Record]]:
         """How many accounts were checked, and (up to MAX_MISMATCHES of) those that disagree."""
-        timeout = self._timeout()
+        timeout = self.timeout()
         async with (
             self.pool.acquire(timeout=timeout) as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
@@ -121,7 +101,7 @@ class Store:
         return checked, mismatches
 
     async def change_plan(self, user_id: uuid.UUID, plan: str) -> asyncpg.Record:
-        row = await self.pool.fetchrow(Q["change_plan"], user_id, plan, timeout=self._timeout())
+        row = await self.pool.fetchrow(Q["change_plan"], user_id, plan, timeout=self.timeout())
         assert row is not None
         if not row["plan_exists"]:
             raise invalid_argument([("plan", f"unknown plan {plan!r}")])
@@ -132,15 +112,15 @@ class Store:
     # OTP challenges. The flows (otp.py) hold a transaction and the email's lock.
 
     async def lock_email(self, conn: db.Connection, email: str) -> None:
-        await conn.execute(Q["lock_email"], email, timeout=self._timeout())
+        await conn.execute(Q["lock_email"], email, timeout=self.timeout())
 
     async def otp_requests_since(self, conn: db.Connection, email: str, since: datetime) -> tuple[int, datetime | None]:
-        row = await conn.fetchrow(Q["otp_requests_since"], email, since, timeout=self._timeout())
+        row = await conn.fetchrow(Q["otp_requests_since"], email, since, timeout=self.timeout())
         assert row is not None
         return row["requests"], row["oldest"]
 
     async def supersede_otps(self, conn: db.Connection, email: str, now: datetime) -> None:
-        await conn.execute(Q["supersede_otps"], email, now, timeout=self._timeout())
+        await conn.execute(Q["supersede_otps"], email, now, timeout=self.timeout())
 
     async def insert_otp(
         self,
@@ -151,32 +131,32 @@ class Store:
         now: datetime,
         expires_at: datetime,
     ) -> None:
-        await conn.execute(Q["insert_otp"], challenge_id, email, code_hash, now, expires_at, timeout=self._timeout())
+        await conn.execute(Q["insert_otp"], challenge_id, email, code_hash, now, expires_at, timeout=self.timeout())
 
     async def newest_otp_for_update(self, conn: db.Connection, email: str) -> asyncpg.Record | None:
-        return await conn.fetchrow(Q["newest_otp_for_update"], email, timeout=self._timeout())
+        return await conn.fetchrow(Q["newest_otp_for_update"], email, timeout=self.timeout())
 
     async def record_otp_attempt(
         self, conn: db.Connection, challenge_id: uuid.UUID, invalidate_at: datetime | None
     ) -> None:
-        await conn.execute(Q["record_otp_attempt"], challenge_id, invalidate_at, timeout=self._timeout())
+        await conn.execute(Q["record_otp_attempt"], challenge_id, invalidate_at, timeout=self.timeout())
 
     async def consume_otp(
         self, conn: db.Connection, challenge_id: uuid.UUID, user_id: uuid.UUID, now: datetime
     ) -> None:
-        status = await conn.execute(Q["consume_otp"], challenge_id, user_id, now, timeout=self._timeout())
+        status = await conn.execute(Q["consume_otp"], challenge_id, user_id, now, timeout=self.timeout())
         # The row is locked and was checked live: anything else is a bug, not a race.
         assert status == "UPDATE 1", status
 
     async def user_by_email_on(self, conn: db.Connection, email: str) -> asyncpg.Record | None:
-        return await conn.fetchrow(Q["user_by_email"], email, timeout=self._timeout())
+        return await conn.fetchrow(Q["user_by_email"], email, timeout=self.timeout())
 
     async def delete_expired_otps(self, expired_before: datetime, batch_size: int = OTP_DELETE_BATCH) -> int:
         """Deletes in batches of short transactions, so cleanup never holds many row locks."""
         deleted = 0
         while True:
             status = await self.pool.execute(
-                Q["delete_expired_otps"], expired_before, batch_size, timeout=self._timeout()
+                Q["delete_expired_otps"], expired_before, batch_size, timeout=self.timeout()
             )
             count = int(status.split()[-1])
             deleted += count
@@ -186,4 +166,4 @@ class Store:
     # Monthly refill.
 
     async def refill_batch(self, conn: db.Connection, after: uuid.UUID, limit: int) -> list[asyncpg.Record]:
-        return await conn.fetch(Q["refill_batch"], after, limit, timeout=self._timeout())
+        return await conn.fetch(Q["refill_batch"], after, limit, timeout=self.timeout())
