@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 import grpc
 
 from blumpo.generation.v1 import generation_pb2 as gpb
-from blumpo.generation.v1 import generation_pb2_grpc
 from blumpo.token.v1 import token_pb2 as tpb
-from blumpo.token.v1 import token_pb2_grpc
+from tests.support import GenerationStub, TokenStub
 
-# The async stub classes exist only in the type stubs.
-if TYPE_CHECKING:
-    GenerationStub: TypeAlias = generation_pb2_grpc.GenerationServiceAsyncStub
-    TokenStub: TypeAlias = token_pb2_grpc.TokenServiceAsyncStub
-else:
-    GenerationStub = generation_pb2_grpc.GenerationServiceStub
-    TokenStub = token_pb2_grpc.TokenServiceStub
+__all__ = ["GenerationStub", "TokenStub"]
 
 
 def job_request(

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -16,9 +17,18 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from blumpo.generation.v1 import generation_pb2_grpc
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
 from token_service.otp_sender import DeliveryError
+
+# The async stub classes exist only in the type stubs.
+if TYPE_CHECKING:
+    GenerationStub: TypeAlias = generation_pb2_grpc.GenerationServiceAsyncStub
+    TokenStub: TypeAlias = token_pb2_grpc.TokenServiceAsyncStub
+else:
+    GenerationStub = generation_pb2_grpc.GenerationServiceStub
+    TokenStub = token_pb2_grpc.TokenServiceStub
 
 ROOT = Path(__file__).resolve().parent.parent
 DBMATE = Path(sys.executable).with_name("dbmate")
@@ -75,7 +85,7 @@ def new_email() -> str:
     return f"user-{uuid.uuid4().hex[:12]}@example.com"
 
 
-async def user_with_balance(token: token_pb2_grpc.TokenServiceAsyncStub, balance: int) -> str:
+async def user_with_balance(token: TokenStub, balance: int) -> str:
     """A new user whose balance is exactly `balance` (signup grant adjusted)."""
     user = (await token.CreateUser(tpb.CreateUserRequest(email=new_email()))).user
     delta = balance - user.account.balance
@@ -130,7 +140,7 @@ class CapturingSender:
 class OtpHarness:
     """A token server whose OTP login runs on a fake clock and a capturing sender."""
 
-    token: token_pb2_grpc.TokenServiceAsyncStub
+    token: TokenStub
     clock: FakeClock
     sender: CapturingSender
     secret: bytes

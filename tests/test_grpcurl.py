@@ -7,13 +7,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 from blumpo.token.v1 import token_pb2 as tpb
-from blumpo.token.v1 import token_pb2_grpc
 from tests import support
+from tests.support import TokenStub
 
-Stub: TypeAlias = "token_pb2_grpc.TokenServiceAsyncStub"
 GRPCURL = Path(sys.executable).with_name("grpcurl")
 
 
@@ -33,7 +32,7 @@ async def test_lists_services_through_reflection(token_address: str) -> None:
     ]
 
 
-async def test_append_ledger_entry_call(token: Stub, token_address: str) -> None:
+async def test_append_ledger_entry_call(token: TokenStub, token_address: str) -> None:
     user_id = await support.user_with_balance(token, 100)
     request: dict[str, Any] = {
         "user_id": user_id,

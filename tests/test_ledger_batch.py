@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from typing import TypeAlias
 
 import asyncpg
 import grpc
@@ -13,10 +12,9 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from blumpo.token.v1 import token_pb2 as tpb
-from blumpo.token.v1 import token_pb2_grpc
 from tests import support
+from tests.support import TokenStub
 
-Stub: TypeAlias = "token_pb2_grpc.TokenServiceAsyncStub"
 OK = grpc.StatusCode.OK.value[0]
 ADJ = tpb.LEDGER_REASON_ADJUSTMENT
 GEN = tpb.LEDGER_REASON_GENERATION
@@ -44,7 +42,7 @@ def details(status: status_pb2.Status) -> tuple[str, dict[str, str], list[str]]:
     return reason, metadata, fields
 
 
-async def single(token: Stub, request: tpb.AppendLedgerEntryRequest) -> tuple[int, str, dict[str, str], bool, int]:
+async def single(token: TokenStub, request: tpb.AppendLedgerEntryRequest) -> tuple[int, str, dict[str, str], bool, int]:
     """What AppendLedgerEntry answers: (code, reason, metadata, replayed, balance_after)."""
     try:
         response = await token.AppendLedgerEntry(request)
@@ -79,7 +77,7 @@ def mixed_batch(a: str, b: str, missing: str) -> list[tpb.AppendLedgerEntryReque
     ]
 
 
-async def two_accounts(token: Stub) -> tuple[str, str]:
+async def two_accounts(token: TokenStub) -> tuple[str, str]:
     a = await support.user_with_balance(token, 100)
     b = await support.user_with_balance(token, 10)
     await token.AppendLedgerEntry(entry(a, 3, "before"))
@@ -87,7 +85,7 @@ async def two_accounts(token: Stub) -> tuple[str, str]:
     return a, b
 
 
-async def test_mixed_batch_matches_the_single_entry_rules(token: Stub, admin: asyncpg.Connection) -> None:
+async def test_mixed_batch_matches_the_single_entry_rules(token: TokenStub, admin: asyncpg.Connection) -> None:
     missing = str(uuid.uuid4())
     a, b = await two_accounts(token)
     response = await token.AppendLedgerEntries(tpb.AppendLedgerEntriesRequest(entries=mixed_batch(a, b, missing)))
@@ -158,7 +156,7 @@ async def test_mixed_batch_matches_the_single_entry_rules(token: Stub, admin: as
 
 
 @pytest.mark.parametrize("count", [0, 1001])
-async def test_batch_size_must_be_1_to_1000(token: Stub, admin: asyncpg.Connection, count: int) -> None:
+async def test_batch_size_must_be_1_to_1000(token: TokenStub, admin: asyncpg.Connection, count: int) -> None:
     user = await support.user_with_balance(token, 10)
     before = await support.row_counts(admin, "token")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -170,7 +168,7 @@ async def test_batch_size_must_be_1_to_1000(token: Stub, admin: asyncpg.Connecti
     assert await support.row_counts(admin, "token") == before
 
 
-async def test_a_batch_of_1000_entries_for_one_account_applies_in_order(token: Stub) -> None:
+async def test_a_batch_of_1000_entries_for_one_account_applies_in_order(token: TokenStub) -> None:
     user = await support.user_with_balance(token, 0)
     entries = [entry(user, 1 if i % 2 == 0 else -1, f"step-{i}") for i in range(1000)]
     response = await token.AppendLedgerEntries(tpb.AppendLedgerEntriesRequest(entries=entries))
@@ -183,7 +181,7 @@ async def test_a_batch_of_1000_entries_for_one_account_applies_in_order(token: S
 
 
 async def test_concurrent_overlapping_batches_keep_the_ledger_consistent(
-    token: Stub, admin: asyncpg.Connection
+    token: TokenStub, admin: asyncpg.Connection
 ) -> None:
     users = [await support.user_with_balance(token, 20) for _ in range(6)]
     rng = random.Random(7)

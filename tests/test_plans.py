@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from typing import TypeAlias
 
 import asyncpg
 import grpc
 import pytest
 
 from blumpo.token.v1 import token_pb2 as tpb
-from blumpo.token.v1 import token_pb2_grpc
 from tests import support
+from tests.support import TokenStub
 
-Stub: TypeAlias = "token_pb2_grpc.TokenServiceAsyncStub"
 
-
-async def test_change_plan_moves_the_account(token: Stub) -> None:
+async def test_change_plan_moves_the_account(token: TokenStub) -> None:
     user = (await token.CreateUser(tpb.CreateUserRequest(email=support.new_email()))).user
     account = (await token.ChangePlan(tpb.ChangePlanRequest(user_id=user.user_id, plan="pro"))).account
     assert account.user_id == user.user_id and account.plan == "pro"
@@ -28,7 +25,7 @@ async def test_change_plan_moves_the_account(token: Stub) -> None:
     assert back.plan == "free"
 
 
-async def test_grants_and_allowances_come_from_the_plan_table(token: Stub, admin: asyncpg.Connection) -> None:
+async def test_grants_and_allowances_come_from_the_plan_table(token: TokenStub, admin: asyncpg.Connection) -> None:
     await admin.execute(
         "INSERT INTO token.plan (code, name, monthly_allowance, signup_grant) VALUES ('studio', 'Studio', 77, 33) "
         "ON CONFLICT DO NOTHING"
@@ -42,7 +39,7 @@ async def test_grants_and_allowances_come_from_the_plan_table(token: Stub, admin
         assert (await token.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=user_id))).balance == balance
 
 
-async def test_change_plan_of_an_unknown_user_is_not_found(token: Stub, admin: asyncpg.Connection) -> None:
+async def test_change_plan_of_an_unknown_user_is_not_found(token: TokenStub, admin: asyncpg.Connection) -> None:
     before = await support.row_counts(admin, "token")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await token.ChangePlan(tpb.ChangePlanRequest(user_id=str(uuid.uuid4()), plan="pro"))
@@ -51,7 +48,7 @@ async def test_change_plan_of_an_unknown_user_is_not_found(token: Stub, admin: a
     assert await support.row_counts(admin, "token") == before
 
 
-async def test_an_unknown_plan_leaves_the_account_alone(token: Stub) -> None:
+async def test_an_unknown_plan_leaves_the_account_alone(token: TokenStub) -> None:
     user = (await token.CreateUser(tpb.CreateUserRequest(email=support.new_email()))).user
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await token.ChangePlan(tpb.ChangePlanRequest(user_id=user.user_id, plan="platinum"))

@@ -7,22 +7,19 @@ checks its own accounts; the counts it checks for all accounts come from the dat
 from __future__ import annotations
 
 import asyncio
-from typing import TypeAlias
 
 import asyncpg
 import grpc
 import pytest
 
 from blumpo.token.v1 import token_pb2 as tpb
-from blumpo.token.v1 import token_pb2_grpc
 from tests import support
+from tests.support import TokenStub
 from token_service import refill
 from token_service.store import Store
 
-Stub: TypeAlias = "token_pb2_grpc.TokenServiceAsyncStub"
 
-
-async def new_users(token: Stub, plans: list[str]) -> list[str]:
+async def new_users(token: TokenStub, plans: list[str]) -> list[str]:
     users = []
     for plan in plans:
         user = (await token.CreateUser(tpb.CreateUserRequest(email=support.new_email(), plan=plan))).user
@@ -51,7 +48,7 @@ async def eligible_accounts(admin: asyncpg.Connection) -> tuple[int, int]:
     return row["total"], row["eligible"]
 
 
-async def assert_consistent(token: Stub) -> None:
+async def assert_consistent(token: TokenStub) -> None:
     checked = await token.CheckBalances(tpb.CheckBalancesRequest())
     assert checked.accounts_checked > 0
     assert list(checked.mismatches) == []
@@ -67,7 +64,7 @@ async def no_allowance_plan(admin: asyncpg.Connection) -> str:
 
 
 async def test_refill_credits_each_plan_its_allowance_once(
-    token: Stub, admin: asyncpg.Connection, no_allowance_plan: str
+    token: TokenStub, admin: asyncpg.Connection, no_allowance_plan: str
 ) -> None:
     free, pro, paused = await new_users(token, ["free", "pro", no_allowance_plan])
     total, eligible = await eligible_accounts(admin)
@@ -92,7 +89,7 @@ async def test_refill_credits_each_plan_its_allowance_once(
 
 
 async def test_refill_stopped_half_way_and_rerun_credits_each_account_once(
-    token: Stub, token_store: Store, admin: asyncpg.Connection
+    token: TokenStub, token_store: Store, admin: asyncpg.Connection
 ) -> None:
     await new_users(token, ["free"] * 6 + ["pro"] * 4)
     total, eligible = await eligible_accounts(admin)
@@ -114,7 +111,7 @@ async def test_refill_stopped_half_way_and_rerun_credits_each_account_once(
 
 
 async def test_refill_cancelled_at_any_point_and_rerun_credits_each_account_once(
-    token: Stub, token_store: Store, admin: asyncpg.Connection
+    token: TokenStub, token_store: Store, admin: asyncpg.Connection
 ) -> None:
     await new_users(token, ["free"] * 5)
     _, eligible = await eligible_accounts(admin)
@@ -132,7 +129,7 @@ async def test_refill_cancelled_at_any_point_and_rerun_credits_each_account_once
 
 
 async def test_concurrent_refills_of_one_period_credit_each_account_once(
-    token: Stub, admin: asyncpg.Connection
+    token: TokenStub, admin: asyncpg.Connection
 ) -> None:
     await new_users(token, ["pro"] * 3)
     total, eligible = await eligible_accounts(admin)
@@ -146,7 +143,7 @@ async def test_concurrent_refills_of_one_period_credit_each_account_once(
     await assert_consistent(token)
 
 
-async def test_refill_uses_the_plan_at_the_time_of_the_refill(token: Stub, admin: asyncpg.Connection) -> None:
+async def test_refill_uses_the_plan_at_the_time_of_the_refill(token: TokenStub, admin: asyncpg.Connection) -> None:
     [user] = await new_users(token, ["free"])
     await token.ChangePlan(tpb.ChangePlanRequest(user_id=user, plan="pro"))
     await token.RunMonthlyRefill(tpb.RunMonthlyRefillRequest(period="2034-01"))
@@ -157,7 +154,7 @@ async def test_refill_uses_the_plan_at_the_time_of_the_refill(token: Stub, admin
     "period", ["", "2026-13", "2026-00", "26-01", "2026-1", "1999-12", "2026-01-01", "２０２６-01", "2026-01\n"]
 )
 async def test_refill_refuses_a_malformed_period_and_writes_nothing(
-    token: Stub, admin: asyncpg.Connection, period: str
+    token: TokenStub, admin: asyncpg.Connection, period: str
 ) -> None:
     before = await support.row_counts(admin, "token")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -172,7 +169,7 @@ def test_reference_is_the_period() -> None:
 
 
 async def test_refill_concurrent_with_debits_keeps_every_balance_equal_to_its_ledger(
-    token: Stub, admin: asyncpg.Connection
+    token: TokenStub, admin: asyncpg.Connection
 ) -> None:
     users = await new_users(token, ["free"] * 8)
     debits = [

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from typing import TypeAlias
 
 import asyncpg
 import pytest
 
-from blumpo.token.v1 import token_pb2_grpc
 from tests import support
+from tests.support import TokenStub
 
-Stub: TypeAlias = "token_pb2_grpc.TokenServiceAsyncStub"
 TOKEN_TABLES = ["plan", "app_user", "token_account", "token_ledger", "auth_otp"]
 GENERATION_TABLES = ["generation_job", "asset_image", "asset_image_variant"]
 
@@ -59,7 +57,9 @@ async def test_each_role_reads_its_own_schema(database_url: str) -> None:
         (None, "DELETE FROM token.token_ledger WHERE user_id = $1"),
     ],
 )
-async def test_ledger_rows_cannot_be_changed(token: Stub, database_url: str, role: str | None, statement: str) -> None:
+async def test_ledger_rows_cannot_be_changed(
+    token: TokenStub, database_url: str, role: str | None, statement: str
+) -> None:
     user_id = uuid.UUID(await support.user_with_balance(token, 120))  # two entries: grant, adjustment
     conn = await asyncpg.connect(database_url, server_settings={"role": role} if role else {})
     try:

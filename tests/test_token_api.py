@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from typing import TypeAlias
 
 import asyncpg
 import grpc
 import pytest
 
 from blumpo.token.v1 import token_pb2 as tpb
-from blumpo.token.v1 import token_pb2_grpc
 from tests import support
-
-Stub: TypeAlias = "token_pb2_grpc.TokenServiceAsyncStub"
+from tests.support import TokenStub
 
 
 def entry(
@@ -22,7 +19,9 @@ def entry(
     return tpb.AppendLedgerEntryRequest(user_id=user_id, delta=delta, reason=reason, reference_id=reference_id)
 
 
-async def test_create_user_normalizes_email_and_grants_signup_bonus(token: Stub, admin: asyncpg.Connection) -> None:
+async def test_create_user_normalizes_email_and_grants_signup_bonus(
+    token: TokenStub, admin: asyncpg.Connection
+) -> None:
     email = support.new_email()
     user = (await token.CreateUser(tpb.CreateUserRequest(email=f"  {email.upper()} "))).user
     assert user.email == email
@@ -36,12 +35,12 @@ async def test_create_user_normalizes_email_and_grants_signup_bonus(token: Stub,
     assert [tuple(r) for r in rows] == [("SIGNUP_BONUS", 100, "signup")]
 
 
-async def test_create_user_on_pro_plan(token: Stub) -> None:
+async def test_create_user_on_pro_plan(token: TokenStub) -> None:
     user = (await token.CreateUser(tpb.CreateUserRequest(email=support.new_email(), plan="pro"))).user
     assert user.account.plan == "pro"
 
 
-async def test_create_user_with_taken_email_is_already_exists(token: Stub, admin: asyncpg.Connection) -> None:
+async def test_create_user_with_taken_email_is_already_exists(token: TokenStub, admin: asyncpg.Connection) -> None:
     email = support.new_email()
     await token.CreateUser(tpb.CreateUserRequest(email=email))
     before = await support.row_counts(admin, "token")
@@ -54,7 +53,7 @@ async def test_create_user_with_taken_email_is_already_exists(token: Stub, admin
 
 
 async def test_create_user_with_unknown_plan_is_invalid_and_writes_nothing(
-    token: Stub, admin: asyncpg.Connection
+    token: TokenStub, admin: asyncpg.Connection
 ) -> None:
     before = await support.row_counts(admin, "token")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -64,7 +63,7 @@ async def test_create_user_with_unknown_plan_is_invalid_and_writes_nothing(
     assert await support.row_counts(admin, "token") == before
 
 
-async def test_get_user_by_id_and_by_email(token: Stub) -> None:
+async def test_get_user_by_id_and_by_email(token: TokenStub) -> None:
     created = (await token.CreateUser(tpb.CreateUserRequest(email=support.new_email()))).user
     by_id = (await token.GetUser(tpb.GetUserRequest(user_id=created.user_id))).user
     by_email = (await token.GetUser(tpb.GetUserRequest(email=created.email.upper()))).user
@@ -72,7 +71,7 @@ async def test_get_user_by_id_and_by_email(token: Stub) -> None:
     assert by_email == created
 
 
-async def test_get_user_reflects_the_current_balance(token: Stub) -> None:
+async def test_get_user_reflects_the_current_balance(token: TokenStub) -> None:
     user_id = await support.user_with_balance(token, 40)
     user = (await token.GetUser(tpb.GetUserRequest(user_id=user_id))).user
     assert user.account.balance == 40
@@ -81,27 +80,27 @@ async def test_get_user_reflects_the_current_balance(token: Stub) -> None:
 @pytest.mark.parametrize(
     "request_", [tpb.GetUserRequest(user_id=str(uuid.uuid4())), tpb.GetUserRequest(email="nobody@example.com")]
 )
-async def test_get_unknown_user_is_not_found(token: Stub, request_: tpb.GetUserRequest) -> None:
+async def test_get_unknown_user_is_not_found(token: TokenStub, request_: tpb.GetUserRequest) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await token.GetUser(request_)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert support.error_info(caught.value).reason == "USER_NOT_FOUND"
 
 
-async def test_get_token_balance(token: Stub) -> None:
+async def test_get_token_balance(token: TokenStub) -> None:
     user_id = await support.user_with_balance(token, 75)
     balance = await token.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=user_id))
     assert (balance.user_id, balance.balance, balance.plan) == (user_id, 75, "free")
 
 
-async def test_get_token_balance_of_unknown_user_is_not_found(token: Stub) -> None:
+async def test_get_token_balance_of_unknown_user_is_not_found(token: TokenStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await token.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=str(uuid.uuid4())))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert support.error_info(caught.value).reason == "ACCOUNT_NOT_FOUND"
 
 
-async def test_append_debit_and_credit(token: Stub) -> None:
+async def test_append_debit_and_credit(token: TokenStub) -> None:
     user_id = await support.user_with_balance(token, 100)
     debit = await token.AppendLedgerEntry(entry(user_id, -30, "job-1", tpb.LEDGER_REASON_GENERATION))
     assert not debit.replayed
@@ -114,7 +113,7 @@ async def test_append_debit_and_credit(token: Stub) -> None:
     assert balance.balance == 570
 
 
-async def test_append_same_reference_replays_without_writing(token: Stub, admin: asyncpg.Connection) -> None:
+async def test_append_same_reference_replays_without_writing(token: TokenStub, admin: asyncpg.Connection) -> None:
     user_id = await support.user_with_balance(token, 100)
     first = await token.AppendLedgerEntry(entry(user_id, -10, "job-2", tpb.LEDGER_REASON_GENERATION))
     before = await support.row_counts(admin, "token")
@@ -129,7 +128,7 @@ async def test_append_same_reference_replays_without_writing(token: Stub, admin:
     ("delta", "reason"), [(-11, tpb.LEDGER_REASON_GENERATION), (-10, tpb.LEDGER_REASON_ADJUSTMENT)]
 )
 async def test_append_same_reference_with_other_delta_or_reason_is_rejected(
-    token: Stub, admin: asyncpg.Connection, delta: int, reason: tpb.LedgerReason.ValueType
+    token: TokenStub, admin: asyncpg.Connection, delta: int, reason: tpb.LedgerReason.ValueType
 ) -> None:
     user_id = await support.user_with_balance(token, 100)
     await token.AppendLedgerEntry(entry(user_id, -10, "job-3", tpb.LEDGER_REASON_GENERATION))
@@ -141,7 +140,7 @@ async def test_append_same_reference_with_other_delta_or_reason_is_rejected(
     assert await support.row_counts(admin, "token") == before
 
 
-async def test_append_beyond_balance_is_insufficient_tokens(token: Stub, admin: asyncpg.Connection) -> None:
+async def test_append_beyond_balance_is_insufficient_tokens(token: TokenStub, admin: asyncpg.Connection) -> None:
     user_id = await support.user_with_balance(token, 25)
     before = await support.row_counts(admin, "token")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -156,14 +155,14 @@ async def test_append_beyond_balance_is_insufficient_tokens(token: Stub, admin: 
     assert spent.entry.balance_after == 0
 
 
-async def test_append_for_unknown_user_is_not_found(token: Stub) -> None:
+async def test_append_for_unknown_user_is_not_found(token: TokenStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await token.AppendLedgerEntry(entry(str(uuid.uuid4()), 5, "gift"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert support.error_info(caught.value).reason == "ACCOUNT_NOT_FOUND"
 
 
-async def test_list_ledger_entries_pages_newest_first(token: Stub) -> None:
+async def test_list_ledger_entries_pages_newest_first(token: TokenStub) -> None:
     user_id = await support.user_with_balance(token, 100)
     for n in range(7):
         await token.AppendLedgerEntry(entry(user_id, -1, f"job-{n}", tpb.LEDGER_REASON_GENERATION))
@@ -187,7 +186,7 @@ async def test_list_ledger_entries_pages_newest_first(token: Stub) -> None:
     assert [e.balance_after for e in everything.entries][:3] == [93, 94, 95]
 
 
-async def test_list_ledger_entries_rejects_a_tampered_or_foreign_page_token(token: Stub) -> None:
+async def test_list_ledger_entries_rejects_a_tampered_or_foreign_page_token(token: TokenStub) -> None:
     user_id = await support.user_with_balance(token, 100)
     for n in range(3):
         await token.AppendLedgerEntry(entry(user_id, -1, f"job-{n}"))
@@ -201,14 +200,14 @@ async def test_list_ledger_entries_rejects_a_tampered_or_foreign_page_token(toke
         assert support.bad_fields(caught.value) == ["page_token"]
 
 
-async def test_list_ledger_entries_of_unknown_user_is_not_found(token: Stub) -> None:
+async def test_list_ledger_entries_of_unknown_user_is_not_found(token: TokenStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await token.ListLedgerEntries(tpb.ListLedgerEntriesRequest(user_id=str(uuid.uuid4())))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_check_balances_finds_no_mismatch_then_finds_a_corrupted_account(
-    token: Stub, admin: asyncpg.Connection
+    token: TokenStub, admin: asyncpg.Connection
 ) -> None:
     user_id = await support.user_with_balance(token, 60)
     one = await token.CheckBalances(tpb.CheckBalancesRequest(user_id=user_id))
@@ -227,13 +226,13 @@ async def test_check_balances_finds_no_mismatch_then_finds_a_corrupted_account(
         await admin.execute("UPDATE token.token_account SET balance = 60 WHERE user_id = $1", uuid.UUID(user_id))
 
 
-async def test_check_balances_of_unknown_user_is_not_found(token: Stub) -> None:
+async def test_check_balances_of_unknown_user_is_not_found(token: TokenStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await token.CheckBalances(tpb.CheckBalancesRequest(user_id=str(uuid.uuid4())))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_error_messages_name_no_sql(token: Stub) -> None:
+async def test_error_messages_name_no_sql(token: TokenStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await token.CreateUser(tpb.CreateUserRequest(email=support.new_email(), plan="x" * 33))
     assert "SELECT" not in (caught.value.details() or "")

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import TypeAlias
 
 import asyncpg
 import grpc
 
 from blumpo.token.v1 import token_pb2 as tpb
-from blumpo.token.v1 import token_pb2_grpc
 from tests import support
+from tests.support import TokenStub
 
-Stub: TypeAlias = "token_pb2_grpc.TokenServiceAsyncStub"
 
-
-async def assert_ledger_consistent(token: Stub, admin: asyncpg.Connection, user_id: str) -> None:
+async def assert_ledger_consistent(token: TokenStub, admin: asyncpg.Connection, user_id: str) -> None:
     """Balance = sum of the ledger = last balance_after, never negative, one entry per reference."""
     check = await token.CheckBalances(tpb.CheckBalancesRequest(user_id=user_id))
     assert (check.accounts_checked, list(check.mismatches)) == (1, [])
@@ -38,7 +35,7 @@ async def assert_ledger_consistent(token: Stub, admin: asyncpg.Connection, user_
         assert row["balance_after"] == running
 
 
-async def test_fifty_concurrent_debits_spend_exactly_the_balance(token: Stub, admin: asyncpg.Connection) -> None:
+async def test_fifty_concurrent_debits_spend_exactly_the_balance(token: TokenStub, admin: asyncpg.Connection) -> None:
     user_id = await support.user_with_balance(token, 200)
 
     async def debit(n: int) -> grpc.StatusCode:
@@ -65,7 +62,7 @@ async def test_fifty_concurrent_debits_spend_exactly_the_balance(token: Stub, ad
 
 
 async def test_twenty_concurrent_calls_with_one_reference_write_one_entry(
-    token: Stub, admin: asyncpg.Connection
+    token: TokenStub, admin: asyncpg.Connection
 ) -> None:
     user_id = await support.user_with_balance(token, 100)
     request = tpb.AppendLedgerEntryRequest(
@@ -84,7 +81,7 @@ async def test_twenty_concurrent_calls_with_one_reference_write_one_entry(
 
 
 async def test_concurrent_mixed_credits_and_debits_across_accounts_stay_consistent(
-    token: Stub, admin: asyncpg.Connection
+    token: TokenStub, admin: asyncpg.Connection
 ) -> None:
     users = [await support.user_with_balance(token, 50) for _ in range(4)]
 

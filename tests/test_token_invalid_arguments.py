@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 
 from blumpo.token.v1 import token_pb2 as tpb
-from blumpo.token.v1 import token_pb2_grpc
 from tests import support
+from tests.support import TokenStub
 
-Stub: TypeAlias = "token_pb2_grpc.TokenServiceAsyncStub"
 GOOD_EMAIL = "someone@example.com"
 GOOD_ID = str(uuid.uuid4())
 
@@ -42,7 +41,7 @@ CASES: list[tuple[str, Any, list[str]]] = [
 
 @pytest.mark.parametrize(("method", "request_message", "fields"), CASES)
 async def test_bad_input_is_invalid_argument_and_writes_nothing(
-    token: Stub, admin: asyncpg.Connection, method: str, request_message: Any, fields: list[str]
+    token: TokenStub, admin: asyncpg.Connection, method: str, request_message: Any, fields: list[str]
 ) -> None:
     before = await support.row_counts(admin, "token")
     with pytest.raises(grpc.aio.AioRpcError) as caught:

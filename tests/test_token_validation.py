@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeAlias
+from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 
 from blumpo.token.v1 import token_pb2 as tpb
-from blumpo.token.v1 import token_pb2_grpc
 from tests import support
+from tests.support import TokenStub
 
-Stub: TypeAlias = "token_pb2_grpc.TokenServiceAsyncStub"
 GOOD_ID = str(uuid.uuid4())
 BAD_IDS = ["", "not-a-uuid", GOOD_ID.upper(), GOOD_ID.replace("-", ""), "{" + GOOD_ID + "}"]
 
@@ -88,7 +87,7 @@ ID_CASES: list[tuple[str, str, Any, str]] = [
     ("rpc", "label", "request_", "field"), CASES + ID_CASES, ids=[f"{c[0]}: {c[1]}" for c in CASES + ID_CASES]
 )
 async def test_bad_field_is_invalid_argument_naming_it(
-    token: Stub, admin: asyncpg.Connection, rpc: str, label: str, request_: Any, field: str
+    token: TokenStub, admin: asyncpg.Connection, rpc: str, label: str, request_: Any, field: str
 ) -> None:
     call: Callable[[Any], Awaitable[Any]] = getattr(token, rpc)
     before = await support.row_counts(admin, "token")
@@ -101,7 +100,7 @@ async def test_bad_field_is_invalid_argument_naming_it(
     assert await support.row_counts(admin, "token") == before
 
 
-async def test_every_bad_field_is_named_at_once(token: Stub) -> None:
+async def test_every_bad_field_is_named_at_once(token: TokenStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await token.AppendLedgerEntry(tpb.AppendLedgerEntryRequest())
     assert support.bad_fields(caught.value) == ["user_id", "delta", "reason", "reference_id"]
