@@ -1,0 +1,76 @@
+"""How `make` finds its database: DATABASE_URL, else POSTGRES_URL, else the server on
+localhost:5432, else a private server it starts under .data/postgres (and `make stop` stops)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.processes import free_port
+from tests.support import ROOT
+
+
+def database_url(project: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "POSTGRES_URL")}
+    return subprocess.run(
+        [str(project / "scripts/database-url")], env=clean | env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture
+def project() -> Iterator[Path]:
+    """A copy of the scripts and Makefile in a folder the postgres user can enter."""
+    folder = Path(tempfile.mkdtemp(prefix="blumpo-devdb-"))
+    folder.chmod(0o755)
+    (folder / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts/database-url", folder / "scripts/database-url")
+    shutil.copy(ROOT / "Makefile", folder / "Makefile")
+    (folder / "protos").mkdir()
+    yield folder
+    subprocess.run(["make", "--no-print-directory", "stop"], cwd=folder, capture_output=True, timeout=60)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_an_explicit_url_wins(project: Path) -> None:
+    assert database_url(project, DATABASE_URL="postgresql://a/b").stdout.strip() == "postgresql://a/b"
+    assert database_url(project, POSTGRES_URL="postgresql://c/d").stdout.strip() == "postgresql://c/d"
+
+
+def test_the_local_server_is_used_when_it_answers(project: Path) -> None:
+    done = database_url(project)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "postgresql://postgres@127.0.0.1:5432/blumpo?sslmode=disable"
+    assert not (project / ".data").exists()
+
+
+async def test_a_private_server_is_started_when_none_answers_and_make_stop_stops_it(project: Path) -> None:
+    port = free_port()
+    env = {"BLUMPO_LOCAL_PG_PORT": str(free_port()), "BLUMPO_PRIVATE_PG_PORT": str(port)}
+    first = database_url(project, **env)
+    assert first.returncode == 0, first.stderr
+    url = first.stdout.strip()
+    assert url == f"postgresql://postgres@127.0.0.1:{port}/blumpo?sslmode=disable"
+    assert "started a private PostgreSQL" in first.stderr
+    assert (project / ".data/postgres/PG_VERSION").exists()
+    conn = await asyncpg.connect(url.replace("/blumpo?", "/postgres?"))
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
+    again = database_url(project, **env)
+    assert (again.stdout.strip(), again.stderr) == (url, "")  # running already: not started twice
+
+    stopped = await asyncio.to_thread(
+        subprocess.run, ["make", "--no-print-directory", "stop"], cwd=project, capture_output=True, timeout=60
+    )
+    assert stopped.returncode == 0, stopped.stderr
+    with pytest.raises(OSError):
+        await asyncpg.connect(url.replace("/blumpo?", "/postgres?"), timeout=3)
