@@ -7,24 +7,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import append, common, refill
+from bench import append, common, generation, refill
 from token_service import refill as refill_job
 
 
 async def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("which", nargs="*", help="append, refill (default: both)")
+    parser.add_argument("which", nargs="*", help="append, generation, refill (default: all)")
     parser.add_argument("--accounts", type=int, default=100_000, help="accounts for the refill")
     parser.add_argument("--write-docs", action="store_true", help="put the figures into docs/benchmarks.md")
     args = parser.parse_args(argv)
-    unknown = set(args.which) - {"append", "refill"}
+    unknown = set(args.which) - {"append", "generation", "refill"}
     if unknown:
         parser.error(f"unknown benchmark {', '.join(sorted(unknown))}")
     base = os.environ.get("DATABASE_URL") or os.environ.get("POSTGRES_URL")
     if not base:
         print("DATABASE_URL is not set: run `make bench`", file=sys.stderr)
         return 2
-    for which in args.which or ["append", "refill"]:
+    for which in args.which or ["append", "generation", "refill"]:
         url = common.scratch_database_url(base, "bench")
         common.dbmate(url, "up")
         try:
@@ -32,7 +32,8 @@ async def main(argv: list[str]) -> int:
                 lines = await refill.bench(url, args.accounts, refill_job.BATCH_SIZE)
             else:
                 with tempfile.TemporaryDirectory() as work_dir:
-                    lines = await append.bench(url, Path(work_dir))
+                    run = append.bench if which == "append" else generation.bench
+                    lines = await run(url, Path(work_dir))
         finally:
             common.drop_database(url)
         print(f"## {which}\n" + "\n".join(lines) + "\n", flush=True)

@@ -1,0 +1,205 @@
+"""Generation jobs: CreateGenerationJob (the charge saga) and ClaimNextJob, over gRPC,
+against pgbench running the same SQL in the same run.
+
+A create is three statements: the intent (generation's insert_intent), the debit
+(token's append_entries, reached through the token service) and the settle
+(finish_charged); the baseline runs those three statements with pgbench. A claim is
+sweep_expired_leases then claim_next; the baseline runs those two. Both services run as
+their own processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import grpc
+
+from bench import common
+from blumpo.generation.v1 import generation_pb2 as gpb
+from blumpo.generation.v1 import generation_pb2_grpc
+from generation_service import lifecycle
+from generation_service.store import Q as GQ
+from tests.processes import ServiceProcess, free_port
+from token_service import ledger
+from token_service.store import Q as TQ
+
+ACCOUNTS = 1000
+START_BALANCE = 10**12
+COST = 10
+PARAMS = {"width": 1024, "height": 1024, "steps": 30, "seed": 0, "model": "bench", "extra": {}}
+# (clients, creates per client)
+CREATE_RUNS = ((1, 1000), (16, 250))
+WORKERS, CLAIMS_PER_WORKER = 16, 250
+
+SEED_SQL = f"""
+WITH g AS (
+  SELECT n, md5(n::text)::uuid AS id FROM generate_series(1, {ACCOUNTS}) AS n
+), users AS (
+  INSERT INTO token.app_user (id, email) SELECT id, 'gen-' || n || '@example.com' FROM g
+), accounts AS (
+  INSERT INTO token.token_account (user_id, balance, plan_code) SELECT id, {START_BALANCE}, 'free' FROM g
+)
+INSERT INTO token.token_ledger (user_id, delta, reason, reference_id, balance_after)
+SELECT id, {START_BALANCE}, 'PURCHASE', 'bench-start', {START_BALANCE} FROM g
+"""
+
+
+def user_id(n: int) -> str:
+    return str(uuid.UUID(hex=hashlib.md5(str(n).encode()).hexdigest()))
+
+
+def create_script() -> str:
+    job = "md5(:client_id || '-' || :r)::uuid"
+    intent = common.one_line(
+        GQ["insert_intent"],
+        {
+            1: job,
+            2: "md5(:u::text)::uuid",
+            3: "'bench prompt'",
+            4: f"'{json.dumps(PARAMS)}'",
+            5: str(COST),
+            6: "'\\x00'::bytea",
+        },
+    )
+    debit = common.one_line(
+        TQ["append_entries"],
+        {
+            1: "ARRAY[md5(:u::text)::uuid]",
+            2: f"ARRAY[-{COST}]",
+            3: "ARRAY['GENERATION']",
+            4: f"ARRAY[{job}::text]",
+            5: str(ledger.MAX_BALANCE),
+        },
+    )
+    settle = common.one_line(GQ["finish_charged"], {1: job})
+    return "\n".join(
+        [
+            f"\\set u random(1, {ACCOUNTS})",
+            "\\set r random(1, 9000000000000000000)",
+            f"{intent};",
+            f"{debit};",
+            f"{settle};",
+            "",
+        ]
+    )
+
+
+def claim_script() -> str:
+    sweep = common.one_line(GQ["sweep_expired_leases"], {1: "100", 2: str(lifecycle.MAX_LOST_LEASES)})
+    claim = common.one_line(GQ["claim_next"], {1: "'pgbench-' || :client_id", 2: "300"})
+    return f"{sweep};\n{claim};\n"
+
+
+async def timed(clients: int, per_client: int, call: object) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+
+    async def client(number: int) -> None:
+        for n in range(per_client):
+            started = time.perf_counter()
+            await call(number, n)  # type: ignore[operator]
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    return time.perf_counter() - started, latencies
+
+
+def p50(latencies: list[float]) -> float:
+    return sorted(latencies)[len(latencies) // 2]
+
+
+async def bench(url: str, work_dir: Path) -> list[str]:
+    admin = await asyncpg.connect(url)
+    lines: list[str] = []
+    try:
+        await admin.execute(SEED_SQL)
+        await admin.execute("ANALYZE")
+        pg_version = await admin.fetchval("SHOW server_version")
+        token_port, generation_port = free_port(), free_port()
+        quiet = {"DATABASE_URL": url, "LOG_LEVEL": "WARNING"}
+        token = ServiceProcess(
+            "token_service",
+            quiet | {"TOKEN_LISTEN_ADDR": f"127.0.0.1:{token_port}", "TOKEN_METRICS_ADDR": f"127.0.0.1:{free_port()}"},
+            token_port,
+            work_dir / "token.log",
+        )
+        generation = ServiceProcess(
+            "generation_service",
+            quiet
+            | {
+                "GENERATION_LISTEN_ADDR": f"127.0.0.1:{generation_port}",
+                "GENERATION_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+                "TOKEN_SERVICE_TARGET": f"127.0.0.1:{token_port}",
+            },
+            generation_port,
+            work_dir / "generation.log",
+        )
+        await token.start()
+        await generation.start()
+        rows = []
+        try:
+            async with grpc.aio.insecure_channel(generation.address) as channel:
+                stub = generation_pb2_grpc.GenerationServiceStub(channel)
+                params = gpb.GenerationParams(width=1024, height=1024, steps=30, model="bench")
+
+                async def create(client: int, n: int) -> None:
+                    await stub.CreateGenerationJob(
+                        gpb.CreateGenerationJobRequest(
+                            user_id=user_id(1 + (client * 7919 + n * 104729) % ACCOUNTS),
+                            job_id=str(uuid.uuid4()),
+                            prompt="bench prompt",
+                            params=params,
+                            tokens_cost=COST,
+                        ),
+                        timeout=30,
+                    )
+
+                async def claim(client: int, n: int) -> None:
+                    reply = await stub.ClaimNextJob(
+                        gpb.ClaimNextJobRequest(worker_id=f"worker-{client}", lease_seconds=300), timeout=30
+                    )
+                    assert reply.HasField("job"), "the queue ran dry"
+
+                for clients, per_client in CREATE_RUNS:
+                    await admin.execute("CHECKPOINT")
+                    baseline = common.run_pgbench(url, create_script(), clients, per_client, "generation,token")
+                    seconds, latencies = await timed(clients, per_client, create)
+                    rows.append(("create", clients, baseline, clients * per_client / seconds, p50(latencies)))
+                await admin.execute("CHECKPOINT")
+                baseline = common.run_pgbench(url, claim_script(), WORKERS, CLAIMS_PER_WORKER, "generation")
+                seconds, latencies = await timed(WORKERS, CLAIMS_PER_WORKER, claim)
+                rows.append(("claim", WORKERS, baseline, WORKERS * CLAIMS_PER_WORKER / seconds, p50(latencies)))
+        finally:
+            generation.stop()
+            token.stop()
+        mismatches = await admin.fetchval(
+            "SELECT count(*) FROM token.token_account a WHERE a.balance <> "
+            "(SELECT sum(delta) FROM token.token_ledger l WHERE l.user_id = a.user_id)"
+        )
+        unpaid = await admin.fetchval(
+            "SELECT count(*) FROM generation.generation_job j WHERE j.status <> 'CHARGING' AND NOT EXISTS "
+            "(SELECT FROM token.token_ledger l WHERE l.user_id = j.user_id AND l.reference_id = j.id::text)"
+        )
+        assert (mismatches, unpaid) == (0, 0), f"{mismatches} accounts off their ledger, {unpaid} jobs unpaid"
+    finally:
+        await admin.close()
+    lines += [
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {common.machine()}, PostgreSQL "
+        f"{pg_version} (stock settings), {ACCOUNTS:,} accounts; both services as their own processes.",
+        "",
+        "| call | clients | pgbench (same SQL) | service over gRPC | service p50 | service / baseline |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for call, clients, baseline, rate, median in rows:
+        lines.append(
+            f"| `{'CreateGenerationJob' if call == 'create' else 'ClaimNextJob'}` | {clients} "
+            f"| {baseline.tps:,.0f} /s ({baseline.latency_ms:.2f} ms) | {rate:,.0f} /s | {median:.2f} ms "
+            f"| {rate / baseline.tps:.2f} |"
+        )
+    return lines
