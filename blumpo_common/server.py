@@ -38,6 +38,7 @@ HANDLED = prometheus_client.Counter(
 )
 LATENCY = prometheus_client.Histogram("grpc_server_handling_seconds", "Time to complete an RPC, by method.", ["method"])
 HEALTH_PROBE_SECONDS = 2.0
+MAX_REQUEST_ID = 128
 
 
 @dataclass
@@ -109,7 +110,8 @@ class _Call:
         self.code = grpc.StatusCode.OK
         self.started = time.monotonic()
         metadata = dict(context.invocation_metadata() or ())
-        self.request_id = str(metadata.get("x-request-id") or uuid.uuid4())
+        # A caller's own request id is kept (bounded), so one id follows a request across services.
+        self.request_id = str(metadata.get("x-request-id") or uuid.uuid4())[:MAX_REQUEST_ID]
         remaining = context.time_remaining()
         self.deadline = None if remaining is None else self.started + remaining
 
@@ -153,7 +155,12 @@ class _Call:
         LATENCY.labels(self.method).observe(elapsed)
         log.info(
             "call",
-            extra={"method": self.method, "code": self.code.name, "duration_ms": round(elapsed * 1000, 2)},
+            extra={
+                "method": self.method,
+                "code": self.code.name,
+                "duration_ms": round(elapsed * 1000, 2),
+                "request_id": self.request_id,
+            },
         )
         logs.request_id.reset(self.tokens[0])
         db.call_deadline.reset(self.tokens[1])

@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
-from blumpo_common import retry
+from blumpo_common import logs, retry
 
 # Answers that mean the token service judged the call and wrote nothing.
 _REFUSALS = frozenset(
@@ -75,8 +75,11 @@ class TokenClient:
     ) -> Outcome:
         request = tpb.AppendLedgerEntryRequest(user_id=str(user_id), delta=delta, reason=reason, reference_id=reference)
 
+        # The request id of the call being served goes along, so both services log it.
+        metadata = (("x-request-id", logs.request_id.get()),) if logs.request_id.get() else None
+
         async def attempt(timeout: float) -> tpb.AppendLedgerEntryResponse:
-            return await self.stub.AppendLedgerEntry(request, timeout=timeout)
+            return await self.stub.AppendLedgerEntry(request, timeout=timeout, metadata=metadata)
 
         try:
             response = await retry.call(self.policy, attempt)

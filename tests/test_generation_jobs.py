@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from datetime import datetime
 
@@ -307,3 +308,21 @@ async def test_update_unknown_job_is_not_found(generation: GenerationStub) -> No
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await _move(generation, str(uuid.uuid4()), gpb.JOB_STATUS_RUNNING)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_caller_request_id_follows_the_charge_into_the_token_service(
+    generation: GenerationStub, token: TokenStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    user_id = await support.user_with_balance(token, 10)
+    request_id = f"trace-{uuid.uuid4()}"
+    with caplog.at_level(logging.INFO, logger="blumpo_common.server"):
+        await generation.CreateGenerationJob(job_request(user_id), metadata=(("x-request-id", request_id),))
+    calls = {
+        (getattr(r, "method", None), getattr(r, "code", None))
+        for r in caplog.records
+        if getattr(r, "request_id", None) == request_id
+    }
+    assert calls == {
+        ("/blumpo.generation.v1.GenerationService/CreateGenerationJob", "OK"),
+        ("/blumpo.token.v1.TokenService/AppendLedgerEntry", "OK"),
+    }
