@@ -6,7 +6,6 @@ import uuid
 from collections import Counter
 
 import asyncpg
-import grpc
 
 from blumpo.generation.v1 import generation_pb2 as gpb
 from blumpo.token.v1 import token_pb2 as tpb
@@ -78,11 +77,3 @@ async def drain_queue(generation: GenerationStub, limit: int = 10_000) -> int:
         if not claim.HasField("job"):
             return drained
     raise AssertionError("the queue did not drain")
-
-
-async def code_of(call: object) -> grpc.StatusCode:
-    try:
-        await call  # type: ignore[misc]
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK

@@ -14,8 +14,6 @@ from generation_service.store import Q
 from tests import support
 from tests.generation_support import GenerationStub, TokenStub, asset_input, create_job, running_job
 
-pytestmark = pytest.mark.asyncio
-
 VARIANTS = [
     (gpb.VARIANT_KIND_THUMBNAIL, gpb.IMAGE_FORMAT_WEBP, "image/webp", 256),
     (gpb.VARIANT_KIND_WEB, gpb.IMAGE_FORMAT_JPEG, "image/jpeg", 1024),

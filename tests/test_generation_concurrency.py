@@ -8,7 +8,6 @@ from collections import Counter
 
 import asyncpg
 import grpc
-import pytest
 
 from blumpo.generation.v1 import generation_pb2 as gpb
 from tests import support
@@ -22,8 +21,6 @@ from tests.generation_support import (
     no_mismatches,
     references,
 )
-
-pytestmark = pytest.mark.asyncio
 
 
 async def test_hundred_concurrent_creates_for_thirty_tokens(

@@ -25,8 +25,6 @@ from tests.generation_support import (
     running_job,
 )
 
-pytestmark = pytest.mark.asyncio
-
 
 async def test_create_charges_once_and_queues(
     generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection

@@ -6,15 +6,12 @@ import uuid
 from datetime import UTC, datetime
 
 import asyncpg
-import pytest
 
 from blumpo.generation.v1 import generation_pb2 as gpb
 from blumpo_common.timestamps import to_proto
 from generation_service import store
 from tests import support
 from tests.generation_support import GenerationStub, TokenStub, create_job, running_job
-
-pytestmark = pytest.mark.asyncio
 
 
 async def _bulk_jobs(

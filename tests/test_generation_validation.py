@@ -15,8 +15,6 @@ from blumpo.generation.v1 import generation_pb2 as gpb
 from tests import support
 from tests.generation_support import GenerationStub, asset_input, job_request
 
-pytestmark = pytest.mark.asyncio
-
 USER = str(uuid.uuid4())
 JOB = str(uuid.uuid4())
 BAD_IDS = ["", "not-a-uuid", str(uuid.uuid4()).upper()]

@@ -13,7 +13,6 @@ from generation_service.server import Parts
 from tests import support
 from tests.generation_support import GenerationStub, TokenStub, create_job
 
-pytestmark = pytest.mark.asyncio
 STEP_SECONDS = 5.0
 
 
