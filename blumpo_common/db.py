@@ -30,16 +30,21 @@ def load_queries(path: Path) -> Mapping[str, str]:
     return {name: sql.strip() for name, sql in zip(parts[1::2], parts[2::2], strict=True)}
 
 
-async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
-    """A pool that connects lazily, so the server can start while the database is down."""
+def server_settings(config: DatabaseConfig) -> dict[str, str]:
+    """Every connection's schema and role: the service sees its own schema with its own rights."""
     settings = {"search_path": config.search_path}
     if config.role:
         settings["role"] = config.role
+    return settings
+
+
+async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
+    """A pool that connects lazily, so the server can start while the database is down."""
     pool = await asyncpg.create_pool(
         config.url,
         min_size=0,
         max_size=config.pool_size,
-        server_settings=settings,
+        server_settings=server_settings(config),
         timeout=min(config.timeout_ms / 1000, 10.0),
         command_timeout=config.timeout_ms / 1000,
     )

@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from blumpo_common import db
 from blumpo_common.config import DatabaseConfig
 from generation_service import lifecycle
 
@@ -62,11 +63,10 @@ class Hub:
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                settings = {"search_path": self.config.search_path}
-                if self.config.role:
-                    settings["role"] = self.config.role
                 conn = await asyncpg.connect(
-                    self.config.url, timeout=min(self.config.timeout_ms / 1000, 10.0), server_settings=settings
+                    self.config.url,
+                    timeout=min(self.config.timeout_ms / 1000, 10.0),
+                    server_settings=db.server_settings(self.config),
                 )
                 lost = asyncio.Event()
                 conn.add_termination_listener(_setter(lost))
