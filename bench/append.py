@@ -9,10 +9,8 @@ adds: gRPC, validation, the connection pool and Python.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import statistics
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,22 +24,8 @@ from tests.processes import ServiceProcess, free_port
 from token_service import ledger
 from token_service.store import Q
 
-ACCOUNTS = 1000
-START_BALANCE = 10**12
 # (clients, calls per client)
 RUNS = ((1, 2000), (16, 1000))
-
-SEED_SQL = f"""
-WITH g AS (
-  SELECT n, md5(n::text)::uuid AS id FROM generate_series(1, {ACCOUNTS}) AS n
-), users AS (
-  INSERT INTO token.app_user (id, email) SELECT id, 'append-' || n || '@example.com' FROM g
-), accounts AS (
-  INSERT INTO token.token_account (user_id, balance, plan_code) SELECT id, {START_BALANCE}, 'free' FROM g
-)
-INSERT INTO token.token_ledger (user_id, delta, reason, reference_id, balance_after)
-SELECT id, {START_BALANCE}, 'PURCHASE', 'bench-start', {START_BALANCE} FROM g
-"""
 
 
 def pgbench_script() -> str:
@@ -58,7 +42,7 @@ def pgbench_script() -> str:
     )
     return "\n".join(
         [
-            f"\\set u random(1, {ACCOUNTS})",
+            f"\\set u random(1, {common.ACCOUNTS})",
             "\\set r random(1, 9000000000000000000)",
             f"{append};",
             "",
@@ -77,13 +61,12 @@ class ServiceRun:
 
 
 async def run_service(address: str, clients: int, calls_per_client: int) -> ServiceRun:
-    ids = [str(uuid.UUID(hex=hashlib.md5(str(n).encode()).hexdigest())) for n in range(1, ACCOUNTS + 1)]
     latencies: list[float] = []
 
     async def client(stub: token_pb2_grpc.TokenServiceAsyncStub, number: int) -> None:
         for call in range(calls_per_client):
             request = tpb.AppendLedgerEntryRequest(
-                user_id=ids[(number * 7919 + call * 104729) % ACCOUNTS],
+                user_id=common.account_id(1 + (number * 7919 + call * 104729) % common.ACCOUNTS),
                 delta=-1,
                 reason=tpb.LEDGER_REASON_GENERATION,
                 reference_id=f"grpc-{clients}-{number}-{call}",
@@ -94,7 +77,7 @@ async def run_service(address: str, clients: int, calls_per_client: int) -> Serv
 
     async with grpc.aio.insecure_channel(address) as channel:
         stub = token_pb2_grpc.TokenServiceStub(channel)
-        await stub.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=ids[0]), timeout=10)  # warm up
+        await stub.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=common.account_id(1)), timeout=10)  # warm up
         started = time.perf_counter()
         await asyncio.gather(*(client(stub, n) for n in range(clients)))
         seconds = time.perf_counter() - started
@@ -105,7 +88,7 @@ async def bench(url: str, work_dir: Path) -> list[str]:
     admin = await asyncpg.connect(url)
     rows = []
     try:
-        await admin.execute(SEED_SQL)
+        await admin.execute(common.SEED_ACCOUNTS_SQL)
         await admin.execute("ANALYZE")
         pg_version = await admin.fetchval("SHOW server_version")
         port = free_port()
@@ -135,7 +118,7 @@ async def bench(url: str, work_dir: Path) -> list[str]:
         await admin.close()
     lines = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {common.machine()}, PostgreSQL "
-        f"{pg_version} (stock settings), debits of 1 token spread over {ACCOUNTS:,} accounts; the token service "
+        f"{pg_version} (stock settings), debits of 1 token spread over {common.ACCOUNTS:,} accounts; the token service "
         "runs as its own process with its default pool of 20 connections.",
         "",
         "| clients | pgbench (same SQL) | service over gRPC | service p50 / p99 latency | service / baseline |",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import re
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,42 @@ from tests.support import ROOT, dbmate, drop_database, scratch_database_url
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 
-__all__ = ["DOCS", "Pgbench", "dbmate", "drop_database", "machine", "one_line", "run_pgbench", "scratch_database_url"]
+__all__ = [
+    "ACCOUNTS",
+    "DOCS",
+    "SEED_ACCOUNTS_SQL",
+    "START_BALANCE",
+    "Pgbench",
+    "account_id",
+    "dbmate",
+    "drop_database",
+    "machine",
+    "one_line",
+    "run_pgbench",
+    "scratch_database_url",
+]
+
+
+# Accounts that pgbench and the service pick at random: user n has id md5(n)::uuid.
+ACCOUNTS = 1000
+START_BALANCE = 10**12
+
+SEED_ACCOUNTS_SQL = f"""
+WITH g AS (
+  SELECT n, md5(n::text)::uuid AS id FROM generate_series(1, {ACCOUNTS}) AS n
+), users AS (
+  INSERT INTO token.app_user (id, email) SELECT id, 'bench-' || n || '@example.com' FROM g
+), accounts AS (
+  INSERT INTO token.token_account (user_id, balance, plan_code) SELECT id, {START_BALANCE}, 'free' FROM g
+)
+INSERT INTO token.token_ledger (user_id, delta, reason, reference_id, balance_after)
+SELECT id, {START_BALANCE}, 'PURCHASE', 'bench-start', {START_BALANCE} FROM g
+"""
+
+
+def account_id(n: int) -> str:
+    """The id of seeded account n (1..ACCOUNTS), as pgbench computes it: md5(n)::uuid."""
+    return str(uuid.UUID(hex=hashlib.md5(str(n).encode()).hexdigest()))
 
 
 def one_line(sql: str, params: dict[int, str]) -> str:

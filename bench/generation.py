@@ -11,7 +11,6 @@ their own processes.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 import uuid
@@ -29,29 +28,11 @@ from tests.processes import ServiceProcess, free_port
 from token_service import ledger
 from token_service.store import Q as TQ
 
-ACCOUNTS = 1000
-START_BALANCE = 10**12
 COST = 10
 PARAMS = {"width": 1024, "height": 1024, "steps": 30, "seed": 0, "model": "bench", "extra": {}}
 # (clients, creates per client)
 CREATE_RUNS = ((1, 1000), (16, 250))
 WORKERS, CLAIMS_PER_WORKER = 16, 250
-
-SEED_SQL = f"""
-WITH g AS (
-  SELECT n, md5(n::text)::uuid AS id FROM generate_series(1, {ACCOUNTS}) AS n
-), users AS (
-  INSERT INTO token.app_user (id, email) SELECT id, 'gen-' || n || '@example.com' FROM g
-), accounts AS (
-  INSERT INTO token.token_account (user_id, balance, plan_code) SELECT id, {START_BALANCE}, 'free' FROM g
-)
-INSERT INTO token.token_ledger (user_id, delta, reason, reference_id, balance_after)
-SELECT id, {START_BALANCE}, 'PURCHASE', 'bench-start', {START_BALANCE} FROM g
-"""
-
-
-def user_id(n: int) -> str:
-    return str(uuid.UUID(hex=hashlib.md5(str(n).encode()).hexdigest()))
 
 
 def create_script() -> str:
@@ -80,7 +61,7 @@ def create_script() -> str:
     settle = common.one_line(GQ["finish_charged"], {1: job})
     return "\n".join(
         [
-            f"\\set u random(1, {ACCOUNTS})",
+            f"\\set u random(1, {common.ACCOUNTS})",
             "\\set r random(1, 9000000000000000000)",
             f"{intent};",
             f"{debit};",
@@ -118,7 +99,7 @@ async def bench(url: str, work_dir: Path) -> list[str]:
     admin = await asyncpg.connect(url)
     lines: list[str] = []
     try:
-        await admin.execute(SEED_SQL)
+        await admin.execute(common.SEED_ACCOUNTS_SQL)
         await admin.execute("ANALYZE")
         pg_version = await admin.fetchval("SHOW server_version")
         token_port, generation_port = free_port(), free_port()
@@ -151,7 +132,7 @@ async def bench(url: str, work_dir: Path) -> list[str]:
                 async def create(client: int, n: int) -> None:
                     await stub.CreateGenerationJob(
                         gpb.CreateGenerationJobRequest(
-                            user_id=user_id(1 + (client * 7919 + n * 104729) % ACCOUNTS),
+                            user_id=common.account_id(1 + (client * 7919 + n * 104729) % common.ACCOUNTS),
                             job_id=str(uuid.uuid4()),
                             prompt="bench prompt",
                             params=params,
@@ -191,7 +172,7 @@ async def bench(url: str, work_dir: Path) -> list[str]:
         await admin.close()
     lines += [
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {common.machine()}, PostgreSQL "
-        f"{pg_version} (stock settings), {ACCOUNTS:,} accounts; both services as their own processes.",
+        f"{pg_version} (stock settings), {common.ACCOUNTS:,} accounts; both services as their own processes.",
         "",
         "| call | clients | pgbench (same SQL) | service over gRPC | service p50 | service / baseline |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
