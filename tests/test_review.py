@@ -162,3 +162,14 @@ async def test_emergency_pause_catches_a_job_whose_charge_was_in_flight(
         await asyncio.sleep(0.2)
     job = (await generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=request.job_id))).job
     assert job.status == gpb.JOB_STATUS_PAUSED, "a job created after the cutoff became QUEUED after the pause"
+
+
+async def test_monthly_refill_refuses_a_period_in_the_future(token: TokenStub, admin: asyncpg.Connection) -> None:
+    """Each period is credited once; a period years ahead is not a month to credit now, else a caller
+    can pay every account up to 95,000 future allowances today (one call per month up to 9999-12)."""
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await token.RunMonthlyRefill(tpb.RunMonthlyRefillRequest(period="9999-12"))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert support.bad_fields(raised.value) == ["period"]
+    written = await admin.fetchval("SELECT count(*) FROM token.token_ledger WHERE reference_id = 'refill:9999-12'")
+    assert written == 0
