@@ -37,15 +37,17 @@ REASON_VALUES = {name: value for value, name in REASONS.items()}
 
 
 def check_email(check: Checker, field: str, raw: str) -> str:
-    email = raw.strip().lower()
+    """The address in one canonical form (Unicode NFC, Unicode domain, lower case), so one
+    mailbox is one user however it is typed."""
+    email = raw.strip()
     if not email:
         check.add(field, "is required")
         return email
     try:
-        email_validator.validate_email(email, check_deliverability=False)
+        return email_validator.validate_email(email, check_deliverability=False).normalized.lower()
     except email_validator.EmailNotValidError as exc:
         check.add(field, f"is not a valid email address: {exc}")
-    return email
+    return email.lower()
 
 
 def check_plan(check: Checker, field: str, plan: str) -> str:
