@@ -75,7 +75,7 @@ def check_params(check: Checker, params: pb.GenerationParams) -> dict[str, Any]:
     else:
         if len(serialized) > MAX_EXTRA_BYTES:
             check.add("params.extra", f"must serialize to at most {MAX_EXTRA_BYTES} bytes of JSON")
-        elif "\\u0000" in serialized:
+        elif _holds_nul(extra):
             check.add("params.extra", "must not contain NUL characters")
     return {
         "width": params.width,
@@ -85,6 +85,17 @@ def check_params(check: Checker, params: pb.GenerationParams) -> dict[str, Any]:
         "model": params.model,
         "extra": extra,
     }
+
+
+def _holds_nul(value: object) -> bool:
+    """Whether a decoded JSON value has a NUL in a key or a string (PostgreSQL jsonb cannot store one)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
 
 
 def check_free_text(check: Checker, field: str, value: str, max_len: int, min_len: int) -> str:
