@@ -75,7 +75,9 @@ BEGIN
         entry.occurred_at, current_balance;
       CONTINUE;
     END IF;
-    IF current_balance + p_deltas[i] < 0 OR current_balance + p_deltas[i] > p_max_balance THEN
+    -- A refund gives back an earlier debit: the balance cap never withholds it.
+    IF current_balance + p_deltas[i] < 0
+       OR (current_balance + p_deltas[i] > p_max_balance AND p_reasons[i] <> 'GENERATION_REFUND') THEN
       RETURN QUERY SELECT CASE WHEN p_deltas[i] < 0 THEN 'INSUFFICIENT' ELSE 'BALANCE_LIMIT' END,
         NULL::uuid, p_user_ids[i], p_deltas[i], p_reasons[i], p_references[i], NULL::bigint, NULL::timestamptz,
         current_balance;

@@ -6,7 +6,7 @@
 --   REPLAYED      the reference holds an entry with the same delta and reason: that entry, nothing written
 --   REUSED        the reference holds an entry with another delta or reason: that entry, nothing written
 --   INSUFFICIENT  the balance would go below 0; nothing written
---   BALANCE_LIMIT the balance would exceed p_max_balance; nothing written
+--   BALANCE_LIMIT the balance would exceed p_max_balance (refunds excepted); nothing written
 --   NO_ACCOUNT    no account for the user; nothing written
 -- `balance` is the balance the entry was judged against.
 CREATE FUNCTION token.append_entries(
@@ -42,7 +42,9 @@ BEGIN
         entry.occurred_at, current_balance;
       CONTINUE;
     END IF;
-    IF current_balance + p_deltas[i] < 0 OR current_balance + p_deltas[i] > p_max_balance THEN
+    -- A refund gives back an earlier debit: the balance cap never withholds it.
+    IF current_balance + p_deltas[i] < 0
+       OR (current_balance + p_deltas[i] > p_max_balance AND p_reasons[i] <> 'GENERATION_REFUND') THEN
       RETURN QUERY SELECT CASE WHEN p_deltas[i] < 0 THEN 'INSUFFICIENT' ELSE 'BALANCE_LIMIT' END,
         NULL::uuid, p_user_ids[i], p_deltas[i], p_reasons[i], p_references[i], NULL::bigint, NULL::timestamptz,
         current_balance;
