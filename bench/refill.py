@@ -30,7 +30,7 @@ from token_service import refill as refill_job
 from token_service.server import service
 from token_service.store import Q, Store
 
-BASELINE_PERIOD, GRPC_PERIOD = "2099-01", "2099-02"
+BASELINE_PERIOD, GRPC_PERIOD = "2001-01", "2001-02"
 DEADLINE_SECONDS = 600.0
 
 SEED_SQL = """

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import email_validator
@@ -222,7 +222,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         self, request: pb.RunMonthlyRefillRequest, context: Context
     ) -> pb.RunMonthlyRefillResponse:
         check = Checker()
-        period = refill.check_period(check, "period", request.period)
+        period = refill.check_period(check, "period", request.period, datetime.now(UTC).date())
         check.done()
         result = await refill.run(self.store, period)
         return pb.RunMonthlyRefillResponse(accounts_credited=result.credited, accounts_skipped=result.skipped)

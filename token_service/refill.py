@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import date
 
 from blumpo_common.validation import Checker
 from token_service import ledger
@@ -26,10 +27,13 @@ _FIRST = uuid.UUID(int=0)
 log = logging.getLogger(__name__)
 
 
-def check_period(check: Checker, field: str, period: str) -> str:
+def check_period(check: Checker, field: str, period: str, today: date) -> str:
+    """A month from 2000 up to the current one: a month to come is not yet owed."""
     match = _PERIOD.fullmatch(period)
     if match is None or int(match.group(1)) < 2000:
         check.add(field, f"must be a month as YYYY-MM (year 2000 or later), got {period!r}")
+    elif (int(match.group(1)), int(match.group(2))) > (today.year, today.month):
+        check.add(field, f"must not be after the current month {today:%Y-%m}, got {period!r}")
     return period
 
 
