@@ -109,14 +109,15 @@ class Charger:
         """Runs (or resumes) the saga of a job; returns it QUEUED or later."""
         row = await self.store.insert_intent(job)
         if row is None:
+            # A refused job left nothing visible and nothing charged: its id takes this request,
+            # the same (the balance may allow it now) or another one.
+            row = await self.store.retry_rejected(job)
+        if row is None:
             existing = await self.store.job_any_status(job.id)
             assert existing is not None  # jobs are never deleted
             if bytes(existing["request_digest"]) != job.request_digest:
                 raise _reused(job.id)
-            if existing["status"] == lifecycle.REJECTED:
-                # A refused job asked for again: the balance may allow it now.
-                row = await self.store.retry_rejected(job.id) or existing
-            elif existing["status"] != lifecycle.CHARGING:
+            if existing["status"] != lifecycle.CHARGING:
                 return existing
         outcome = await self.tokens.debit(job.user_id, job.id, job.tokens_cost)
         return await self.settle_charge(job.id, job.user_id, outcome)

@@ -12,8 +12,10 @@ RETURNING *;
 SELECT * FROM generation_job WHERE id = $1;
 
 -- name: retry_rejected
--- A refused job asked for again with the same request: charge it again.
-UPDATE generation_job SET status = 'CHARGING', error_message = NULL, updated_at = now()
+-- A refused job asked for again: its refusal left nothing visible and nothing charged,
+-- so the id takes this request (the same or another) and is charged again.
+UPDATE generation_job SET status = 'CHARGING', user_id = $2, prompt = $3, params = $4::jsonb,
+  tokens_cost = $5, request_digest = $6, error_message = NULL, created_at = now(), updated_at = now()
 WHERE id = $1 AND status = 'REJECTED'
 RETURNING *;
 

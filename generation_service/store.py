@@ -39,6 +39,17 @@ class NewJob:
     request_digest: bytes
 
 
+def _request_fields(job: NewJob) -> tuple[Any, ...]:
+    return (
+        job.id,
+        job.user_id,
+        job.prompt,
+        json.dumps(job.params, sort_keys=True),
+        job.tokens_cost,
+        job.request_digest,
+    )
+
+
 @dataclass(frozen=True)
 class AssetFields:
     """The stored fields of an image (an asset or a variant)."""
@@ -66,21 +77,14 @@ class Store(db.BaseStore):
 
     async def insert_intent(self, job: NewJob) -> asyncpg.Record | None:
         """The new CHARGING job, or None when the id is taken."""
-        return await self._row(
-            "insert_intent",
-            job.id,
-            job.user_id,
-            job.prompt,
-            json.dumps(job.params, sort_keys=True),
-            job.tokens_cost,
-            job.request_digest,
-        )
+        return await self._row("insert_intent", *_request_fields(job))
 
     async def job_any_status(self, job_id: uuid.UUID) -> asyncpg.Record | None:
         return await self._row("job_any_status", job_id)
 
-    async def retry_rejected(self, job_id: uuid.UUID) -> asyncpg.Record | None:
-        return await self._row("retry_rejected", job_id)
+    async def retry_rejected(self, job: NewJob) -> asyncpg.Record | None:
+        """A REJECTED job made a CHARGING intent of this request; None if it is no longer REJECTED."""
+        return await self._row("retry_rejected", *_request_fields(job))
 
     async def finish_charged(self, job_id: uuid.UUID, conn: db.Connection | None = None) -> asyncpg.Record | None:
         return await self._row("finish_charged", job_id, conn=conn)
