@@ -179,6 +179,7 @@ CREATE TABLE generation.generation_job (
     lease_expires_at timestamp with time zone,
     lost_leases integer DEFAULT 0 NOT NULL,
     refund_state text DEFAULT 'NONE'::text NOT NULL,
+    pause_requested boolean DEFAULT false NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     started_at timestamp with time zone,
     completed_at timestamp with time zone,

@@ -15,13 +15,16 @@ SELECT * FROM generation_job WHERE id = $1;
 -- A refused job asked for again: its refusal left nothing visible and nothing charged,
 -- so the id takes this request (the same or another) and is charged again.
 UPDATE generation_job SET status = 'CHARGING', user_id = $2, prompt = $3, params = $4::jsonb,
-  tokens_cost = $5, request_digest = $6, error_message = NULL, created_at = now(), updated_at = now()
+  tokens_cost = $5, request_digest = $6, error_message = NULL, pause_requested = false,
+  created_at = now(), updated_at = now()
 WHERE id = $1 AND status = 'REJECTED'
 RETURNING *;
 
 -- name: finish_charged
--- The debit exists, so the job must be visible, even if a racing attempt had given up on it.
-UPDATE generation_job SET status = 'QUEUED', error_message = NULL, updated_at = now()
+-- The debit exists, so the job must be visible, even if a racing attempt had given up on it;
+-- PAUSED when the emergency pause caught it while it was being charged.
+UPDATE generation_job SET status = CASE WHEN pause_requested THEN 'PAUSED' ELSE 'QUEUED' END,
+  pause_requested = false, error_message = NULL, updated_at = now()
 WHERE id = $1 AND status IN ('CHARGING', 'REJECTED')
 RETURNING *;
 
@@ -196,32 +199,44 @@ WITH batch AS (
   FROM batch WHERE j.id = batch.id
   RETURNING 1
 )
-SELECT count(*) FROM archived;
+SELECT count(*) AS touched, count(*) AS done FROM archived;
 
 -- name: pause_queued_batch
--- The seed's emergency disable, at most $2 rows per statement (idx_generation_job_queued).
+-- The seed's emergency disable, at most $2 jobs per statement. It waits for rows other calls
+-- hold (an emergency stop skips nothing), locking in id order so two pauses cannot deadlock.
+-- A job still being charged is marked to settle PAUSED. touched counts both kinds.
 WITH batch AS (
   SELECT id FROM generation_job
-  WHERE status = 'QUEUED' AND created_at > $1
+  WHERE created_at > $1 AND (status = 'QUEUED' OR (status = 'CHARGING' AND NOT pause_requested))
+  ORDER BY id
   LIMIT $2
-  FOR UPDATE SKIP LOCKED
-), paused AS (
-  UPDATE generation_job j SET status = 'PAUSED', updated_at = now()
+  FOR UPDATE
+), changed AS (
+  UPDATE generation_job j SET
+    status = CASE WHEN j.status = 'QUEUED' THEN 'PAUSED' ELSE j.status END,
+    pause_requested = j.status = 'CHARGING',
+    updated_at = CASE WHEN j.status = 'QUEUED' THEN now() ELSE j.updated_at END
   FROM batch WHERE j.id = batch.id
-  RETURNING 1
+  RETURNING j.status
 )
-SELECT count(*) FROM paused;
+SELECT count(*) AS touched, count(*) FILTER (WHERE status = 'PAUSED') AS done FROM changed;
 
 -- name: resume_paused_batch
--- PAUSED back to QUEUED, created after $1 (NULL: all), at most $2 rows per statement (idx_generation_job_paused).
+-- PAUSED back to QUEUED, and pause marks lifted from jobs being charged, created after $1
+-- (NULL: all), at most $2 per statement, waiting for held rows as the pause does.
 WITH batch AS (
   SELECT id FROM generation_job
-  WHERE status = 'PAUSED' AND ($1::timestamptz IS NULL OR created_at > $1)
+  WHERE ($1::timestamptz IS NULL OR created_at > $1)
+    AND (status = 'PAUSED' OR (status = 'CHARGING' AND pause_requested))
+  ORDER BY id
   LIMIT $2
-  FOR UPDATE SKIP LOCKED
-), resumed AS (
-  UPDATE generation_job j SET status = 'QUEUED', updated_at = now()
+  FOR UPDATE
+), changed AS (
+  UPDATE generation_job j SET
+    status = CASE WHEN j.status = 'PAUSED' THEN 'QUEUED' ELSE j.status END,
+    pause_requested = false,
+    updated_at = CASE WHEN j.status = 'PAUSED' THEN now() ELSE j.updated_at END
   FROM batch WHERE j.id = batch.id
-  RETURNING 1
+  RETURNING j.status
 )
-SELECT count(*) FROM resumed;
+SELECT count(*) AS touched, count(*) FILTER (WHERE status = 'QUEUED') AS done FROM changed;

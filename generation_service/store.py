@@ -243,11 +243,14 @@ class Store(db.BaseStore):
     # Maintenance: batch after batch, each its own short transaction.
 
     async def _in_batches(self, name: str, *args: Any) -> int:
+        """Runs a maintenance statement until a batch touches fewer than MAINTENANCE_BATCH rows;
+        returns the jobs it archived, paused or resumed."""
         total = 0
         while True:
-            count: int = await self.pool.fetchval(Q[name], *args, MAINTENANCE_BATCH, timeout=self.timeout())
-            total += count
-            if count < MAINTENANCE_BATCH:
+            row = await self.pool.fetchrow(Q[name], *args, MAINTENANCE_BATCH, timeout=self.timeout())
+            assert row is not None
+            total += int(row["done"])
+            if row["touched"] < MAINTENANCE_BATCH:
                 return total
 
     async def archive_completed(self, older_than_days: int) -> int:

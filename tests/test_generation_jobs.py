@@ -324,3 +324,78 @@ async def test_the_caller_request_id_follows_the_charge_into_the_token_service(
         ("/blumpo.generation.v1.GenerationService/CreateGenerationJob", "OK"),
         ("/blumpo.token.v1.TokenService/AppendLedgerEntry", "OK"),
     }
+
+
+async def test_refused_create_leaves_the_job_id_free_for_another_request(
+    generation: GenerationStub, token: TokenStub
+) -> None:
+    """A rejected call writes nothing: after INSUFFICIENT_TOKENS the job id names no job, so a
+    different request with that id (e.g. a cheaper one) must be judged as new, not ALREADY_EXISTS."""
+    user_id = await support.user_with_balance(token, 5)
+    job_id = str(uuid.uuid4())
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await generation.CreateGenerationJob(job_request(user_id, job_id=job_id, cost=50))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=job_id))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    job = (await generation.CreateGenerationJob(job_request(user_id, job_id=job_id, cost=3))).job
+    assert job.status == gpb.JOB_STATUS_QUEUED
+    assert await balance(token, user_id) == 2
+
+
+async def test_refund_of_a_failed_job_is_not_lost_to_the_balance_limit(
+    generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
+) -> None:
+    """Entering FAILED refunds the cost exactly once. A credit that lands between the debit and
+    the failure and fills the account to the 10^15 cap must not make the refund impossible."""
+    cap = 10**15
+    user_id = await support.user_with_balance(token, 100)
+    fill = cap - 100 - 5
+    deltas = [10**12] * (fill // 10**12) + ([fill % 10**12] if fill % 10**12 else [])
+    results = (
+        await token.AppendLedgerEntries(
+            tpb.AppendLedgerEntriesRequest(
+                entries=[
+                    tpb.AppendLedgerEntryRequest(
+                        user_id=user_id, delta=d, reason=tpb.LEDGER_REASON_PURCHASE, reference_id=f"fill-{i}"
+                    )
+                    for i, d in enumerate(deltas)
+                ]
+            )
+        )
+    ).results
+    assert all(r.status.code == 0 for r in results)
+    assert await balance(token, user_id) == cap - 5
+    job = (await generation.CreateGenerationJob(job_request(user_id, cost=5))).job
+    await token.AppendLedgerEntry(
+        tpb.AppendLedgerEntryRequest(
+            user_id=user_id, delta=10, reason=tpb.LEDGER_REASON_PURCHASE, reference_id="top-up"
+        )
+    )
+    assert await balance(token, user_id) == cap
+    await generation.UpdateGenerationJobStatus(
+        gpb.UpdateGenerationJobStatusRequest(job_id=job.job_id, status=gpb.JOB_STATUS_FAILED, error_message="gpu lost")
+    )
+    refunds = await admin.fetchval(
+        "SELECT count(*) FROM token.token_ledger WHERE user_id = $1 AND reference_id = $2",
+        uuid.UUID(user_id),
+        f"{job.job_id}:refund",
+    )
+    assert refunds == 1, "the failed job's cost was never given back"
+    # Spend it back down, so the account takes the allowances other tests credit to every account.
+    excess = await balance(token, user_id) - 100
+    await token.AppendLedgerEntries(
+        tpb.AppendLedgerEntriesRequest(
+            entries=[
+                tpb.AppendLedgerEntryRequest(
+                    user_id=user_id,
+                    delta=-min(10**12, excess - n),
+                    reason=tpb.LEDGER_REASON_ADJUSTMENT,
+                    reference_id=f"spend-{n}",
+                )
+                for n in range(0, excess, 10**12)
+            ]
+        )
+    )
+    assert await balance(token, user_id) == 100

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from blumpo.generation.v1 import generation_pb2 as gpb
 from blumpo_common.timestamps import to_proto
 from generation_service import store
+from generation_service.charging import request_digest
 from tests import support
-from tests.generation_support import GenerationStub, TokenStub, create_job, running_job
+from tests.generation_support import GenerationStub, TokenStub, create_job, job_request, running_job
 
 
 async def _bulk_jobs(
@@ -95,3 +99,65 @@ async def test_pause_in_batches(generation: GenerationStub, admin: asyncpg.Conne
     assert await _statuses(admin, ids) == {"PAUSED": count}
     # Leave nothing claimable behind.
     await admin.execute("UPDATE generation.generation_job SET status = 'ARCHIVED' WHERE id = ANY($1::uuid[])", ids)
+
+
+async def test_emergency_pause_does_not_skip_a_queued_job_that_is_momentarily_locked(
+    generation: GenerationStub, token: TokenStub, database_url: str
+) -> None:
+    """PauseQueuedJobs is the emergency disable: every QUEUED job created after the cutoff must end
+    PAUSED, including one whose row another call holds for a moment (here FOR SHARE, as a concurrent
+    AttachAssetToJob takes it): the pause waits for it rather than skip it."""
+    user_id = await support.user_with_balance(token, 10)
+    job = (await generation.CreateGenerationJob(job_request(user_id))).job
+    cutoff = Timestamp()
+    cutoff.FromDatetime(job.created_at.ToDatetime() - timedelta(microseconds=1))
+    other = await asyncpg.connect(database_url)
+    try:
+        locked = other.transaction()
+        await locked.start()
+        await other.execute("SELECT 1 FROM generation.generation_job WHERE id = $1 FOR SHARE", uuid.UUID(job.job_id))
+
+        async def pause() -> gpb.PauseQueuedJobsResponse:
+            return await generation.PauseQueuedJobs(gpb.PauseQueuedJobsRequest(created_after=cutoff))
+
+        pausing = asyncio.create_task(pause())
+        await asyncio.sleep(0.5)
+        await locked.rollback()
+        paused = (await pausing).paused
+    finally:
+        await other.close()
+    after = (await generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=job.job_id))).job
+    assert (paused, after.status) == (1, gpb.JOB_STATUS_PAUSED)
+
+
+async def test_emergency_pause_catches_a_job_whose_charge_was_in_flight(
+    generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
+) -> None:
+    """A create whose charge is in flight when PauseQueuedJobs runs (here: an intent its caller
+    abandoned, finished later by the reconciler) settles PAUSED, not QUEUED."""
+    user_id = await support.user_with_balance(token, 10)
+    request = job_request(user_id, cost=2)
+    params = {"width": 1024, "height": 768, "steps": 30, "seed": 42, "model": "sdxl", "extra": {}}
+    digest = request_digest(uuid.UUID(user_id), request.prompt, params, 2)
+    created = await admin.fetchval(
+        "INSERT INTO generation.generation_job (id, user_id, prompt, params, tokens_cost, status, request_digest,"
+        " updated_at) VALUES ($1, $2, $3, $4::jsonb, 2, 'CHARGING', $5, now() - interval '1 minute')"
+        " RETURNING created_at",
+        uuid.UUID(request.job_id),
+        uuid.UUID(user_id),
+        request.prompt,
+        json.dumps(params),
+        digest,
+    )
+    cutoff = Timestamp()
+    cutoff.FromDatetime(created - timedelta(microseconds=1))
+    await generation.PauseQueuedJobs(gpb.PauseQueuedJobsRequest(created_after=cutoff))
+    for _ in range(50):  # the reconciler settles the intent within a few of its passes
+        status = await admin.fetchval(
+            "SELECT status FROM generation.generation_job WHERE id = $1", uuid.UUID(request.job_id)
+        )
+        if status != "CHARGING":
+            break
+        await asyncio.sleep(0.2)
+    job = (await generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=request.job_id))).job
+    assert job.status == gpb.JOB_STATUS_PAUSED, "a job created after the cutoff became QUEUED after the pause"

@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from blumpo.generation.v1 import generation_pb2 as gpb
 from tests import support
-from tests.generation_support import GenerationStub, asset_input, job_request
+from tests.generation_support import GenerationStub, TokenStub, asset_input, job_request
 
 USER = str(uuid.uuid4())
 JOB = str(uuid.uuid4())
@@ -178,3 +178,14 @@ async def test_every_bad_field_is_named_at_once(generation: GenerationStub) -> N
         "params.steps",
         "tokens_cost",
     }
+
+
+async def test_extra_holding_a_literal_backslash_u0000_is_not_a_nul(
+    generation: GenerationStub, token: TokenStub
+) -> None:
+    """params.extra may hold any text without NUL; the six characters `\\u0000` are not a NUL."""
+    user_id = await support.user_with_balance(token, 10)
+    request = job_request(user_id)
+    request.params.extra.update({"pattern": "match \\u0000 literally"})
+    job = (await generation.CreateGenerationJob(request)).job
+    assert job.params.extra["pattern"] == "match \\u0000 literally"

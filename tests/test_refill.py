@@ -196,3 +196,14 @@ async def test_refill_concurrent_with_debits_keeps_every_balance_equal_to_its_le
         )
         assert 3 <= jobs <= 5
     await assert_consistent(token)
+
+
+async def test_monthly_refill_refuses_a_period_in_the_future(token: TokenStub, admin: asyncpg.Connection) -> None:
+    """Each period is credited once; a period years ahead is not a month to credit now, else a caller
+    can pay every account up to 95,000 future allowances today (one call per month up to 9999-12)."""
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await token.RunMonthlyRefill(tpb.RunMonthlyRefillRequest(period="9999-12"))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert support.bad_fields(raised.value) == ["period"]
+    written = await admin.fetchval("SELECT count(*) FROM token.token_ledger WHERE reference_id = 'refill:9999-12'")
+    assert written == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 
 import asyncpg
@@ -237,3 +238,15 @@ async def test_error_messages_name_no_sql(token: TokenStub) -> None:
         await token.CreateUser(tpb.CreateUserRequest(email=support.new_email(), plan="x" * 33))
     assert "SELECT" not in (caught.value.details() or "")
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_email_is_unicode_normalized_so_one_mailbox_is_one_user(token: TokenStub) -> None:
+    """The same address in NFC and NFD form must not become two users (nor two OTP rate limits)."""
+    local = f"jos\u00e9-{uuid.uuid4().hex[:8]}"
+    composed = f"{local}@example.com"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert composed != decomposed
+    await token.CreateUser(tpb.CreateUserRequest(email=composed))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await token.CreateUser(tpb.CreateUserRequest(email=decomposed))
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS

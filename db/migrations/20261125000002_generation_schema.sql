@@ -33,6 +33,8 @@ CREATE TABLE generation.generation_job (
   lost_leases      integer NOT NULL DEFAULT 0 CHECK (lost_leases >= 0),
   -- NONE, PENDING (owed since the job failed) or DONE.
   refund_state     text NOT NULL DEFAULT 'NONE' CHECK (refund_state IN ('NONE', 'PENDING', 'DONE')),
+  -- Set by the emergency pause on a job still being charged: its charge settles it PAUSED.
+  pause_requested  boolean NOT NULL DEFAULT false,
   created_at       timestamptz NOT NULL DEFAULT now(),
   started_at       timestamptz,
   completed_at     timestamptz,
