@@ -135,7 +135,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
             check.done()
             row = await self.store.user_by_email(email)
         else:
-            check.add("user_id", "user_id or email is required")
+            check.add("user_id", "or email is required")
             check.done()
         return pb.GetUserResponse(user=user_message(row))
 
