@@ -1,0 +1,283 @@
+"""Review probes: each test here fails on the current code and names a defect."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+
+from blumpo.generation.v1 import generation_pb2 as gpb
+from blumpo.generation.v1 import generation_pb2_grpc
+from blumpo.token.v1 import token_pb2 as tpb
+from tests import support
+from tests.generation_support import GenerationStub, TokenStub, create_job, job_request
+from tests.processes import ServiceProcess, free_port
+
+pytestmark = pytest.mark.asyncio
+STEP = 5.0
+REFUSED = 50
+
+
+async def _move(generation: GenerationStub, job_id: str, status: int) -> gpb.Job:
+    request = gpb.UpdateGenerationJobStatusRequest(job_id=job_id, status=status)  # type: ignore[arg-type]
+    return (await generation.UpdateGenerationJobStatus(request)).job
+
+
+def _gen_env(database_url: str, token_target: str, port: int, **extra: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": database_url,
+        "LOG_LEVEL": "WARNING",
+        "GENERATION_LISTEN_ADDR": f"127.0.0.1:{port}",
+        "GENERATION_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+        "TOKEN_SERVICE_TARGET": token_target,
+        **extra,
+    }
+
+
+async def test_refused_refunds_do_not_starve_other_owed_refunds(
+    generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
+) -> None:
+    """A refund the token service refuses stays PENDING with its old updated_at, so it heads
+    owed_refunds forever; a full batch of them means no other owed refund is ever paid."""
+    user_id = await support.user_with_balance(token, 1000)
+    stuck: list[uuid.UUID] = []
+    try:
+        await _starve(generation, token, admin, user_id, stuck)
+    finally:  # leave no stuck refund behind for later tests sharing the database
+        await admin.execute(
+            "UPDATE generation.generation_job SET refund_state = 'DONE' WHERE id = ANY($1::uuid[])", stuck
+        )
+
+
+async def _starve(
+    generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection, user_id: str, stuck: list[uuid.UUID]
+) -> None:
+    for _ in range(REFUSED):
+        job = await create_job(generation, user_id)
+        stuck.append(uuid.UUID(job.job_id))
+        await _move(generation, job.job_id, gpb.JOB_STATUS_RUNNING)
+        # Another client already used the refund's reference (with another delta): refused for good.
+        await token.AppendLedgerEntry(
+            tpb.AppendLedgerEntryRequest(
+                user_id=user_id, delta=5, reason=tpb.LEDGER_REASON_ADJUSTMENT, reference_id=f"{job.job_id}:refund"
+            )
+        )
+        await _move(generation, job.job_id, gpb.JOB_STATUS_FAILED)
+    victim = await support.user_with_balance(token, 10)
+    owed = await create_job(generation, victim, cost=4)
+    await _move(generation, owed.job_id, gpb.JOB_STATUS_RUNNING)
+    # A crash right after FAILED was committed, before the refund call: the reconciler owes it.
+    await admin.execute(
+        "UPDATE generation.generation_job SET status = 'FAILED', completed_at = now(), refund_state = 'PENDING',"
+        " updated_at = now() WHERE id = $1",
+        uuid.UUID(owed.job_id),
+    )
+    deadline = time.monotonic() + 8  # grace 1 s, interval 0.2 s in the test reconciler
+    state = None
+    while time.monotonic() < deadline:
+        state = await admin.fetchval(
+            "SELECT refund_state FROM generation.generation_job WHERE id = $1", uuid.UUID(owed.job_id)
+        )
+        if state == "DONE":
+            break
+        await asyncio.sleep(0.2)
+    assert state == "DONE", "the owed refund was never paid: 50 refused refunds fill every batch"
+    assert (await token.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=victim))).balance == 10
+
+
+def _run_generation(env: dict[str, str]) -> tuple[int, str]:
+    import os
+    import subprocess
+    import sys
+
+    full = {**os.environ, "BLUMPO_ENV": "development", **env}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "generation_service"],
+            cwd=support.ROOT,
+            env=full,
+            capture_output=True,
+            text=True,
+            timeout=8,
+        )
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        return -1, err
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"DATABASE_URL": "postgresql://postgres@127.0.0.1:notaport/blumpo"},
+        {"GENERATION_LISTEN_ADDR": "999.1.1.1:50952"},
+        {"GENERATION_METRICS_ADDR": "nosuch.invalid:9952"},
+    ],
+    ids=["database-url-port", "listen-addr", "metrics-addr"],
+)
+async def test_malformed_setting_is_one_line_exit_2(database_url: str, setting: dict[str, str]) -> None:
+    env = {
+        "DATABASE_URL": database_url,
+        "GENERATION_LISTEN_ADDR": f"127.0.0.1:{free_port()}",
+        "GENERATION_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+        "LOG_LEVEL": "ERROR",
+        **setting,
+    }
+    code, stderr = await asyncio.get_running_loop().run_in_executor(None, _run_generation, env)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, f"exit {code}; stderr:\n{stderr[-1500:]}"
+    assert len(lines) == 1, stderr[-1500:]
+
+
+class _Proxy:
+    """A TCP forwarder to PostgreSQL that can be started late and cut: the database 'down'."""
+
+    def __init__(self, port: int, target_port: int) -> None:
+        self.port = port
+        self.target_port = target_port
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        # Set: bytes are swallowed, nothing answers (a database host that went silent).
+        self.frozen = False
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    if self.frozen:
+                        continue
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for w in self.writers:
+                w.close()
+            self.writers.clear()
+            await self.server.wait_closed()
+            self.server = None
+
+
+async def _health(address: str) -> int | None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.aio.AioRpcError:
+            return None
+        return int(answer.status)
+
+
+async def test_sigterm_while_database_silent_exits_within_grace(
+    database_url: str, token_address: str, token: TokenStub, tmp_path: Path
+) -> None:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(database_url)
+    proxy = _Proxy(free_port(), parts.port or 5432)
+    await proxy.start()
+    proxied = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+    port = free_port()
+    env = _gen_env(proxied, token_address, port, SHUTDOWN_GRACE_SECONDS="1", LOG_LEVEL="INFO")
+    process = ServiceProcess("generation_service", env, port, tmp_path / "g.log")
+    await process.start()
+    loop = asyncio.get_running_loop()
+    try:
+        user_id = await support.user_with_balance(token, 10)
+        async with grpc.aio.insecure_channel(process.address) as channel:
+            stub: GenerationStub = generation_pb2_grpc.GenerationServiceStub(channel)
+            await create_job(stub, user_id)  # the pool now holds connections
+        proxy.frozen = True
+        await asyncio.sleep(0.5)
+        assert process.process is not None
+        started = time.monotonic()
+        process.process.send_signal(signal.SIGTERM)
+        try:
+            code = await loop.run_in_executor(None, process.process.wait, 20)
+        except Exception:  # subprocess.TimeoutExpired
+            code = None
+        elapsed = time.monotonic() - started
+        assert code == 0 and elapsed < 1 + 3.0, f"exit {code} after {elapsed:.1f}s\n{process.logs()[-1500:]}"
+        process.process = None
+    finally:
+        if process.process is not None:
+            process.process.kill()
+            await loop.run_in_executor(None, process.process.wait, 10)
+            process.process = None
+        await proxy.stop()
+
+
+async def test_undecodable_request_is_not_unknown(generation_address: str) -> None:
+    """A request the server cannot decode (here params.extra nested 33 deep, past protobuf's
+    depth limit; any client not written in Python can send it) is answered UNKNOWN."""
+    request = job_request(str(uuid.uuid4()))
+    nested: Any = {"leaf": 1}
+    for _ in range(33):
+        nested = {"k": nested}
+    request.params.extra.update(nested)
+    payload = request.SerializeToString()
+    async with grpc.aio.insecure_channel(generation_address) as channel:
+        call = channel.unary_unary(
+            "/blumpo.generation.v1.GenerationService/CreateGenerationJob",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(payload, timeout=5)
+    assert caught.value.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), caught.value.details()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_health_is_not_serving_before_the_database_answered(
+    database_url: str, token_address: str, tmp_path: Path
+) -> None:
+    """With the database host silent from the start, Health/Check says SERVING until the first
+    probe times out (grpc's HealthServicer starts with "" = SERVING)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from grpc_health.v1 import health_pb2
+
+    parts = urlsplit(database_url)
+    proxy = _Proxy(free_port(), parts.port or 5432)
+    proxy.frozen = True
+    await proxy.start()
+    proxied = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+    port = free_port()
+    process = ServiceProcess("generation_service", _gen_env(proxied, token_address, port), port, tmp_path / "g.log")
+    process.spawn()
+    loop = asyncio.get_running_loop()
+    seen: list[int | None] = []
+    try:
+        deadline = time.monotonic() + 13
+        while time.monotonic() < deadline:
+            seen.append(await _health(process.address))
+            await asyncio.sleep(0.05)
+    finally:
+        assert process.process is not None
+        process.process.kill()
+        await loop.run_in_executor(None, process.process.wait, 10)
+        process.process = None
+        await proxy.stop()
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in seen, seen
+    assert health_pb2.HealthCheckResponse.SERVING not in seen, "SERVING reported while the database never answered"
