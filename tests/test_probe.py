@@ -281,3 +281,17 @@ async def test_health_is_not_serving_before_the_database_answered(
         await proxy.stop()
     assert health_pb2.HealthCheckResponse.NOT_SERVING in seen, seen
     assert health_pb2.HealthCheckResponse.SERVING not in seen, "SERVING reported while the database never answered"
+
+
+async def test_well_signed_page_token_with_out_of_range_key_is_invalid_argument(token: TokenStub) -> None:
+    """The page-token key is in the source ("tokens hold no secret"), so a caller can sign any key;
+    a sequence number past int64 reaches asyncpg and comes back INTERNAL."""
+    from datetime import UTC, datetime
+
+    from blumpo_common import pagination
+
+    user_id = await support.user_with_balance(token, 5)
+    forged = pagination.encode_after(f"ledger:{user_id}", datetime.now(UTC), 2**70)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await token.ListLedgerEntries(tpb.ListLedgerEntriesRequest(user_id=user_id, page_token=forged))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (caught.value.code(), caught.value.details())
