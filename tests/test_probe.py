@@ -295,3 +295,34 @@ async def test_well_signed_page_token_with_out_of_range_key_is_invalid_argument(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await token.ListLedgerEntries(tpb.ListLedgerEntriesRequest(user_id=user_id, page_token=forged))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (caught.value.code(), caught.value.details())
+
+
+async def test_refill_of_a_month_before_the_account_existed_credits_nothing(token: TokenStub) -> None:
+    """Periods back to 2000-01 are accepted, and every account is credited for them, even one
+    opened today: 300-odd past months can be credited to an account a minute old."""
+    user_id = await support.user_with_balance(token, 0)
+    await token.RunMonthlyRefill(tpb.RunMonthlyRefillRequest(period="2001-01"))
+    balance = (await token.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=user_id))).balance
+    assert balance == 0, f"an account opened today was credited {balance} tokens for 2001-01"
+
+
+async def test_a_full_page_of_large_jobs_fits_a_default_client(generation: GenerationStub, token: TokenStub) -> None:
+    """Every job at its documented maxima (prompt 4000 characters, extra 16 KiB of JSON) and a
+    page_size the contract allows: the page is larger than gRPC's default 4 MiB receive limit."""
+    user_id = await support.user_with_balance(token, 1000)
+    sem = asyncio.Semaphore(16)
+
+    async def one() -> None:
+        request = job_request(user_id, prompt="🦄" * 4000)
+        request.params.extra.update({"notes": "x" * 16000})
+        async with sem:
+            await generation.CreateGenerationJob(request, timeout=30)
+
+    await asyncio.gather(*(one() for _ in range(150)))
+    try:
+        page = await generation.ListGenerationJobs(
+            gpb.ListGenerationJobsRequest(user_id=user_id, page_size=500), timeout=30
+        )
+    except grpc.aio.AioRpcError as exc:
+        pytest.fail(f"{exc.code().name}: {exc.details()}")
+    assert len(page.jobs) == 150
