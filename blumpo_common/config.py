@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 T = TypeVar("T")
@@ -20,8 +20,12 @@ def load_or_exit(service: str, load: Callable[[Mapping[str, str]], T], env: Mapp
     try:
         return load(env)
     except ConfigError as exc:
-        print(f"{service}: configuration error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        exit_on(service, exc)
+
+
+def exit_on(service: str, error: ConfigError) -> NoReturn:
+    print(f"{service}: configuration error: {error}", file=sys.stderr)
+    sys.exit(2)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,9 @@ class ServerConfig:
     metrics_addr: str
     log_level: str
     shutdown_grace_seconds: float
+    # The settings the addresses came from, to name them when one cannot be used.
+    listen_setting: str
+    metrics_setting: str
 
 
 def database_url(env: Mapping[str, str]) -> str:
@@ -52,6 +59,10 @@ def database_url(env: Mapping[str, str]) -> str:
             "DATABASE_URL must look like postgresql://user@host:port/dbname, got scheme "
             f"{parts.scheme!r} and database {parts.path.strip('/')!r}"
         )
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ConfigError(f"DATABASE_URL has a malformed port in {parts.netloc.rpartition('@')[2]!r}") from None
     return url
 
 
@@ -101,9 +112,12 @@ def load_server(env: Mapping[str, str], prefix: str, port: int, metrics_port: in
     level = env.get("LOG_LEVEL", "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    listen_setting, metrics_setting = f"{prefix}_LISTEN_ADDR", f"{prefix}_METRICS_ADDR"
     return ServerConfig(
-        listen_addr=address(env, f"{prefix}_LISTEN_ADDR", f"0.0.0.0:{port}"),
-        metrics_addr=address(env, f"{prefix}_METRICS_ADDR", f"0.0.0.0:{metrics_port}"),
+        listen_addr=address(env, listen_setting, f"0.0.0.0:{port}"),
+        metrics_addr=address(env, metrics_setting, f"0.0.0.0:{metrics_port}"),
         log_level=level,
         shutdown_grace_seconds=integer(env, "SHUTDOWN_GRACE_SECONDS", 10, 0, 300),
+        listen_setting=listen_setting,
+        metrics_setting=metrics_setting,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -18,12 +19,13 @@ from typing import Any, TypeAlias
 import asyncpg
 import grpc
 import prometheus_client
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from blumpo_common import db, logs
-from blumpo_common.config import ServerConfig
+from blumpo_common.config import ConfigError, ServerConfig, exit_on
 from blumpo_common.errors import ServiceError, from_exception, to_status
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ MAX_REQUEST_ID = 128
 class Service:
     """What one service plugs into the shared server."""
 
+    # The process, e.g. "token_service", as its messages name it.
+    name: str
     # Full protobuf name, e.g. "blumpo.token.v1.TokenService".
     full_name: str
     # google.rpc.ErrorInfo domain, e.g. "blumpo.token".
@@ -69,16 +73,17 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method: str = handler_call_details.method
         if handler is None or method.startswith("/grpc.reflection."):
             return handler
+        deserialize = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             unary: Any = handler.unary_unary
 
             async def unary_call(request: Any, context: Context) -> Any:
                 async with self._call(method, context):
-                    return await unary(request, context)
+                    return await unary(_decoded(request), context)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_call,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
@@ -86,18 +91,48 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             async def stream_call(request: Any, context: Context) -> AsyncIterator[Any]:
                 async with self._call(method, context):
-                    async for response in stream(request, context):
+                    async for response in stream(_decoded(request), context):
                         yield response
 
             return grpc.unary_stream_rpc_method_handler(
                 stream_call,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
     def _call(self, method: str, context: Context) -> _Call:
         return _Call(self.error_domain, method, context)
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request whose bytes are not a valid message (gRPC would answer UNKNOWN for it)."""
+
+    reason: str
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return decode
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "UNDECODABLE_REQUEST",
+            f"the request is not a valid message of this method: {request.reason}",
+        )
+    return request
 
 
 class _Call:
@@ -171,7 +206,8 @@ async def watch_database(pool: asyncpg.Pool, health_servicer: HealthServicer, na
     serving: bool | None = None
     while True:
         try:
-            await pool.fetchval("SELECT 1", timeout=HEALTH_PROBE_SECONDS)
+            async with pool.acquire(timeout=HEALTH_PROBE_SECONDS) as conn:
+                await conn.fetchval("SELECT 1", timeout=HEALTH_PROBE_SECONDS)
             now = True
         except Exception as exc:  # any failure to answer means not serving
             if serving is not False:
@@ -201,26 +237,48 @@ class RunningServer:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
+def _check_bindable(address: str) -> None:
+    """OSError unless a server could listen on address (checked here, so gRPC has no failure to log)."""
+    host, _, port = address.rpartition(":")
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+        host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+
+
 async def start(service: Service, pool: asyncpg.Pool, listen_addr: str) -> RunningServer:
+    """Serves the service on listen_addr; OSError when that address cannot be used."""
     server = grpc.aio.server(interceptors=[CallInterceptor(service.error_domain)])
     service.register(server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = ("", service.full_name)
+    for name in names:  # until the database has answered once
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    _check_bindable(listen_addr)
     port = server.add_insecure_port(listen_addr)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen_addr}")
     await server.start()
-    tasks = [asyncio.create_task(watch_database(pool, health_servicer, ("", service.full_name)))]
+    tasks = [asyncio.create_task(watch_database(pool, health_servicer, names))]
     tasks += [asyncio.create_task(job()) for job in service.background]
     return RunningServer(server, port, health_servicer, tasks)
 
 
 async def serve(service: Service, pool: asyncpg.Pool, config: ServerConfig) -> None:
-    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully.
+
+    An address that cannot be used stops start-up with one line naming its setting (exit 2)."""
     host, _, port = config.metrics_addr.rpartition(":")
-    prometheus_client.start_http_server(int(port), host)
-    running = await start(service, pool, config.listen_addr)
+    try:
+        prometheus_client.start_http_server(int(port), host)
+    except OSError as exc:
+        exit_on(service.name, ConfigError(f"{config.metrics_setting} {config.metrics_addr} cannot be used: {exc}"))
+    try:
+        running = await start(service, pool, config.listen_addr)
+    except OSError as exc:
+        exit_on(service.name, ConfigError(f"{config.listen_setting} {config.listen_addr} cannot be used: {exc}"))
     log.info("serving", extra={"grpc_service": service.full_name, "listen": config.listen_addr, "port": running.port})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -229,5 +287,9 @@ async def serve(service: Service, pool: asyncpg.Pool, config: ServerConfig) -> N
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": config.shutdown_grace_seconds})
     await running.stop(config.shutdown_grace_seconds)
-    await pool.close()
+    try:
+        # A database that stopped answering must not hold the exit forever.
+        await asyncio.wait_for(pool.close(), timeout=max(config.shutdown_grace_seconds, 1.0))
+    except TimeoutError:
+        pool.terminate()
     log.info("stopped")

@@ -52,6 +52,7 @@ def service(p: Parts) -> server.Service:
         )
 
     return server.Service(
+        name="generation_service",
         full_name=SERVICE_NAME,
         error_domain=ERROR_DOMAIN,
         register=register,
