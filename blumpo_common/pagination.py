@@ -67,6 +67,10 @@ def decode_after(scope: str, token: str, tiebreak: Callable[[Any], T]) -> tuple[
     if key is None:
         return None
     try:
-        return datetime.fromisoformat(key[0]), tiebreak(key[1])
+        moment, after = datetime.fromisoformat(key[0]), tiebreak(key[1])
+        # Anyone can sign a key (the digest holds no secret): check it is one the query can take.
+        if moment.tzinfo is not None and not (isinstance(after, int) and not -(2**63) <= after < 2**63):
+            return moment, after
     except (IndexError, TypeError, ValueError):
-        raise invalid_argument([("page_token", "is not a page token issued for this query")]) from None
+        pass
+    raise invalid_argument([("page_token", "is not a page token issued for this query")])
