@@ -40,8 +40,9 @@ WITH g AS (
   INSERT INTO token.app_user (id, email) SELECT id, 'bench-' || n || '@example.com' FROM g
 ), accounts AS (
   -- One account in five on pro, the rest on free.
-  INSERT INTO token.token_account (user_id, balance, plan_code)
-  SELECT id, 100, CASE WHEN n % 5 = 0 THEN 'pro' ELSE 'free' END FROM g
+  -- Opened long before the (past) periods the benchmark refills.
+  INSERT INTO token.token_account (user_id, balance, plan_code, created_at)
+  SELECT id, 100, CASE WHEN n % 5 = 0 THEN 'pro' ELSE 'free' END, '2000-01-01T00:00:00Z' FROM g
 )
 INSERT INTO token.token_ledger (user_id, delta, reason, reference_id, balance_after)
 SELECT id, 100, 'SIGNUP_BONUS', 'signup', 100 FROM g
@@ -62,7 +63,8 @@ CREATE SEQUENCE public.bench_batch_no MINVALUE 0 START 0;
 
 def pgbench_script(period: str, batch_size: int) -> str:
     ref = f"'{refill_job.reference(period)}'::text"
-    select_batch = common.one_line(Q["refill_batch"], {1: ":after_id::uuid", 2: str(batch_size)})
+    end = f"'{refill_job.period_end(period).isoformat()}'::timestamptz"
+    select_batch = common.one_line(Q["refill_batch"], {1: ":after_id::uuid", 2: str(batch_size), 3: end})
     append = common.one_line(
         Q["append_entries"],
         {1: ":ids", 2: ":allowances", 3: ":reasons", 4: ":refs", 5: str(ledger.MAX_BALANCE)},

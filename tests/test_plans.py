@@ -34,6 +34,7 @@ async def test_grants_and_allowances_come_from_the_plan_table(token: TokenStub, 
     assert user.account.balance == 33
     other = (await token.CreateUser(tpb.CreateUserRequest(email=support.new_email()))).user
     await token.ChangePlan(tpb.ChangePlanRequest(user_id=other.user_id, plan="studio"))
+    await support.open_accounts_long_ago(admin)
     await token.RunMonthlyRefill(tpb.RunMonthlyRefillRequest(period="2015-05"))
     for user_id, balance in ((user.user_id, 33 + 77), (other.user_id, 100 + 77)):
         assert (await token.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=user_id))).balance == balance

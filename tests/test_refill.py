@@ -19,11 +19,14 @@ from token_service import refill
 from token_service.store import Store
 
 
-async def new_users(token: TokenStub, plans: list[str]) -> list[str]:
+async def new_users(token: TokenStub, admin: asyncpg.Connection, plans: list[str]) -> list[str]:
+    """New users on these plans; every account is then backdated, so the past periods the tests
+    refill find them open."""
     users = []
     for plan in plans:
         user = (await token.CreateUser(tpb.CreateUserRequest(email=support.new_email(), plan=plan))).user
         users.append(user.user_id)
+    await support.open_accounts_long_ago(admin)
     return users
 
 
@@ -66,7 +69,7 @@ async def no_allowance_plan(admin: asyncpg.Connection) -> str:
 async def test_refill_credits_each_plan_its_allowance_once(
     token: TokenStub, admin: asyncpg.Connection, no_allowance_plan: str
 ) -> None:
-    free, pro, paused = await new_users(token, ["free", "pro", no_allowance_plan])
+    free, pro, paused = await new_users(token, admin, ["free", "pro", no_allowance_plan])
     total, eligible = await eligible_accounts(admin)
 
     first = await token.RunMonthlyRefill(tpb.RunMonthlyRefillRequest(period="2011-01"))
@@ -91,7 +94,7 @@ async def test_refill_credits_each_plan_its_allowance_once(
 async def test_refill_stopped_half_way_and_rerun_credits_each_account_once(
     token: TokenStub, token_store: Store, admin: asyncpg.Connection
 ) -> None:
-    await new_users(token, ["free"] * 6 + ["pro"] * 4)
+    await new_users(token, admin, ["free"] * 6 + ["pro"] * 4)
     total, eligible = await eligible_accounts(admin)
     period = "2012-03"
 
@@ -113,7 +116,7 @@ async def test_refill_stopped_half_way_and_rerun_credits_each_account_once(
 async def test_refill_cancelled_at_any_point_and_rerun_credits_each_account_once(
     token: TokenStub, token_store: Store, admin: asyncpg.Connection
 ) -> None:
-    await new_users(token, ["free"] * 5)
+    await new_users(token, admin, ["free"] * 5)
     _, eligible = await eligible_accounts(admin)
     period = "2012-04"
     for delay in (0.0, 0.005, 0.02):
@@ -131,7 +134,7 @@ async def test_refill_cancelled_at_any_point_and_rerun_credits_each_account_once
 async def test_concurrent_refills_of_one_period_credit_each_account_once(
     token: TokenStub, admin: asyncpg.Connection
 ) -> None:
-    await new_users(token, ["pro"] * 3)
+    await new_users(token, admin, ["pro"] * 3)
     total, eligible = await eligible_accounts(admin)
     results = await asyncio.gather(
         *[token.RunMonthlyRefill(tpb.RunMonthlyRefillRequest(period="2013-07")) for _ in range(4)]
@@ -144,7 +147,7 @@ async def test_concurrent_refills_of_one_period_credit_each_account_once(
 
 
 async def test_refill_uses_the_plan_at_the_time_of_the_refill(token: TokenStub, admin: asyncpg.Connection) -> None:
-    [user] = await new_users(token, ["free"])
+    [user] = await new_users(token, admin, ["free"])
     await token.ChangePlan(tpb.ChangePlanRequest(user_id=user, plan="pro"))
     await token.RunMonthlyRefill(tpb.RunMonthlyRefillRequest(period="2014-01"))
     assert (await refill_entries(admin, "2014-01"))[user] == [1000]
@@ -171,7 +174,7 @@ def test_reference_is_the_period() -> None:
 async def test_refill_concurrent_with_debits_keeps_every_balance_equal_to_its_ledger(
     token: TokenStub, admin: asyncpg.Connection
 ) -> None:
-    users = await new_users(token, ["free"] * 8)
+    users = await new_users(token, admin, ["free"] * 8)
     debits = [
         token.AppendLedgerEntries(
             tpb.AppendLedgerEntriesRequest(

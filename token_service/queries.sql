@@ -128,8 +128,9 @@ DELETE FROM auth_otp
 WHERE id IN (SELECT id FROM auth_otp WHERE expires_at < $1 LIMIT $2);
 
 -- name: refill_batch
--- The next accounts after $1 in user_id order, with their plan's allowance.
-SELECT a.user_id, p.monthly_allowance
+-- The next accounts after $1 in user_id order, with their plan's allowance for the period
+-- ending at $3: nothing for an account opened after the period.
+SELECT a.user_id, CASE WHEN a.created_at < $3 THEN p.monthly_allowance ELSE 0 END AS monthly_allowance
 FROM token_account a JOIN plan p ON p.code = a.plan_code
 WHERE a.user_id > $1
 ORDER BY a.user_id

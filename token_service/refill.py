@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 
 from blumpo_common.validation import Checker
 from token_service import ledger
@@ -37,6 +37,12 @@ def check_period(check: Checker, field: str, period: str, today: date) -> str:
     return period
 
 
+def period_end(period: str) -> datetime:
+    """The first instant after the period (a well-formed YYYY-MM), in UTC."""
+    year, month = int(period[:4]), int(period[5:7])
+    return datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+
+
 def reference(period: str) -> str:
     return f"refill:{period}"
 
@@ -44,7 +50,7 @@ def reference(period: str) -> str:
 @dataclass
 class RefillResult:
     credited: int = 0
-    # Already credited for the period, on a plan without allowance, or refused.
+    # Already credited for the period, opened after it, on a plan without allowance, or refused.
     skipped: int = 0
     batches: int = 0
     # False when stopped by max_batches before the last account.
@@ -56,10 +62,11 @@ async def run(store: Store, period: str, batch_size: int = BATCH_SIZE, max_batch
     result = RefillResult()
     after = _FIRST
     ref = reference(period)
+    end = period_end(period)
     started = time.monotonic()
     while not result.finished and (max_batches is None or result.batches < max_batches):
         async with store.transaction() as conn:
-            accounts = await store.refill_batch(conn, after, batch_size)
+            accounts = await store.refill_batch(conn, after, batch_size, end)
             requests = [
                 ledger.EntryRequest(row["user_id"], row["monthly_allowance"], REASON, ref)
                 for row in accounts

@@ -165,5 +165,7 @@ class Store(db.BaseStore):
 
     # Monthly refill.
 
-    async def refill_batch(self, conn: db.Connection, after: uuid.UUID, limit: int) -> list[asyncpg.Record]:
-        return await conn.fetch(Q["refill_batch"], after, limit, timeout=self.timeout())
+    async def refill_batch(
+        self, conn: db.Connection, after: uuid.UUID, limit: int, period_end: datetime
+    ) -> list[asyncpg.Record]:
+        return await conn.fetch(Q["refill_batch"], after, limit, period_end, timeout=self.timeout())
