@@ -16,9 +16,14 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
+from google.protobuf.message import Message
+
 from blumpo_common.errors import invalid_argument
 
 T = TypeVar("T")
+
+# A page stays under gRPC's default 4 MiB limit on a received message, whatever its rows hold.
+MAX_PAGE_BYTES = 3 * 1024 * 1024
 
 _KEY = b"blumpo-page-token-v1"
 _DIGEST_BYTES = 16
@@ -59,6 +64,16 @@ def next_page_token(scope: str, keys: Sequence[tuple[datetime, str | int]], page
     if len(keys) <= page_size:
         return ""
     return encode_after(scope, *keys[page_size - 1])
+
+
+def fitting(messages: Sequence[Message], budget: int = MAX_PAGE_BYTES) -> int:
+    """How many of the messages, from the first, one page carries (always at least one)."""
+    total = 0
+    for count, message in enumerate(messages):
+        total += message.ByteSize() + 8  # with its field tag and length
+        if total > budget and count > 0:
+            return count
+    return len(messages)
 
 
 def decode_after(scope: str, token: str, tiebreak: Callable[[Any], T]) -> tuple[datetime, T] | None:

@@ -246,11 +246,11 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         scope = f"jobs:{user_id}:{','.join(statuses)}"
         after = pagination.decode_after(scope, request.page_token, uuid.UUID)
         rows = await self.store.list_jobs(user_id, wanted, after, page_size + 1)
+        jobs = [job_message(r) for r in rows[:page_size]]
+        size = pagination.fitting(jobs)
+        keys = [(r["created_at"], str(r["id"])) for r in rows]
         return pb.ListGenerationJobsResponse(
-            jobs=[job_message(r) for r in rows[:page_size]],
-            next_page_token=pagination.next_page_token(
-                scope, [(r["created_at"], str(r["id"])) for r in rows], page_size
-            ),
+            jobs=jobs[:size], next_page_token=pagination.next_page_token(scope, keys, size)
         )
 
     async def UpdateGenerationJobStatus(
@@ -357,10 +357,11 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         scope = f"assets:{user_id}"
         after = pagination.decode_after(scope, request.page_token, uuid.UUID)
         items = await self.store.assets_for_user(user_id, after, page_size + 1)
+        assets = [grouped_message(i) for i in items[:page_size]]
+        size = pagination.fitting(assets)
         keys = [(i.asset["created_at"], str(i.asset["id"])) for i in items]
         return pb.GetAssetsForUserResponse(
-            assets=[grouped_message(i) for i in items[:page_size]],
-            next_page_token=pagination.next_page_token(scope, keys, page_size),
+            assets=assets[:size], next_page_token=pagination.next_page_token(scope, keys, size)
         )
 
     async def ArchiveCompletedJobs(

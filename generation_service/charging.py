@@ -24,7 +24,7 @@ import asyncpg
 import grpc
 import prometheus_client
 
-from blumpo_common import db
+from blumpo_common import db, retry
 from blumpo_common.errors import ServiceError
 from generation_service import lifecycle
 from generation_service.store import NewJob, Store
@@ -197,7 +197,10 @@ class Reconciler:
             for row in await self.store.stale_intents(conn, self.settings.grace_seconds, self.settings.batch):
                 outcome = await self.charger.tokens.debit(row["user_id"], row["id"], row["tokens_cost"])
                 if outcome.result is Result.UNKNOWN:
-                    break  # the token service is still away: the rest waits for the next pass
+                    if _service_away(outcome):
+                        break  # the rest waits for the next pass
+                    await self._defer(conn, row, "charge", outcome)
+                    continue
                 with contextlib.suppress(ServiceError):  # a refusal leaves it REJECTED: nothing charged or listed
                     await self.charger.settle_charge(row["id"], row["user_id"], outcome, conn)
                 settled += 1
@@ -208,14 +211,25 @@ class Reconciler:
         async with self.store.transaction() as conn:
             for row in await self.store.owed_refunds(conn, self.settings.grace_seconds, self.settings.batch):
                 outcome = await self.charger.tokens.refund(row["user_id"], row["id"], row["tokens_cost"])
-                if outcome.result is Result.UNKNOWN:
-                    break
                 if outcome.result is Result.DONE:
                     await self.store.refund_done(row["id"], conn)
                     refunded += 1
+                elif _service_away(outcome):
+                    break
                 else:
-                    log.error(
-                        "refund refused",
-                        extra={"job_id": str(row["id"]), "code": outcome.code.name, "reason": outcome.reason},
-                    )
+                    await self._defer(conn, row, "refund", outcome)
         return refunded
+
+    async def _defer(self, conn: db.Connection, row: asyncpg.Record, kind: str, outcome: Outcome) -> None:
+        """A row the token service keeps answering with something else than success goes to the
+        back of the line, so it cannot hold up the others; it is logged for a person to see."""
+        log.error(
+            "not settled; deferred",
+            extra={"kind": kind, "job_id": str(row["id"]), "code": outcome.code.name, "reason": outcome.reason},
+        )
+        await self.store.defer(row["id"], conn)
+
+
+def _service_away(outcome: Outcome) -> bool:
+    """No answer at all: the token service is down or slow, for every row alike."""
+    return outcome.result is Result.UNKNOWN and outcome.code in retry.RETRYABLE

@@ -50,6 +50,10 @@ ORDER BY updated_at
 LIMIT $2
 FOR UPDATE SKIP LOCKED;
 
+-- name: defer
+-- To the back of the reconciler's line (its queues are ordered by updated_at).
+UPDATE generation_job SET updated_at = now() WHERE id = $1;
+
 -- name: refund_done
 UPDATE generation_job SET refund_state = 'DONE'
 WHERE id = $1 AND refund_state = 'PENDING';

@@ -101,6 +101,9 @@ class Store(db.BaseStore):
     async def owed_refunds(self, conn: db.Connection, older_than_seconds: float, limit: int) -> list[asyncpg.Record]:
         return await conn.fetch(Q["owed_refunds"], older_than_seconds, limit, timeout=self.timeout())
 
+    async def defer(self, job_id: uuid.UUID, conn: db.Connection) -> None:
+        await conn.execute(Q["defer"], job_id, timeout=self.timeout())
+
     async def refund_done(self, job_id: uuid.UUID, conn: db.Connection | None = None) -> None:
         executor = conn if conn is not None else self.pool
         await executor.execute(Q["refund_done"], job_id, timeout=self.timeout())

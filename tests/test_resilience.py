@@ -1,4 +1,6 @@
-"""Review probes: each test here fails on the current code and names a defect."""
+"""Edge cases across both services: a reconciler no row can starve, settings that cannot be
+used, shutdown with a silent database, health before the database answered, undecodable
+requests, forged page tokens, refills before an account opened, pages under the message limit."""
 
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ from tests import support
 from tests.generation_support import GenerationStub, TokenStub, create_job, job_request
 from tests.processes import ServiceProcess, free_port
 
-pytestmark = pytest.mark.asyncio
 STEP = 5.0
 REFUSED = 50
 
@@ -44,8 +45,8 @@ def _gen_env(database_url: str, token_target: str, port: int, **extra: str) -> d
 async def test_refused_refunds_do_not_starve_other_owed_refunds(
     generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
 ) -> None:
-    """A refund the token service refuses stays PENDING with its old updated_at, so it heads
-    owed_refunds forever; a full batch of them means no other owed refund is ever paid."""
+    """A refund the token service refuses is deferred to the back of the line: a full batch of
+    them does not keep other owed refunds from being paid."""
     user_id = await support.user_with_balance(token, 1000)
     stuck: list[uuid.UUID] = []
     try:
@@ -230,7 +231,7 @@ async def test_sigterm_while_database_silent_exits_within_grace(
 
 async def test_undecodable_request_is_not_unknown(generation_address: str) -> None:
     """A request the server cannot decode (here params.extra nested 33 deep, past protobuf's
-    depth limit; any client not written in Python can send it) is answered UNKNOWN."""
+    depth limit; any client not written in Python can send it) is INVALID_ARGUMENT, not UNKNOWN."""
     request = job_request(str(uuid.uuid4()))
     nested: Any = {"leaf": 1}
     for _ in range(33):
@@ -252,8 +253,8 @@ async def test_undecodable_request_is_not_unknown(generation_address: str) -> No
 async def test_health_is_not_serving_before_the_database_answered(
     database_url: str, token_address: str, tmp_path: Path
 ) -> None:
-    """With the database host silent from the start, Health/Check says SERVING until the first
-    probe times out (grpc's HealthServicer starts with "" = SERVING)."""
+    """With the database host silent from the start, Health/Check never says SERVING (gRPC's
+    HealthServicer would start with "" = SERVING)."""
     from urllib.parse import urlsplit, urlunsplit
 
     from grpc_health.v1 import health_pb2
@@ -285,7 +286,7 @@ async def test_health_is_not_serving_before_the_database_answered(
 
 async def test_well_signed_page_token_with_out_of_range_key_is_invalid_argument(token: TokenStub) -> None:
     """The page-token key is in the source ("tokens hold no secret"), so a caller can sign any key;
-    a sequence number past int64 reaches asyncpg and comes back INTERNAL."""
+    one no query can take (a sequence number past int64) is INVALID_ARGUMENT, not INTERNAL."""
     from datetime import UTC, datetime
 
     from blumpo_common import pagination
@@ -298,8 +299,8 @@ async def test_well_signed_page_token_with_out_of_range_key_is_invalid_argument(
 
 
 async def test_refill_of_a_month_before_the_account_existed_credits_nothing(token: TokenStub) -> None:
-    """Periods back to 2000-01 are accepted, and every account is credited for them, even one
-    opened today: 300-odd past months can be credited to an account a minute old."""
+    """Periods back to 2000-01 are accepted, but an account opened today is credited for none of
+    them: a month before an account existed is not owed to it."""
     user_id = await support.user_with_balance(token, 0)
     await token.RunMonthlyRefill(tpb.RunMonthlyRefillRequest(period="2001-01"))
     balance = (await token.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=user_id))).balance
@@ -307,22 +308,35 @@ async def test_refill_of_a_month_before_the_account_existed_credits_nothing(toke
 
 
 async def test_a_full_page_of_large_jobs_fits_a_default_client(generation: GenerationStub, token: TokenStub) -> None:
-    """Every job at its documented maxima (prompt 4000 characters, extra 16 KiB of JSON) and a
-    page_size the contract allows: the page is larger than gRPC's default 4 MiB receive limit."""
+    """Jobs at their documented maxima (prompt 4000 characters, extra 16 KiB of JSON) with a
+    page_size the contract allows would exceed gRPC's default 4 MiB receive limit: a page stops
+    short of it and the next page token carries on, so every job is listed once."""
     user_id = await support.user_with_balance(token, 1000)
     sem = asyncio.Semaphore(16)
+    created: set[str] = set()
 
     async def one() -> None:
         request = job_request(user_id, prompt="🦄" * 4000)
         request.params.extra.update({"notes": "x" * 16000})
         async with sem:
-            await generation.CreateGenerationJob(request, timeout=30)
+            created.add((await generation.CreateGenerationJob(request, timeout=30)).job.job_id)
 
     await asyncio.gather(*(one() for _ in range(150)))
-    try:
-        page = await generation.ListGenerationJobs(
-            gpb.ListGenerationJobsRequest(user_id=user_id, page_size=500), timeout=30
-        )
-    except grpc.aio.AioRpcError as exc:
-        pytest.fail(f"{exc.code().name}: {exc.details()}")
-    assert len(page.jobs) == 150
+    listed: list[str] = []
+    page_token = ""
+    pages = 0
+    while True:
+        try:
+            page = await generation.ListGenerationJobs(
+                gpb.ListGenerationJobsRequest(user_id=user_id, page_size=500, page_token=page_token), timeout=30
+            )
+        except grpc.aio.AioRpcError as exc:
+            pytest.fail(f"{exc.code().name}: {exc.details()}")
+        assert page.ByteSize() < 4 * 1024 * 1024
+        listed += [job.job_id for job in page.jobs]
+        pages += 1
+        page_token = page.next_page_token
+        if not page_token:
+            break
+    assert pages >= 2
+    assert sorted(listed) == sorted(created)
