@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import asyncpg
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 
 @dataclass
@@ -67,6 +70,20 @@ def to_status(error: ServiceError, domain: str) -> status_pb2.Status:
         packed.Pack(detail)
         status.details.append(packed)
     return status
+
+
+D = TypeVar("D", bound=Message)
+
+
+def detail_of(error: grpc.aio.AioRpcError, kind: type[D]) -> D | None:
+    """The first detail of that kind in a failed call's google.rpc.Status, if any."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for packed in status.details if status is not None else ():
+        if packed.Is(kind.DESCRIPTOR):
+            detail = kind()
+            packed.Unpack(detail)
+            return detail
+    return None
 
 
 _UNAVAILABLE = (

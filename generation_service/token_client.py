@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
 from blumpo_common import logs, retry
+from blumpo_common.errors import detail_of
 
 # Answers that mean the token service judged the call and wrote nothing.
 _REFUSALS = frozenset(
@@ -90,13 +90,12 @@ class TokenClient:
 
 def _failure(exc: grpc.aio.AioRpcError) -> Outcome:
     code = exc.code()
-    reason, metadata = "", {}
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    if status is not None:
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason, metadata = info.reason, dict(info.metadata)
+    info = detail_of(exc, error_details_pb2.ErrorInfo)
     result = Result.REFUSED if code in _REFUSALS else Result.UNKNOWN
-    return Outcome(result, code=code, reason=reason, message=exc.details() or "", metadata=metadata)
+    return Outcome(
+        result,
+        code=code,
+        reason=info.reason if info else "",
+        message=exc.details() or "",
+        metadata=dict(info.metadata) if info else {},
+    )

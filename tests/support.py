@@ -15,11 +15,11 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import grpc
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from blumpo.generation.v1 import generation_pb2_grpc
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
+from blumpo_common.errors import detail_of
 from token_service.otp_sender import DeliveryError
 
 # The async stub classes exist only in the type stubs.
@@ -59,26 +59,16 @@ def drop_database(url: str) -> None:
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     """The ErrorInfo detail of a failed call (every error carries one)."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, f"no status details in {error}"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError(f"no ErrorInfo in {error}")
+    info = detail_of(error, error_details_pb2.ErrorInfo)
+    assert info is not None, f"no ErrorInfo in {error}"
+    return info
 
 
 def bad_fields(error: grpc.aio.AioRpcError) -> list[str]:
     """The fields a BadRequest detail names."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, f"no status details in {error}"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            return [v.field for v in bad.field_violations]
-    raise AssertionError(f"no BadRequest in {error}")
+    bad = detail_of(error, error_details_pb2.BadRequest)
+    assert bad is not None, f"no BadRequest in {error}"
+    return [v.field for v in bad.field_violations]
 
 
 def new_email() -> str:
@@ -148,14 +138,9 @@ class OtpHarness:
 
 def retry_delay_seconds(error: grpc.aio.AioRpcError) -> int:
     """The google.rpc.RetryInfo delay of a failed call."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, f"no status details in {error}"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return int(info.retry_delay.seconds)
-    raise AssertionError(f"no RetryInfo in {error}")
+    info = detail_of(error, error_details_pb2.RetryInfo)
+    assert info is not None, f"no RetryInfo in {error}"
+    return int(info.retry_delay.seconds)
 
 
 async def open_accounts_long_ago(conn: asyncpg.Connection) -> None:
