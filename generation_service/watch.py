@@ -26,8 +26,10 @@ from generation_service import lifecycle
 log = logging.getLogger(__name__)
 
 CHANNEL = "generation_job"
-# How often a watcher re-reads its job without being woken, as a safety net.
-POLL_SECONDS = 5.0
+# How often a watcher re-reads its job without being woken: rarely while the listener is up
+# (a notification is only a safety net away), often while it is down.
+LISTENING_POLL_SECONDS = 60.0
+DOWN_POLL_SECONDS = 1.0
 RECONNECT_MAX_SECONDS = 5.0
 # Bound on concurrent watchers per process (each holds a small event, no connection).
 MAX_WATCHERS = 10_000
@@ -120,7 +122,7 @@ class Hub:
                     yield row
                     if lifecycle.is_terminal(row["status"]):
                         return
-                timeout = POLL_SECONDS if self.listening.is_set() else POLL_SECONDS / 5
+                timeout = LISTENING_POLL_SECONDS if self.listening.is_set() else DOWN_POLL_SECONDS
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), timeout)
 
