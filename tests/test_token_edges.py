@@ -1,5 +1,5 @@
-"""Edge cases of the token service: the ledger's rules at their limits, page tokens,
-concurrency between batches and single appends, and the OTP login's corner cases."""
+"""Edge cases of the token service: the ledger's rules at and above the balance cap,
+forged page tokens, blank references, and login codes for internationalised domains."""
 
 from __future__ import annotations
 
