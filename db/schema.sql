@@ -53,6 +53,7 @@ CREATE FUNCTION token.append_entries(p_user_ids uuid[], p_deltas bigint[], p_rea
 DECLARE
   i integer;
   current_balance bigint;
+  new_balance numeric;
   entry token.token_ledger;
 BEGIN
   -- Every account involved, locked in user_id order so concurrent calls cannot deadlock.
@@ -75,16 +76,19 @@ BEGIN
         entry.occurred_at, current_balance;
       CONTINUE;
     END IF;
-    -- A refund gives back an earlier debit: the balance cap never withholds it.
-    IF current_balance + p_deltas[i] < 0
-       OR (current_balance + p_deltas[i] > p_max_balance AND p_reasons[i] <> 'GENERATION_REFUND') THEN
+    -- In numeric, so no balance, however it got there, can overflow bigint here.
+    new_balance := current_balance::numeric + p_deltas[i];
+    -- The cap limits credits only. A refund gives back an earlier debit, so the cap does not
+    -- withhold it; twice the cap still bounds it, far below bigint.
+    IF new_balance < 0 OR (p_deltas[i] > 0 AND new_balance > CASE
+         WHEN p_reasons[i] = 'GENERATION_REFUND' THEN 2 * p_max_balance::numeric ELSE p_max_balance END) THEN
       RETURN QUERY SELECT CASE WHEN p_deltas[i] < 0 THEN 'INSUFFICIENT' ELSE 'BALANCE_LIMIT' END,
         NULL::uuid, p_user_ids[i], p_deltas[i], p_reasons[i], p_references[i], NULL::bigint, NULL::timestamptz,
         current_balance;
       CONTINUE;
     END IF;
     INSERT INTO token.token_ledger (user_id, delta, reason, reference_id, balance_after)
-    VALUES (p_user_ids[i], p_deltas[i], p_reasons[i], p_references[i], current_balance + p_deltas[i])
+    VALUES (p_user_ids[i], p_deltas[i], p_reasons[i], p_references[i], new_balance::bigint)
     RETURNING * INTO entry;
     UPDATE token.token_account a SET balance = entry.balance_after, updated_at = now()
     WHERE a.user_id = p_user_ids[i];

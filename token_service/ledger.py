@@ -17,7 +17,7 @@ import grpc
 from blumpo_common.errors import ServiceError, not_found
 
 MAX_DELTA = 10**12
-# Far below int64, so no sum of balances or deltas can overflow.
+# The most a credit may bring a balance to (a refund: twice that), far below int64.
 MAX_BALANCE = 10**15
 MAX_REFERENCE_LENGTH = 200
 
