@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
@@ -85,7 +85,8 @@ def decode_after(scope: str, token: str, tiebreak: Callable[[Any], T]) -> tuple[
         moment, after = datetime.fromisoformat(key[0]), tiebreak(key[1])
         # Anyone can sign a key (the digest holds no secret): check it is one the query can take.
         if moment.tzinfo is not None and not (isinstance(after, int) and not -(2**63) <= after < 2**63):
+            moment.astimezone(UTC)  # OverflowError at the ends of the calendar
             return moment, after
-    except (IndexError, TypeError, ValueError):
+    except (IndexError, TypeError, ValueError, OverflowError):
         pass
     raise invalid_argument([("page_token", "is not a page token issued for this query")])

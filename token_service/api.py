@@ -100,7 +100,10 @@ def entry_request(check: Checker, request: pb.AppendLedgerEntryRequest) -> ledge
     if request.delta == 0 or abs(request.delta) > ledger.MAX_DELTA:
         check.add("delta", f"must be non-zero and at most {ledger.MAX_DELTA} in absolute value, got {request.delta}")
     reason = check.choice("reason", request.reason, REASONS)
-    check.text("reference_id", request.reference_id, max_len=ledger.MAX_REFERENCE_LENGTH)
+    reference_id = check.text("reference_id", request.reference_id, max_len=ledger.MAX_REFERENCE_LENGTH)
+    if reference_id and reference_id != reference_id.strip():
+        # "job-1" and "job-1 " would be two references: a blank or padded one is refused.
+        check.add("reference_id", "must not be blank or start or end with whitespace")
     return ledger.EntryRequest(user_id, request.delta, reason or "", request.reference_id)
 
 

@@ -40,6 +40,16 @@ class LogSender:
         )
 
 
+def mailbox(email: str) -> str:
+    """The address as every mail relay takes it: an internationalised domain in its ASCII
+    (IDNA) form. A non-ASCII local part stays as it is; only a relay with SMTPUTF8 takes that."""
+    local, _, domain = email.rpartition("@")
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return email
+
+
 class SmtpSender:
     """Mails the code with the standard library, STARTTLS unless configured off."""
 
@@ -49,7 +59,7 @@ class SmtpSender:
     def message(self, email: str, code: str, expires_at: datetime) -> EmailMessage:
         message = EmailMessage()
         message["From"] = self.config.sender_address
-        message["To"] = email
+        message["To"] = mailbox(email)
         message["Subject"] = f"Your Blumpo login code: {code}"
         message.set_content(
             f"Your Blumpo login code is {code}.\n\n"
