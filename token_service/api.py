@@ -77,21 +77,15 @@ def account_message(row: asyncpg.Record) -> pb.TokenAccount:
     )
 
 
-def entry_message(entry: ledger.Entry | asyncpg.Record) -> pb.LedgerEntry:
-    if isinstance(entry, ledger.Entry):
-        id_, user_id, delta, reason = entry.id, entry.user_id, entry.delta, entry.reason
-        reference_id, balance_after, occurred_at = entry.reference_id, entry.balance_after, entry.occurred_at
-    else:
-        id_, user_id, delta, reason = entry["id"], entry["user_id"], entry["delta"], entry["reason"]
-        reference_id, balance_after, occurred_at = entry["reference_id"], entry["balance_after"], entry["occurred_at"]
+def entry_message(entry: ledger.Entry) -> pb.LedgerEntry:
     return pb.LedgerEntry(
-        entry_id=str(id_),
-        user_id=str(user_id),
-        delta=delta,
-        reason=REASON_VALUES[reason],  # type: ignore[arg-type]
-        reference_id=reference_id,
-        balance_after=balance_after,
-        occurred_at=to_proto(occurred_at),
+        entry_id=str(entry.id),
+        user_id=str(entry.user_id),
+        delta=entry.delta,
+        reason=REASON_VALUES[entry.reason],  # type: ignore[arg-type]
+        reference_id=entry.reference_id,
+        balance_after=entry.balance_after,
+        occurred_at=to_proto(entry.occurred_at),
     )
 
 
@@ -192,7 +186,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         after = pagination.decode_after(scope, request.page_token, int)
         rows = await self.store.list_entries(user_id, after, page_size + 1)
         return pb.ListLedgerEntriesResponse(
-            entries=[entry_message(r) for r in rows[:page_size]],
+            entries=[entry_message(ledger.entry_of(r)) for r in rows[:page_size]],
             next_page_token=pagination.next_page_token(scope, [(r["occurred_at"], r["seq"]) for r in rows], page_size),
         )
 

@@ -41,7 +41,7 @@ FROM append_entries($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::bigint
 
 -- name: list_entries
 -- Newest first, after the keyset ($2, $3); the first page passes ('infinity', max bigint).
-SELECT id, user_id, delta, reason, reference_id, balance_after, occurred_at, seq
+SELECT id AS entry_id, user_id, delta, reason, reference_id, balance_after, occurred_at, seq
 FROM token_ledger
 WHERE user_id = $1 AND (occurred_at, seq) < ($2::timestamptz, $3::bigint)
 ORDER BY occurred_at DESC, seq DESC
