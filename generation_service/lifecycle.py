@@ -16,9 +16,8 @@ SUCCEEDED = "SUCCEEDED"
 FAILED = "FAILED"
 ARCHIVED = "ARCHIVED"
 PAUSED = "PAUSED"
-# Internal: a job being charged, and one whose charge was refused. Never visible.
+# Internal: a job being charged (REJECTED, its refusal, lives only in SQL). Never visible.
 CHARGING = "CHARGING"
-REJECTED = "REJECTED"
 
 VISIBLE = (QUEUED, RUNNING, SUCCEEDED, FAILED, ARCHIVED, PAUSED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, ARCHIVED})

@@ -28,7 +28,7 @@ from tests.conftest import database_config
 from tests.generation_support import GenerationStub, TokenStub, balance, job_request, no_mismatches, references
 from tests.processes import ServiceProcess, free_port
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 WAIT_SECONDS = 20.0
 
 

@@ -22,7 +22,6 @@ from tests import support
 from tests.generation_support import GenerationStub, TokenStub, create_job, job_request
 from tests.processes import ServiceProcess, free_port
 
-STEP = 5.0
 REFUSED = 50
 
 
