@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -22,12 +23,46 @@ Connection: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionPr
 call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("call_deadline", default=None)
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+# `:name` parameters; `::type` casts are not parameters.
+_PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 
 
-def load_queries(path: Path) -> Mapping[str, str]:
+@dataclass(frozen=True)
+class Query:
+    """One statement of a .sql file, with `:name` parameters translated to `$n`."""
+
+    name: str
+    sql: str
+    # The `:name` parameters in `$n` order; empty for a statement written with `$n`.
+    params: tuple[str, ...] = ()
+
+    def args(self, positional: tuple[Any, ...], named: Mapping[str, Any]) -> tuple[Any, ...]:
+        if not self.params:
+            assert not named, f"{self.name} takes positional parameters"
+            return positional
+        assert not positional, f"{self.name} takes named parameters"
+        missing = set(self.params) ^ set(named)
+        assert not missing, f"{self.name}: parameters {sorted(missing)} missing or unknown"
+        return tuple(named[p] for p in self.params)
+
+
+def parse_query(name: str, text: str) -> Query:
+    params: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(1) not in params:
+            params.append(match.group(1))
+        return f"${params.index(match.group(1)) + 1}"
+
+    sql = _PARAM.sub(number, text.strip())
+    assert not (params and re.search(r"\$\d", text)), f"{name} mixes $n and :name parameters"
+    return Query(name, sql, tuple(params))
+
+
+def load_queries(path: Path) -> Mapping[str, Query]:
     """Reads a .sql file of statements, each under a `-- name: <name>` header."""
     parts = _NAME.split(path.read_text())
-    return {name: sql.strip() for name, sql in zip(parts[1::2], parts[2::2], strict=True)}
+    return {name: parse_query(name, sql) for name, sql in zip(parts[1::2], parts[2::2], strict=True)}
 
 
 def server_settings(config: DatabaseConfig) -> dict[str, str]:
@@ -61,7 +96,14 @@ def timeout(default_seconds: float) -> float:
 
 
 class BaseStore:
-    """What each service's store shares: its pool and the timeout of each statement."""
+    """What each service's store shares: its pool, its named statements and their timeout.
+
+    Every statement runs through fetch/fetchrow/fetchval/execute: on the pool, or on a
+    caller's transaction when given `conn=`, with what is left of the call's deadline.
+    """
+
+    # The service's statements (its queries.sql), set by each subclass.
+    queries: Mapping[str, Query]
 
     def __init__(self, pool: asyncpg.Pool, timeout_seconds: float) -> None:
         self.pool = pool
@@ -71,8 +113,33 @@ class BaseStore:
         """The timeout for one statement of the call being served."""
         return timeout(self.timeout_seconds)
 
+    def _prepare(self, name: str, args: tuple[Any, ...], named: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
+        query = self.queries[name]
+        return query.sql, query.args(args, named)
+
+    def _on(self, conn: Connection | None) -> Connection | asyncpg.Pool:
+        return conn if conn is not None else self.pool
+
+    async def fetch(self, name: str, *args: Any, conn: Connection | None = None, **named: Any) -> list[asyncpg.Record]:
+        sql, values = self._prepare(name, args, named)
+        return await self._on(conn).fetch(sql, *values, timeout=self.timeout())
+
+    async def fetchrow(
+        self, name: str, *args: Any, conn: Connection | None = None, **named: Any
+    ) -> asyncpg.Record | None:
+        sql, values = self._prepare(name, args, named)
+        return await self._on(conn).fetchrow(sql, *values, timeout=self.timeout())
+
+    async def fetchval(self, name: str, *args: Any, conn: Connection | None = None, **named: Any) -> Any:
+        sql, values = self._prepare(name, args, named)
+        return await self._on(conn).fetchval(sql, *values, timeout=self.timeout())
+
+    async def execute(self, name: str, *args: Any, conn: Connection | None = None, **named: Any) -> str:
+        sql, values = self._prepare(name, args, named)
+        return await self._on(conn).execute(sql, *values, timeout=self.timeout())
+
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Connection]:
+    async def transaction(self, **options: Any) -> AsyncIterator[Connection]:
         """A pooled connection in a transaction: committed on exit, rolled back on an exception."""
-        async with self.pool.acquire(timeout=self.timeout()) as conn, conn.transaction():
+        async with self.pool.acquire(timeout=self.timeout()) as conn, conn.transaction(**options):
             yield conn
