@@ -22,7 +22,7 @@ import grpc
 from bench import common
 from blumpo.generation.v1 import generation_pb2 as gpb
 from blumpo.generation.v1 import generation_pb2_grpc
-from generation_service import lifecycle
+from generation_service import rules
 from generation_service.store import Q as GQ
 from tests.processes import ServiceProcess, free_port
 from token_service import ledger
@@ -72,7 +72,7 @@ def create_script() -> str:
 
 
 def claim_script() -> str:
-    sweep = common.one_line(GQ["sweep_expired_leases"], {1: "100", 2: str(lifecycle.MAX_LOST_LEASES)})
+    sweep = common.one_line(GQ["sweep_expired_leases"], {1: "100", 2: str(rules.MAX_LOST_LEASES)})
     claim = common.one_line(GQ["claim_next"], {1: "'pgbench-' || :client_id", 2: "300"})
     return f"{sweep};\n{claim};\n"
 

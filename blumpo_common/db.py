@@ -54,8 +54,10 @@ def parse_query(name: str, text: str) -> Query:
             params.append(match.group(1))
         return f"${params.index(match.group(1)) + 1}"
 
-    sql = _PARAM.sub(number, text.strip())
-    assert not (params and re.search(r"\$\d", text)), f"{name} mixes $n and :name parameters"
+    # Comments stay in the file for readers; the server gets the statement alone.
+    statement = "\n".join(line for line in text.strip().splitlines() if not line.lstrip().startswith("--"))
+    sql = _PARAM.sub(number, statement)
+    assert not (params and re.search(r"\$\d", statement)), f"{name} mixes $n and :name parameters"
     return Query(name, sql, tuple(params))
 
 

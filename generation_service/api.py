@@ -8,23 +8,21 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-import asyncpg
-import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from blumpo.generation.v1 import generation_pb2 as pb
 from blumpo.generation.v1 import generation_pb2_grpc
 from blumpo_common import pagination
-from blumpo_common.errors import ServiceError
+from blumpo_common.enums import ProtoEnum
 from blumpo_common.server import Context
 from blumpo_common.timestamps import from_proto, to_proto
 from blumpo_common.validation import Checker
-from generation_service import lifecycle
+from generation_service import errors, rules
 from generation_service.charging import Charger, request_digest
-from generation_service.store import AssetFields, AssetWithVariants, NewJob, Store
+from generation_service.model import Asset, Image, ImageFormat, Job, JobState, NewAsset, NewJob, Variant, VariantKind
+from generation_service.store import Store
 from generation_service.watch import Hub, WatcherLimitError
 
-ERROR_DOMAIN = "blumpo.generation"
 MAX_PROMPT = 4000
 MAX_ERROR_MESSAGE = 2000
 MAX_TOKENS_COST = 10**12
@@ -33,29 +31,9 @@ MAX_IMAGE_SIDE = 16384
 MAX_BYTES_SIZE = 10**12
 DEFAULT_ARCHIVE_DAYS = 90
 
-STATUSES: dict[int, str] = {
-    pb.JOB_STATUS_QUEUED: lifecycle.QUEUED,
-    pb.JOB_STATUS_RUNNING: lifecycle.RUNNING,
-    pb.JOB_STATUS_SUCCEEDED: lifecycle.SUCCEEDED,
-    pb.JOB_STATUS_FAILED: lifecycle.FAILED,
-    pb.JOB_STATUS_ARCHIVED: lifecycle.ARCHIVED,
-    pb.JOB_STATUS_PAUSED: lifecycle.PAUSED,
-}
-STATUS_VALUES = {name: value for value, name in STATUSES.items()}
-FORMATS: dict[int, str] = {
-    pb.IMAGE_FORMAT_WEBP: "WEBP",
-    pb.IMAGE_FORMAT_PNG: "PNG",
-    pb.IMAGE_FORMAT_JPEG: "JPEG",
-    pb.IMAGE_FORMAT_AVIF: "AVIF",
-}
-FORMAT_VALUES = {name: value for value, name in FORMATS.items()}
-MIME_TYPES = {"WEBP": "image/webp", "PNG": "image/png", "JPEG": "image/jpeg", "AVIF": "image/avif"}
-KINDS: dict[int, str] = {
-    pb.VARIANT_KIND_THUMBNAIL: "THUMBNAIL",
-    pb.VARIANT_KIND_WEB: "WEB",
-    pb.VARIANT_KIND_PRINT: "PRINT",
-}
-KIND_VALUES = {name: value for value, name in KINDS.items()}
+STATES = ProtoEnum(pb.JobStatus, JobState)
+FORMATS = ProtoEnum(pb.ImageFormat, ImageFormat)
+KINDS = ProtoEnum(pb.VariantKind, VariantKind)
 
 
 # Requests to domain values.
@@ -106,21 +84,28 @@ def check_free_text(check: Checker, field: str, value: str, max_len: int, min_le
     return value
 
 
-def check_image(
-    check: Checker, prefix: str, fmt: int, mime_type: str, storage_key: str, size: int, w: int, h: int
-) -> AssetFields:
-    format_name = check.choice(prefix + "format", fmt, FORMATS)
-    check.text(prefix + "storage_key", storage_key, max_len=1024)
-    if not mime_type:
+def check_image(check: Checker, prefix: str, image: pb.AssetInput | pb.AddAssetVariantRequest) -> Image:
+    """The image fields an asset and a variant request share, under the field prefix."""
+    image_format = check.choice(prefix + "format", image.format, FORMATS.by_number)
+    check.text(prefix + "storage_key", image.storage_key, max_len=1024)
+    if not image.mime_type:
         check.add(prefix + "mime_type", "is required")
-    elif format_name is not None and mime_type != MIME_TYPES[format_name]:
+    elif image_format is not None and image.mime_type != image_format.mime_type:
         check.add(
-            prefix + "mime_type", f"must be {MIME_TYPES[format_name]} for format {format_name}, got {mime_type!r}"
+            prefix + "mime_type",
+            f"must be {image_format.mime_type} for format {image_format}, got {image.mime_type!r}",
         )
-    check.in_range(prefix + "bytes_size", size, 1, MAX_BYTES_SIZE)
-    check.in_range(prefix + "width", w, 1, MAX_IMAGE_SIDE)
-    check.in_range(prefix + "height", h, 1, MAX_IMAGE_SIDE)
-    return AssetFields(storage_key, mime_type, size, w, h, format_name or "")
+    check.in_range(prefix + "bytes_size", image.bytes_size, 1, MAX_BYTES_SIZE)
+    check.in_range(prefix + "width", image.width, 1, MAX_IMAGE_SIDE)
+    check.in_range(prefix + "height", image.height, 1, MAX_IMAGE_SIDE)
+    return Image(
+        storage_key=image.storage_key,
+        mime_type=image.mime_type,
+        bytes_size=image.bytes_size,
+        width=image.width,
+        height=image.height,
+        format=image_format or ImageFormat.WEBP,  # only when invalid: the call fails at done()
+    )
 
 
 def check_time(check: Checker, field: str, value: timestamp_pb2.Timestamp) -> datetime | None:
@@ -131,17 +116,17 @@ def check_time(check: Checker, field: str, value: timestamp_pb2.Timestamp) -> da
         return None
 
 
-# Rows to messages.
+# Records to messages.
 
 
-def job_message(row: asyncpg.Record) -> pb.Job:
-    params = json.loads(row["params"])
+def job_message(job: Job) -> pb.Job:
+    params = job.params
     extra = struct_pb2.Struct()
     extra.update(params.get("extra") or {})
     return pb.Job(
-        job_id=str(row["id"]),
-        user_id=str(row["user_id"]),
-        prompt=row["prompt"],
+        job_id=str(job.id),
+        user_id=str(job.user_id),
+        prompt=job.prompt,
         params=pb.GenerationParams(
             width=params["width"],
             height=params["height"],
@@ -150,52 +135,50 @@ def job_message(row: asyncpg.Record) -> pb.Job:
             model=params["model"],
             extra=extra,
         ),
-        tokens_cost=row["tokens_cost"],
-        status=STATUS_VALUES[row["status"]],  # type: ignore[arg-type]
-        error_message=row["error_message"] or "",
-        created_at=to_proto(row["created_at"]),
-        started_at=to_proto(row["started_at"]),
-        completed_at=to_proto(row["completed_at"]),
-        updated_at=to_proto(row["updated_at"]),
-        worker_id=row["worker_id"] or "",
-        lease_expires_at=to_proto(row["lease_expires_at"]),
+        tokens_cost=job.tokens_cost,
+        status=STATES.to_proto(job.status),
+        error_message=job.error_message or "",
+        created_at=to_proto(job.created_at),
+        started_at=to_proto(job.started_at),
+        completed_at=to_proto(job.completed_at),
+        updated_at=to_proto(job.updated_at),
+        worker_id=job.worker_id or "",
+        lease_expires_at=to_proto(job.lease_expires_at),
     )
 
 
-def variant_message(row: asyncpg.Record, prefix: str = "") -> pb.AssetVariant:
+def variant_message(variant: Variant) -> pb.AssetVariant:
+    image = variant.image
     return pb.AssetVariant(
-        variant_id=str(row[prefix + "id"]),
-        asset_id=str(row["asset_id"] if not prefix else row["id"]),
-        kind=KIND_VALUES[row[prefix + "kind"]],  # type: ignore[arg-type]
-        storage_key=row[prefix + "storage_key"],
-        mime_type=row[prefix + "mime_type"],
-        bytes_size=row[prefix + "bytes_size"],
-        width=row[prefix + "width"],
-        height=row[prefix + "height"],
-        format=FORMAT_VALUES[row[prefix + "format"]],  # type: ignore[arg-type]
-        created_at=to_proto(row[prefix + "created_at"]),
+        variant_id=str(variant.id),
+        asset_id=str(variant.asset_id),
+        kind=KINDS.to_proto(variant.kind),
+        storage_key=image.storage_key,
+        mime_type=image.mime_type,
+        bytes_size=image.bytes_size,
+        width=image.width,
+        height=image.height,
+        format=FORMATS.to_proto(image.format),
+        created_at=to_proto(variant.created_at),
     )
 
 
-def asset_message(row: asyncpg.Record, variants: list[asyncpg.Record] | None = None) -> pb.Asset:
+def asset_message(asset: Asset) -> pb.Asset:
+    image = asset.image
     return pb.Asset(
-        asset_id=str(row["id"]),
-        job_id=str(row["job_id"]),
-        user_id=str(row["user_id"]),
-        title=row["title"],
-        storage_key=row["storage_key"],
-        mime_type=row["mime_type"],
-        bytes_size=row["bytes_size"],
-        width=row["width"],
-        height=row["height"],
-        format=FORMAT_VALUES[row["format"]],  # type: ignore[arg-type]
-        created_at=to_proto(row["created_at"]),
-        variants=[variant_message(v, "v_") for v in variants or []],
+        asset_id=str(asset.id),
+        job_id=str(asset.job_id),
+        user_id=str(asset.user_id),
+        title=asset.title,
+        storage_key=image.storage_key,
+        mime_type=image.mime_type,
+        bytes_size=image.bytes_size,
+        width=image.width,
+        height=image.height,
+        format=FORMATS.to_proto(image.format),
+        created_at=to_proto(asset.created_at),
+        variants=[variant_message(v) for v in asset.variants],
     )
-
-
-def grouped_message(item: AssetWithVariants) -> pb.Asset:
-    return asset_message(item.asset, item.variants)
 
 
 class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
@@ -232,23 +215,23 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         check = Checker()
         job_id = check.uuid("job_id", request.job_id)
         check.done()
-        return pb.GetGenerationJobResponse(job=job_message(await self.store.get_job(job_id)))
+        return pb.GetGenerationJobResponse(job=job_message(await self._visible_job(job_id)))
 
     async def ListGenerationJobs(
         self, request: pb.ListGenerationJobsRequest, context: Context
     ) -> pb.ListGenerationJobsResponse:
         check = Checker()
         user_id = check.uuid("user_id", request.user_id)
-        statuses = sorted({check.choice("statuses", s, STATUSES) or "" for s in request.statuses})
+        chosen = {check.choice("statuses", s, STATES.by_number) for s in request.statuses}
+        statuses = sorted(s for s in chosen if s is not None)
         page_size = check.page_size("page_size", request.page_size, default=50)
         check.done()
-        wanted = statuses or sorted(lifecycle.VISIBLE)
         scope = f"jobs:{user_id}:{','.join(statuses)}"
         after = pagination.decode_after(scope, request.page_token, uuid.UUID)
-        rows = await self.store.list_jobs(user_id, wanted, after, page_size + 1)
-        jobs = [job_message(r) for r in rows[:page_size]]
+        found = await self.store.list_jobs(user_id, statuses or sorted(rules.VISIBLE), after, page_size + 1)
+        jobs = [job_message(j) for j in found[:page_size]]
         size = pagination.fitting(jobs)
-        keys = [(r["created_at"], str(r["id"])) for r in rows]
+        keys = [(j.created_at, str(j.id)) for j in found]
         return pb.ListGenerationJobsResponse(
             jobs=jobs[:size], next_page_token=pagination.next_page_token(scope, keys, size)
         )
@@ -258,15 +241,18 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
     ) -> pb.UpdateGenerationJobStatusResponse:
         check = Checker()
         job_id = check.uuid("job_id", request.job_id)
-        target = check.choice("status", request.status, STATUSES)
+        target = check.choice("status", request.status, STATES.by_number)
         check_free_text(check, "error_message", request.error_message, MAX_ERROR_MESSAGE, 0)
         check.done()
         assert target is not None
-        row, changed = await self.store.move_job(job_id, target, request.error_message)
-        if changed and row["refund_state"] == "PENDING":
+        job = await self.store.move_job(job_id, target, request.error_message)
+        if job is None:
+            # Read after the refused UPDATE, so a move that won a race is seen.
+            job = rules.refused_move(job_id, await self.store.get_job(job_id), target)
+        else:
             # Best effort now; if the token service is away the reconciler pays it later.
-            await self.charger.refund(row)
-        return pb.UpdateGenerationJobStatusResponse(job=job_message(row))
+            await self.charger.refund(job)
+        return pb.UpdateGenerationJobStatusResponse(job=job_message(job))
 
     async def ClaimNextJob(self, request: pb.ClaimNextJobRequest, context: Context) -> pb.ClaimNextJobResponse:
         check = Checker()
@@ -274,10 +260,9 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         check.in_range("lease_seconds", request.lease_seconds, 1, 3600)
         check.done()
         for swept in await self.store.sweep_expired_leases():
-            if swept["refund_state"] == "PENDING":
-                await self.charger.refund(swept)
-        row = await self.store.claim_next(worker_id, request.lease_seconds)
-        return pb.ClaimNextJobResponse(job=job_message(row) if row is not None else None)
+            await self.charger.refund(swept)
+        job = await self.store.claim_next(worker_id, request.lease_seconds)
+        return pb.ClaimNextJobResponse(job=job_message(job) if job is not None else None)
 
     async def WatchGenerationJob(
         self, request: pb.WatchGenerationJobRequest, context: Context
@@ -285,18 +270,16 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         check = Checker()
         job_id = check.uuid("job_id", request.job_id)
         check.done()
-        await self.store.get_job(job_id)  # NOT_FOUND before the stream starts
+        await self._visible_job(job_id)  # NOT_FOUND before the stream starts
 
-        async def read() -> asyncpg.Record:
-            return await self.store.get_job(job_id)
+        async def read() -> Job:
+            return await self._visible_job(job_id)
 
         try:
-            async for row in self.hub.watch(job_id, read):
-                yield pb.WatchGenerationJobResponse(job=job_message(row))
+            async for job in self.hub.watch(job_id, read):
+                yield pb.WatchGenerationJobResponse(job=job_message(job))
         except WatcherLimitError:
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WATCHERS", "too many watched jobs; retry later"
-            ) from None
+            raise errors.too_many_watchers() from None
 
     async def AttachAssetToJob(
         self, request: pb.AttachAssetToJobRequest, context: Context
@@ -304,48 +287,49 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         check = Checker()
         job_id = check.uuid("job_id", request.job_id)
         user_id = check.uuid("user_id", request.user_id)
-        asset = request.asset
         if not request.HasField("asset"):
             check.add("asset", "is required")
-        asset_id = check.uuid("asset.asset_id", asset.asset_id)
-        title = check.text("asset.title", asset.title, max_len=200, min_len=0)
-        fields = check_image(
-            check,
-            "asset.",
-            asset.format,
-            asset.mime_type,
-            asset.storage_key,
-            asset.bytes_size,
-            asset.width,
-            asset.height,
+        new = NewAsset(
+            id=check.uuid("asset.asset_id", request.asset.asset_id),
+            job_id=job_id,
+            user_id=user_id,
+            title=check.text("asset.title", request.asset.title, max_len=200, min_len=0),
+            image=check_image(check, "asset.", request.asset),
         )
         check.done()
-        row = await self.store.attach_asset(asset_id, job_id, user_id, title, fields)
-        return pb.AttachAssetToJobResponse(asset=asset_message(row))
+        attached = await self.store.attach_asset(new)
+        rules.check_attach(new, attached.job)
+        if attached.inserted is not None:
+            return pb.AttachAssetToJobResponse(asset=asset_message(attached.inserted))
+        stored = await self.store.asset(new.id)
+        assert stored is not None  # the insert conflicted on it, and assets are never deleted
+        return pb.AttachAssetToJobResponse(asset=asset_message(rules.check_same_asset(stored, new)))
 
     async def AddAssetVariant(self, request: pb.AddAssetVariantRequest, context: Context) -> pb.AddAssetVariantResponse:
         check = Checker()
         asset_id = check.uuid("asset_id", request.asset_id)
-        kind = check.choice("kind", request.kind, KINDS)
-        fields = check_image(
-            check,
-            "",
-            request.format,
-            request.mime_type,
-            request.storage_key,
-            request.bytes_size,
-            request.width,
-            request.height,
-        )
+        kind = check.choice("kind", request.kind, KINDS.by_number)
+        image = check_image(check, "", request)
         check.done()
         assert kind is not None
-        return pb.AddAssetVariantResponse(variant=variant_message(await self.store.add_variant(asset_id, kind, fields)))
+        added = await self.store.add_variant(asset_id, kind, image)
+        if not added.asset_found:
+            raise errors.asset_not_found(asset_id)
+        variant = added.inserted
+        if variant is None:
+            stored = await self.store.variant_by_kind(asset_id, kind)
+            assert stored is not None  # the insert conflicted on it, and variants are never deleted
+            variant = rules.check_same_variant(stored, image)
+        return pb.AddAssetVariantResponse(variant=variant_message(variant))
 
     async def GetAsset(self, request: pb.GetAssetRequest, context: Context) -> pb.GetAssetResponse:
         check = Checker()
         asset_id = check.uuid("asset_id", request.asset_id)
         check.done()
-        return pb.GetAssetResponse(asset=grouped_message(await self.store.asset(asset_id)))
+        asset = await self.store.asset(asset_id)
+        if asset is None:
+            raise errors.asset_not_found(asset_id)
+        return pb.GetAssetResponse(asset=asset_message(asset))
 
     async def GetAssetsForUser(
         self, request: pb.GetAssetsForUserRequest, context: Context
@@ -356,10 +340,10 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         check.done()
         scope = f"assets:{user_id}"
         after = pagination.decode_after(scope, request.page_token, uuid.UUID)
-        items = await self.store.assets_for_user(user_id, after, page_size + 1)
-        assets = [grouped_message(i) for i in items[:page_size]]
+        found = await self.store.assets_for_user(user_id, after, page_size + 1)
+        assets = [asset_message(a) for a in found[:page_size]]
         size = pagination.fitting(assets)
-        keys = [(i.asset["created_at"], str(i.asset["id"])) for i in items]
+        keys = [(a.created_at, str(a.id)) for a in found]
         return pb.GetAssetsForUserResponse(
             assets=assets[:size], next_page_token=pagination.next_page_token(scope, keys, size)
         )
@@ -389,3 +373,9 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         after = check_time(check, "created_after", request.created_after) if request.HasField("created_after") else None
         check.done()
         return pb.ResumePausedJobsResponse(resumed=await self.store.resume_paused(after))
+
+    async def _visible_job(self, job_id: uuid.UUID) -> Job:
+        job = await self.store.get_job(job_id)
+        if job is None:
+            raise errors.job_not_found(job_id)
+        return job

@@ -18,16 +18,17 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-import asyncpg
-import grpc
 import prometheus_client
 
 from blumpo_common import db, retry
 from blumpo_common.errors import ServiceError
-from generation_service import lifecycle
-from generation_service.store import NewJob, Store
+from generation_service import errors, rules
+from generation_service.model import Job, JobState, NewJob
+from generation_service.store import Store
 from generation_service.token_client import Outcome, Result, TokenClient
 
 log = logging.getLogger(__name__)
@@ -40,55 +41,12 @@ RECONCILED = prometheus_client.Counter(
 )
 
 
-def request_digest(user_id: uuid.UUID, prompt: str, params: dict[str, object], tokens_cost: int) -> bytes:
+def request_digest(user_id: uuid.UUID, prompt: str, params: Mapping[str, Any], tokens_cost: int) -> bytes:
     """sha256 of the canonical create request: tells a retry from a reuse of the job id."""
     canonical = json.dumps(
         [str(user_id), prompt, params, tokens_cost], sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
     return hashlib.sha256(canonical.encode()).digest()
-
-
-def _unavailable(job_id: uuid.UUID, outcome: Outcome) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.UNAVAILABLE,
-        "TOKEN_SERVICE_UNAVAILABLE",
-        f"the token service did not confirm the charge of job {job_id} ({outcome.code.name}); "
-        "retry with the same job_id, it will not be charged twice",
-        {"job_id": str(job_id)},
-    )
-
-
-def _refused(job_id: uuid.UUID, user_id: uuid.UUID, outcome: Outcome) -> ServiceError:
-    """The token service's refusal, as this service's answer to the create."""
-    if outcome.reason == "INSUFFICIENT_TOKENS":
-        return ServiceError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "INSUFFICIENT_TOKENS",
-            f"not enough tokens for job {job_id}: {outcome.message}",
-            {**outcome.metadata, "job_id": str(job_id)},
-        )
-    if outcome.code == grpc.StatusCode.NOT_FOUND:
-        return ServiceError(
-            grpc.StatusCode.NOT_FOUND,
-            "USER_NOT_FOUND",
-            f"no user {user_id} (no token account)",
-            {"user_id": str(user_id)},
-        )
-    return ServiceError(
-        outcome.code,
-        outcome.reason or "CHARGE_REFUSED",
-        f"the token service refused the charge of job {job_id}: {outcome.message}",
-        {**outcome.metadata, "job_id": str(job_id)},
-    )
-
-
-def _reused(job_id: uuid.UUID) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.ALREADY_EXISTS,
-        "JOB_ID_REUSED",
-        f"job {job_id} exists with a different request; use a new job_id for a new job",
-        {"job_id": str(job_id)},
-    )
 
 
 @dataclass(frozen=True)
@@ -105,57 +63,58 @@ class Charger:
         self.store = store
         self.tokens = tokens
 
-    async def create(self, job: NewJob) -> asyncpg.Record:
+    async def create(self, job: NewJob) -> Job:
         """Runs (or resumes) the saga of a job; returns it QUEUED or later."""
-        row = await self.store.insert_intent(job)
-        if row is None:
+        found = await self.store.insert_intent(job)
+        if found is None:
             # A refused job left nothing visible and nothing charged: its id takes this request,
             # the same (the balance may allow it now) or another one.
-            row = await self.store.retry_rejected(job)
-        if row is None:
+            found = await self.store.retry_rejected(job)
+        if found is None:
             existing = await self.store.job_any_status(job.id)
             assert existing is not None  # jobs are never deleted
-            if bytes(existing["request_digest"]) != job.request_digest:
-                raise _reused(job.id)
-            if existing["status"] != lifecycle.CHARGING:
+            if existing.request_digest != job.request_digest:
+                raise errors.job_id_reused(job.id)
+            if existing.status is not JobState.CHARGING:
                 return existing
         outcome = await self.tokens.debit(job.user_id, job.id, job.tokens_cost)
         return await self.settle_charge(job.id, job.user_id, outcome)
 
     async def settle_charge(
-        self, job_id: uuid.UUID, user_id: uuid.UUID, outcome: Outcome, conn: db.Connection | None = None
-    ) -> asyncpg.Record:
+        self, job_id: uuid.UUID, user_id: uuid.UUID, outcome: Outcome, *, conn: db.Connection | None = None
+    ) -> Job:
         CHARGES.labels(outcome.result.value).inc()
         if outcome.result is Result.DONE:
-            row = await self.store.finish_charged(job_id, conn=conn)
-            if row is None:  # a racing attempt finished it first
-                row = await self.store.job_any_status(job_id)
-            assert row is not None and row["status"] in lifecycle.VISIBLE, "a charged job must be visible"
-            return row
+            job = await self.store.finish_charged(job_id, conn=conn)
+            if job is None:  # a racing attempt finished it first
+                job = await self.store.job_any_status(job_id, conn=conn)
+            assert job is not None and job.status in rules.VISIBLE, "a charged job must be visible"
+            return job
         if outcome.result is Result.REFUSED:
-            await self.store.reject_intent(job_id, f"{outcome.reason or outcome.code.name}: {outcome.message}", conn)
+            await self.store.reject_intent(
+                job_id, f"{outcome.reason or outcome.code.name}: {outcome.message}", conn=conn
+            )
             # A racing attempt may have charged it after all (a refusal never follows a debit of the
             # same reference, but a debit may follow a refusal when the balance grew in between).
-            current = await self.store.job_any_status(job_id)
-            if current is not None and current["status"] in lifecycle.VISIBLE:
+            current = await self.store.job_any_status(job_id, conn=conn)
+            if current is not None and current.status in rules.VISIBLE:
                 return current
-            raise _refused(job_id, user_id, outcome)
-        raise _unavailable(job_id, outcome)
+            raise errors.charge_refused(job_id, user_id, outcome)
+        raise errors.charge_unconfirmed(job_id, outcome)
 
-    async def refund(self, job: asyncpg.Record) -> bool:
-        """Gives a failed job's cost back, if still owed; False when it must wait for the reconciler."""
-        if job["refund_state"] != "PENDING":
-            return True
-        outcome = await self.tokens.refund(job["user_id"], job["id"], job["tokens_cost"])
+    async def refund(self, job: Job, *, conn: db.Connection | None = None) -> Outcome | None:
+        """Gives a job's cost back if it is owed (None when it is not); what is not DONE stays
+        owed (PENDING) for the reconciler."""
+        if not rules.refund_owed(job):
+            return None
+        outcome = await self.tokens.refund(job.user_id, job.id, job.tokens_cost)
         if outcome.result is Result.DONE:
-            await self.store.refund_done(job["id"])
-            return True
-        # A refused refund (the account gone) cannot be retried into success; it stays PENDING
-        # and visible in the logs for a person to look at.
-        log.warning(
-            "refund deferred", extra={"job_id": str(job["id"]), "code": outcome.code.name, "reason": outcome.reason}
-        )
-        return False
+            await self.store.refund_done(job.id, conn=conn)
+        else:
+            log.warning(
+                "refund deferred", extra={"job_id": str(job.id), "code": outcome.code.name, "reason": outcome.reason}
+            )
+        return outcome
 
 
 class Reconciler:
@@ -178,10 +137,9 @@ class Reconciler:
 
     async def run_once(self) -> dict[str, int]:
         done = {"leases": 0, "intents": 0, "refunds": 0}
-        for row in await self.store.sweep_expired_leases():
+        for job in await self.store.sweep_expired_leases():
             done["leases"] += 1
-            if row["refund_state"] == "PENDING":
-                await self.charger.refund(row)
+            await self.charger.refund(job)
         done["intents"] = await self._intents()
         done["refunds"] = await self._refunds()
         for kind, count in done.items():
@@ -194,40 +152,40 @@ class Reconciler:
         """Repeats the debit of abandoned intents, under their row locks, and settles them."""
         settled = 0
         async with self.store.transaction() as conn:
-            for row in await self.store.stale_intents(conn, self.settings.grace_seconds, self.settings.batch):
-                outcome = await self.charger.tokens.debit(row["user_id"], row["id"], row["tokens_cost"])
+            for job in await self.store.stale_intents(self.settings.grace_seconds, self.settings.batch, conn=conn):
+                outcome = await self.charger.tokens.debit(job.user_id, job.id, job.tokens_cost)
                 if outcome.result is Result.UNKNOWN:
                     if _service_away(outcome):
                         break  # the rest waits for the next pass
-                    await self._defer(conn, row, "charge", outcome)
+                    await self._defer(job, "charge", outcome, conn=conn)
                     continue
                 with contextlib.suppress(ServiceError):  # a refusal leaves it REJECTED: nothing charged or listed
-                    await self.charger.settle_charge(row["id"], row["user_id"], outcome, conn)
+                    await self.charger.settle_charge(job.id, job.user_id, outcome, conn=conn)
                 settled += 1
         return settled
 
     async def _refunds(self) -> int:
         refunded = 0
         async with self.store.transaction() as conn:
-            for row in await self.store.owed_refunds(conn, self.settings.grace_seconds, self.settings.batch):
-                outcome = await self.charger.tokens.refund(row["user_id"], row["id"], row["tokens_cost"])
-                if outcome.result is Result.DONE:
-                    await self.store.refund_done(row["id"], conn)
+            for job in await self.store.owed_refunds(self.settings.grace_seconds, self.settings.batch, conn=conn):
+                outcome = await self.charger.refund(job, conn=conn)
+                if outcome is None or outcome.result is Result.DONE:
                     refunded += 1
                 elif _service_away(outcome):
                     break
                 else:
-                    await self._defer(conn, row, "refund", outcome)
+                    # A refused refund (the account gone) cannot be retried into success.
+                    await self._defer(job, "refund", outcome, conn=conn)
         return refunded
 
-    async def _defer(self, conn: db.Connection, row: asyncpg.Record, kind: str, outcome: Outcome) -> None:
+    async def _defer(self, job: Job, kind: str, outcome: Outcome, *, conn: db.Connection) -> None:
         """A row the token service keeps answering with something else than success goes to the
         back of the line, so it cannot hold up the others; it is logged for a person to see."""
         log.error(
             "not settled; deferred",
-            extra={"kind": kind, "job_id": str(row["id"]), "code": outcome.code.name, "reason": outcome.reason},
+            extra={"kind": kind, "job_id": str(job.id), "code": outcome.code.name, "reason": outcome.reason},
         )
-        await self.store.defer(row["id"], conn)
+        await self.store.defer(job.id, conn=conn)
 
 
 def _service_away(outcome: Outcome) -> bool:

@@ -4,7 +4,7 @@
 -- name: insert_intent
 -- Step 1 of the charge: the job, recorded before any token moves. No row when the id exists.
 INSERT INTO generation_job (id, user_id, prompt, params, tokens_cost, status, request_digest)
-VALUES ($1, $2, $3, $4::jsonb, $5, 'CHARGING', $6)
+VALUES (:id, :user_id, :prompt, :params::jsonb, :tokens_cost, 'CHARGING', :request_digest)
 ON CONFLICT (id) DO NOTHING
 RETURNING *;
 
@@ -14,10 +14,10 @@ SELECT * FROM generation_job WHERE id = $1;
 -- name: retry_rejected
 -- A refused job asked for again: its refusal left nothing visible and nothing charged,
 -- so the id takes this request (the same or another) and is charged again.
-UPDATE generation_job SET status = 'CHARGING', user_id = $2, prompt = $3, params = $4::jsonb,
-  tokens_cost = $5, request_digest = $6, error_message = NULL, pause_requested = false,
+UPDATE generation_job SET status = 'CHARGING', user_id = :user_id, prompt = :prompt, params = :params::jsonb,
+  tokens_cost = :tokens_cost, request_digest = :request_digest, error_message = NULL, pause_requested = false,
   created_at = now(), updated_at = now()
-WHERE id = $1 AND status = 'REJECTED'
+WHERE id = :id AND status = 'REJECTED'
 RETURNING *;
 
 -- name: finish_charged
@@ -63,50 +63,54 @@ SELECT * FROM generation_job
 WHERE id = $1 AND status NOT IN ('CHARGING', 'REJECTED');
 
 -- name: list_jobs
--- Newest first after the keyset ($2, $3), on idx_generation_job_user_time; $4 = visible statuses wanted.
+-- Newest first after the keyset, on idx_generation_job_user_time; :statuses = the visible ones wanted.
 SELECT * FROM generation_job
-WHERE user_id = $1
-  AND (created_at, id) < ($2::timestamptz, $3::uuid)
-  AND status = ANY($4::text[])
+WHERE user_id = :user_id
+  AND (created_at, id) < (:after_created_at::timestamptz, :after_id::uuid)
+  AND status = ANY(:statuses::text[])
 ORDER BY created_at DESC, id DESC
-LIMIT $5;
+LIMIT :limit;
 
 -- name: move_job
 -- One conditional UPDATE: the row lock and the re-check of status under it make
 -- racing moves serialize, and only one can find the job in an allowed source status.
--- Entering FAILED owes a refund; leaving RUNNING drops the lease.
+-- :sources and :owes_refund come from rules.py; leaving RUNNING drops the lease.
 UPDATE generation_job SET
-  status = $2,
-  error_message = CASE WHEN $2 = 'FAILED' THEN nullif($3, '') ELSE error_message END,
-  started_at = CASE WHEN $2 = 'RUNNING' THEN coalesce(started_at, now()) ELSE started_at END,
-  completed_at = CASE WHEN $2 IN ('SUCCEEDED', 'FAILED') THEN now() ELSE completed_at END,
+  status = :target,
+  error_message = CASE WHEN :target = 'FAILED' THEN nullif(:error_message, '') ELSE error_message END,
+  started_at = CASE WHEN :target = 'RUNNING' THEN coalesce(started_at, now()) ELSE started_at END,
+  completed_at = CASE WHEN :target IN ('SUCCEEDED', 'FAILED') THEN now() ELSE completed_at END,
   lease_expires_at = NULL,
-  refund_state = CASE WHEN $2 = 'FAILED' THEN 'PENDING' ELSE refund_state END,
+  refund_state = CASE WHEN :owes_refund THEN 'PENDING' ELSE refund_state END,
   updated_at = now()
-WHERE id = $1 AND status = ANY($4::text[])
+WHERE id = :id AND status = ANY(:sources::text[])
 RETURNING *;
 
 -- name: sweep_expired_leases
--- RUNNING jobs whose worker went quiet go back to the queue; after $2 lost leases they fail and are owed a refund.
+-- RUNNING jobs whose worker went quiet go back to the queue; after :max_lost_leases lost leases
+-- they fail, and are owed a refund when :failure_owes_refund (rules.owes_refund_on).
 WITH expired AS (
   SELECT id FROM generation_job
   WHERE status = 'RUNNING' AND lease_expires_at < now()
   ORDER BY lease_expires_at
-  LIMIT $1
+  LIMIT :batch
   FOR UPDATE SKIP LOCKED
+), judged AS (
+  SELECT j.id, j.lost_leases + 1 >= :max_lost_leases AS fails
+  FROM generation_job j JOIN expired USING (id)
 )
 UPDATE generation_job j SET
   lost_leases = j.lost_leases + 1,
-  status = CASE WHEN j.lost_leases + 1 >= $2 THEN 'FAILED' ELSE 'QUEUED' END,
-  error_message = CASE WHEN j.lost_leases + 1 >= $2
+  status = CASE WHEN judged.fails THEN 'FAILED' ELSE 'QUEUED' END,
+  error_message = CASE WHEN judged.fails
                        THEN 'the worker lease expired ' || (j.lost_leases + 1) || ' times' ELSE j.error_message END,
-  completed_at = CASE WHEN j.lost_leases + 1 >= $2 THEN now() ELSE j.completed_at END,
-  refund_state = CASE WHEN j.lost_leases + 1 >= $2 THEN 'PENDING' ELSE j.refund_state END,
+  completed_at = CASE WHEN judged.fails THEN now() ELSE j.completed_at END,
+  refund_state = CASE WHEN judged.fails AND :failure_owes_refund THEN 'PENDING' ELSE j.refund_state END,
   worker_id = NULL,
   lease_expires_at = NULL,
   updated_at = now()
-FROM expired
-WHERE j.id = expired.id
+FROM judged
+WHERE j.id = judged.id
 RETURNING j.*;
 
 -- name: claim_next
@@ -129,67 +133,57 @@ WHERE j.id = next.id
 RETURNING j.*;
 
 -- name: attach_asset
--- The job (hidden statuses excluded) and the asset inserted when the job allows it;
--- job_user is NULL when there is no such job, id is NULL when nothing was inserted.
+-- The job (hidden statuses excluded) and the asset inserted when the job allows it
+-- (:accepting = rules.ACCEPTING_ASSETS); job_user is NULL when there is no such job,
+-- inserted is NULL when nothing was inserted.
 WITH job AS (
   SELECT id, user_id, status FROM generation_job
-  WHERE id = $2 AND status NOT IN ('CHARGING', 'REJECTED')
+  WHERE id = :job_id AND status NOT IN ('CHARGING', 'REJECTED')
   FOR SHARE
 ), inserted AS (
   INSERT INTO asset_image (id, job_id, user_id, title, storage_key, mime_type, bytes_size, width, height, format)
-  SELECT $1, job.id, job.user_id, $4, $5, $6, $7, $8, $9, $10 FROM job
-  WHERE job.user_id = $3 AND job.status IN ('RUNNING', 'SUCCEEDED')
+  SELECT :id, job.id, job.user_id, :title, :storage_key, :mime_type, :bytes_size, :width, :height, :format FROM job
+  WHERE job.user_id = :user_id AND job.status = ANY(:accepting::text[])
   ON CONFLICT (id) DO NOTHING
   RETURNING *
 )
-SELECT job.user_id AS job_user, job.status AS job_status, i.*
-FROM (SELECT) AS one
-LEFT JOIN job ON true
-LEFT JOIN inserted i ON true;
+SELECT job.user_id AS job_user, job.status AS job_status, (SELECT i::asset_image FROM inserted i) AS inserted
+FROM (SELECT) AS one LEFT JOIN job ON true;
 
--- name: asset_row
-SELECT * FROM asset_image WHERE id = $1;
+-- name: asset
+-- An asset with its variants, smallest kind first (the enum's order in model.py).
+SELECT a.*, ARRAY(
+  SELECT v FROM asset_image_variant v WHERE v.asset_id = a.id
+  ORDER BY array_position(ARRAY['THUMBNAIL', 'WEB', 'PRINT'], v.kind)
+) AS variants
+FROM asset_image a
+WHERE a.id = $1;
 
 -- name: add_variant
--- asset_found tells an unknown asset from an existing variant of that kind (no row inserted).
+-- asset_found tells an unknown asset from an existing variant of that kind (inserted NULL).
 WITH asset AS (
-  SELECT id FROM asset_image WHERE id = $2
+  SELECT id FROM asset_image WHERE id = :asset_id
 ), inserted AS (
   INSERT INTO asset_image_variant (id, asset_id, kind, storage_key, mime_type, bytes_size, width, height, format)
-  SELECT $1, asset.id, $3, $4, $5, $6, $7, $8, $9 FROM asset
+  SELECT :id, asset.id, :kind, :storage_key, :mime_type, :bytes_size, :width, :height, :format FROM asset
   ON CONFLICT ON CONSTRAINT asset_image_variant_asset_kind_key DO NOTHING
   RETURNING *
 )
-SELECT EXISTS (SELECT FROM asset) AS asset_found, i.*
-FROM (SELECT) AS one LEFT JOIN inserted i ON true;
+SELECT EXISTS (SELECT FROM asset) AS asset_found, (SELECT i::asset_image_variant FROM inserted i) AS inserted;
 
 -- name: variant_by_kind
 SELECT * FROM asset_image_variant WHERE asset_id = $1 AND kind = $2;
 
--- name: asset_with_variants
--- One row per variant, smallest kind first (or one with NULL variant columns); the caller groups them.
-SELECT a.*, v.id AS v_id, v.kind AS v_kind, v.storage_key AS v_storage_key, v.mime_type AS v_mime_type,
-       v.bytes_size AS v_bytes_size, v.width AS v_width, v.height AS v_height, v.format AS v_format,
-       v.created_at AS v_created_at
-FROM asset_image a
-LEFT JOIN asset_image_variant v ON v.asset_id = a.id
-WHERE a.id = $1
-ORDER BY array_position(ARRAY['THUMBNAIL', 'WEB', 'PRINT'], v.kind);
-
 -- name: assets_for_user
 -- Newest first after the keyset ($2, $3), on idx_asset_image_user_time, each with its variants.
-WITH page AS (
-  SELECT * FROM asset_image
-  WHERE user_id = $1 AND (created_at, id) < ($2::timestamptz, $3::uuid)
-  ORDER BY created_at DESC, id DESC
-  LIMIT $4
-)
-SELECT p.*, v.id AS v_id, v.kind AS v_kind, v.storage_key AS v_storage_key, v.mime_type AS v_mime_type,
-       v.bytes_size AS v_bytes_size, v.width AS v_width, v.height AS v_height, v.format AS v_format,
-       v.created_at AS v_created_at
-FROM page p
-LEFT JOIN asset_image_variant v ON v.asset_id = p.id
-ORDER BY p.created_at DESC, p.id DESC, array_position(ARRAY['THUMBNAIL', 'WEB', 'PRINT'], v.kind);
+SELECT a.*, ARRAY(
+  SELECT v FROM asset_image_variant v WHERE v.asset_id = a.id
+  ORDER BY array_position(ARRAY['THUMBNAIL', 'WEB', 'PRINT'], v.kind)
+) AS variants
+FROM asset_image a
+WHERE a.user_id = $1 AND (a.created_at, a.id) < ($2::timestamptz, $3::uuid)
+ORDER BY a.created_at DESC, a.id DESC
+LIMIT $4;
 
 -- name: archive_completed_batch
 -- The seed's monthly archive, at most $2 rows per statement (idx_generation_job_completed).

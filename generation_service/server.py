@@ -16,7 +16,8 @@ from blumpo_common import db, logs, retry, server
 from blumpo_common.config import DatabaseConfig, load_or_exit
 from blumpo_common.retry import RetryPolicy
 from generation_service import config as generation_config
-from generation_service.api import ERROR_DOMAIN, GenerationApi
+from generation_service import errors
+from generation_service.api import GenerationApi
 from generation_service.charging import Charger, Reconciler, ReconcilerSettings
 from generation_service.store import Store
 from generation_service.token_client import TokenClient
@@ -54,7 +55,7 @@ def service(p: Parts) -> server.Service:
     return server.Service(
         name="generation_service",
         full_name=SERVICE_NAME,
-        error_domain=ERROR_DOMAIN,
+        error_domain=errors.DOMAIN,
         register=register,
         background=(p.hub.run, p.reconciler.run),
     )

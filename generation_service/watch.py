@@ -21,7 +21,8 @@ import asyncpg
 
 from blumpo_common import db
 from blumpo_common.config import DatabaseConfig
-from generation_service import lifecycle
+from generation_service import rules
+from generation_service.model import Job
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +107,19 @@ class Hub:
             if not events:
                 del self.watchers[job_id]
 
-    async def watch(
-        self, job_id: uuid.UUID, read: Callable[[], Awaitable[asyncpg.Record]]
-    ) -> AsyncIterator[asyncpg.Record]:
+    async def watch(self, job_id: uuid.UUID, read: Callable[[], Awaitable[Job]]) -> AsyncIterator[Job]:
         """The job now, then each time it changes, until it is terminal."""
         async with self.subscribe(job_id) as event:
             # Subscribed before the first read, so no change after it is missed.
             last: tuple[Any, ...] | None = None
             while True:
                 event.clear()
-                row = await read()
-                key = (row["status"], row["updated_at"])
+                job = await read()
+                key = (job.status, job.updated_at)
                 if key != last:
                     last = key
-                    yield row
-                    if lifecycle.is_terminal(row["status"]):
+                    yield job
+                    if rules.is_terminal(job.status):
                         return
                 timeout = LISTENING_POLL_SECONDS if self.listening.is_set() else DOWN_POLL_SECONDS
                 with contextlib.suppress(TimeoutError):

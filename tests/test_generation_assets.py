@@ -176,7 +176,7 @@ async def test_assets_for_user_uses_the_user_time_index(admin: asyncpg.Connectio
     async with admin.transaction():
         await admin.execute("SET LOCAL search_path = generation")
         rows = await admin.fetch(
-            "EXPLAIN " + Q["assets_for_user"], uuid.uuid4(), datetime.max, uuid.UUID(int=2**128 - 1), 21
+            "EXPLAIN " + Q["assets_for_user"].sql, uuid.uuid4(), datetime.max, uuid.UUID(int=2**128 - 1), 21
         )
     plan = "\n".join(r[0] for r in rows)
     assert "idx_asset_image_user_time" in plan, plan

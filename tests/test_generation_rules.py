@@ -1,27 +1,63 @@
-"""The pure parts: the state machine table and the retry policy of calls to the token service."""
+"""The pure parts: the state machine, refunds owed, and the retry policy of calls to the token service."""
 
 from __future__ import annotations
 
 import time
+import uuid
+from datetime import UTC, datetime
 
 import grpc
 import pytest
 
 from blumpo_common import retry
-from generation_service import lifecycle
+from blumpo_common.errors import ServiceError
+from generation_service import rules
+from generation_service.model import Job, JobState, RefundState
 
 
 def test_state_machine_is_the_contracts() -> None:
-    assert lifecycle.sources(lifecycle.RUNNING) == [lifecycle.QUEUED]
-    assert lifecycle.sources(lifecycle.FAILED) == [lifecycle.QUEUED, lifecycle.RUNNING]
-    assert lifecycle.sources(lifecycle.ARCHIVED) == [lifecycle.FAILED, lifecycle.SUCCEEDED]
-    assert lifecycle.sources(lifecycle.QUEUED) == [lifecycle.PAUSED]
+    assert rules.sources(JobState.RUNNING) == [JobState.QUEUED]
+    assert rules.sources(JobState.FAILED) == [JobState.QUEUED, JobState.RUNNING]
+    assert rules.sources(JobState.ARCHIVED) == [JobState.FAILED, JobState.SUCCEEDED]
+    assert rules.sources(JobState.QUEUED) == [JobState.PAUSED]
     # Internal statuses are never a source or a target of a caller's move.
-    for source, target in lifecycle.ALLOWED:
-        assert {source, target} <= set(lifecycle.VISIBLE)
-    assert {lifecycle.SUCCEEDED, lifecycle.FAILED, lifecycle.ARCHIVED} == lifecycle.TERMINAL
-    error = lifecycle.invalid_transition("j", lifecycle.SUCCEEDED, lifecycle.RUNNING)
-    assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.reason == "INVALID_TRANSITION"
+    for source, target in rules.ALLOWED:
+        assert {source, target} <= rules.VISIBLE
+    assert {JobState.SUCCEEDED, JobState.FAILED, JobState.ARCHIVED} == rules.TERMINAL
+    with pytest.raises(ServiceError) as refused:
+        rules.refused_move(uuid.uuid4(), _job(JobState.SUCCEEDED), JobState.RUNNING)
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION and refused.value.reason == "INVALID_TRANSITION"
+    assert refused.value.metadata["current_status"] == "SUCCEEDED"
+
+
+def test_only_a_failure_owes_a_refund() -> None:
+    assert [s for s in JobState if rules.owes_refund_on(s)] == [JobState.FAILED]
+    assert rules.refund_owed(_job(JobState.FAILED, RefundState.PENDING))
+    assert not rules.refund_owed(_job(JobState.FAILED, RefundState.DONE))
+    assert not rules.refund_owed(_job(JobState.SUCCEEDED))
+
+
+def _job(status: JobState, refund: RefundState = RefundState.NONE) -> Job:
+    now = datetime.now(UTC)
+    return Job(
+        id=uuid.uuid4(),
+        user_id=uuid.uuid4(),
+        prompt="p",
+        params={},
+        tokens_cost=1,
+        status=status,
+        request_digest=b"",
+        error_message=None,
+        worker_id=None,
+        lease_expires_at=None,
+        lost_leases=0,
+        refund_state=refund,
+        pause_requested=False,
+        created_at=now,
+        started_at=None,
+        completed_at=None,
+        updated_at=now,
+    )
 
 
 def _error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:

@@ -1,0 +1,208 @@
+"""The generation service's records and states: what a job, an asset and a variant are.
+
+Each record is built once from a database row (`from_row`) at the store boundary;
+everything above the store reads attributes, never row keys. The states here are
+the only Python spelling of them: the proto enums are mapped from their descriptors
+(api.py) and a test compares both with the migration's CHECK constraints.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+
+class JobState(enum.StrEnum):
+    # Internal: a job being charged, and one whose charge was refused. Never visible.
+    CHARGING = "CHARGING"
+    REJECTED = "REJECTED"
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    ARCHIVED = "ARCHIVED"
+    PAUSED = "PAUSED"
+
+
+class RefundState(enum.StrEnum):
+    NONE = "NONE"
+    # Owed: the job failed and its cost has not been given back yet.
+    PENDING = "PENDING"
+    DONE = "DONE"
+
+
+class ImageFormat(enum.StrEnum):
+    WEBP = "WEBP"
+    PNG = "PNG"
+    JPEG = "JPEG"
+    AVIF = "AVIF"
+
+    @property
+    def mime_type(self) -> str:
+        return f"image/{self.lower()}"
+
+
+class VariantKind(enum.StrEnum):
+    # Declared smallest first: variants are listed in this order.
+    THUMBNAIL = "THUMBNAIL"
+    WEB = "WEB"
+    PRINT = "PRINT"
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A create request, validated: what the charge saga records and charges."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    prompt: str
+    params: Mapping[str, Any]
+    tokens_cost: int
+    request_digest: bytes
+
+
+@dataclass(frozen=True)
+class Job:
+    id: uuid.UUID
+    user_id: uuid.UUID
+    prompt: str
+    params: Mapping[str, Any]
+    tokens_cost: int
+    status: JobState
+    request_digest: bytes
+    error_message: str | None
+    worker_id: str | None
+    lease_expires_at: datetime | None
+    lost_leases: int
+    refund_state: RefundState
+    pause_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Job:
+        return cls(
+            id=row["id"],
+            user_id=row["user_id"],
+            prompt=row["prompt"],
+            params=json.loads(row["params"]),
+            tokens_cost=row["tokens_cost"],
+            status=JobState(row["status"]),
+            request_digest=bytes(row["request_digest"]),
+            error_message=row["error_message"],
+            worker_id=row["worker_id"],
+            lease_expires_at=row["lease_expires_at"],
+            lost_leases=row["lost_leases"],
+            refund_state=RefundState(row["refund_state"]),
+            pause_requested=row["pause_requested"],
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            completed_at=row["completed_at"],
+            updated_at=row["updated_at"],
+        )
+
+
+@dataclass(frozen=True)
+class Image:
+    """The stored fields of one image file: an asset's original or one of its variants."""
+
+    storage_key: str
+    mime_type: str
+    bytes_size: int
+    width: int
+    height: int
+    format: ImageFormat
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Image:
+        return cls(
+            storage_key=row["storage_key"],
+            mime_type=row["mime_type"],
+            bytes_size=row["bytes_size"],
+            width=row["width"],
+            height=row["height"],
+            format=ImageFormat(row["format"]),
+        )
+
+
+@dataclass(frozen=True)
+class Variant:
+    id: uuid.UUID
+    asset_id: uuid.UUID
+    kind: VariantKind
+    image: Image
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Variant:
+        return cls(
+            id=row["id"],
+            asset_id=row["asset_id"],
+            kind=VariantKind(row["kind"]),
+            image=Image.from_row(row),
+            created_at=row["created_at"],
+        )
+
+
+@dataclass(frozen=True)
+class NewAsset:
+    """An asset a worker attaches to its job."""
+
+    id: uuid.UUID
+    job_id: uuid.UUID
+    user_id: uuid.UUID
+    title: str
+    image: Image
+
+
+@dataclass(frozen=True)
+class Asset:
+    id: uuid.UUID
+    job_id: uuid.UUID
+    user_id: uuid.UUID
+    title: str
+    image: Image
+    created_at: datetime
+    # Smallest kind first; empty where the query does not read them.
+    variants: tuple[Variant, ...] = ()
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Asset:
+        """From an asset_image row, with its variants when the row has a `variants` array of rows."""
+        variants = row.get("variants")
+        return cls(
+            id=row["id"],
+            job_id=row["job_id"],
+            user_id=row["user_id"],
+            title=row["title"],
+            image=Image.from_row(row),
+            created_at=row["created_at"],
+            variants=tuple(Variant.from_row(v) for v in variants or ()),
+        )
+
+    def same_request(self, new: NewAsset) -> bool:
+        """Whether this stored asset is what `new` asks for (a retry, not a reuse of the id)."""
+        return (self.id, self.job_id, self.user_id, self.title, self.image) == (
+            new.id,
+            new.job_id,
+            new.user_id,
+            new.title,
+            new.image,
+        )
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """A job's owner and state, as an insert that depends on them found it."""
+
+    user_id: uuid.UUID
+    status: JobState
