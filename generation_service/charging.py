@@ -29,7 +29,7 @@ from blumpo_common.errors import ServiceError
 from generation_service import errors, rules
 from generation_service.model import Job, JobState, NewJob
 from generation_service.store import Store
-from generation_service.token_client import Outcome, Result, TokenClient
+from generation_service.token_client import Outcome, Result, TokenLedger
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class ReconcilerSettings:
 
 
 class Charger:
-    def __init__(self, store: Store, tokens: TokenClient) -> None:
+    def __init__(self, store: Store, tokens: TokenLedger) -> None:
         self.store = store
         self.tokens = tokens
 

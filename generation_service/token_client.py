@@ -11,6 +11,7 @@ import enum
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from google.rpc import error_details_pb2
@@ -55,6 +56,14 @@ def debit_reference(job_id: uuid.UUID) -> str:
 
 def refund_reference(job_id: uuid.UUID) -> str:
     return f"{job_id}:refund"
+
+
+class TokenLedger(Protocol):
+    """What the charge saga needs of the token service (TokenClient; a fake in tests)."""
+
+    async def debit(self, user_id: uuid.UUID, job_id: uuid.UUID, cost: int) -> Outcome: ...
+
+    async def refund(self, user_id: uuid.UUID, job_id: uuid.UUID, cost: int) -> Outcome: ...
 
 
 class TokenClient:

@@ -1,0 +1,227 @@
+"""The charge saga and its reconciler, step by step, against a fake token ledger that can
+answer, refuse, hang or fail at each step (the store and the database are real)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import asyncpg
+import grpc
+import pytest
+
+from blumpo_common.db import create_pool
+from blumpo_common.errors import ServiceError
+from generation_service.charging import Charger, Reconciler, ReconcilerSettings, request_digest
+from generation_service.model import JobState, NewJob, RefundState
+from generation_service.store import Store
+from generation_service.token_client import Outcome, Result
+from tests import support
+from tests.conftest import database_config
+
+DONE = Outcome(Result.DONE)
+REPLAYED = Outcome(Result.DONE, replayed=True)
+INSUFFICIENT = Outcome(
+    Result.REFUSED, code=grpc.StatusCode.FAILED_PRECONDITION, reason="INSUFFICIENT_TOKENS", message="balance 0"
+)
+AWAY = Outcome(Result.UNKNOWN, code=grpc.StatusCode.UNAVAILABLE, message="connection refused")
+BROKEN = Outcome(Result.UNKNOWN, code=grpc.StatusCode.INTERNAL, message="bug")
+HANG = object()  # the call never answers (a caller's deadline or a crash ends it)
+
+
+@dataclass
+class FakeLedger:
+    """Answers debits and refunds from a script, in order; records every call."""
+
+    script: list[object] = field(default_factory=list)
+    calls: list[tuple[str, uuid.UUID, int]] = field(default_factory=list)
+
+    async def _answer(self, kind: str, job_id: uuid.UUID, amount: int) -> Outcome:
+        self.calls.append((kind, job_id, amount))
+        answer = self.script.pop(0) if self.script else DONE
+        if answer is HANG:
+            await asyncio.Event().wait()
+        assert isinstance(answer, Outcome)
+        return answer
+
+    async def debit(self, user_id: uuid.UUID, job_id: uuid.UUID, cost: int) -> Outcome:
+        return await self._answer("debit", job_id, cost)
+
+    async def refund(self, user_id: uuid.UUID, job_id: uuid.UUID, cost: int) -> Outcome:
+        return await self._answer("refund", job_id, cost)
+
+
+@pytest.fixture(scope="module")
+def module_database(database_url: str) -> Iterator[str]:
+    url = support.scratch_database_url(database_url, "saga")
+    support.dbmate(url, "up")
+    yield url
+    support.drop_database(url)
+
+
+@pytest.fixture(scope="module")
+async def store(module_database: str) -> AsyncIterator[Store]:
+    pool = await create_pool(database_config(module_database, "generation_service", "generation"))
+    yield Store(pool, 30.0)
+    await pool.close()
+
+
+@pytest.fixture
+async def ledger(store: Store) -> AsyncIterator[FakeLedger]:
+    yield FakeLedger()
+    # Each test leaves nothing for the next one's reconciler.
+    await store.pool.execute("UPDATE generation_job SET status = 'REJECTED' WHERE status = 'CHARGING'")
+    await store.pool.execute("UPDATE generation_job SET refund_state = 'DONE' WHERE refund_state = 'PENDING'")
+
+
+def charger(store: Store, ledger: FakeLedger) -> Charger:
+    return Charger(store, ledger)
+
+
+def reconciler(store: Store, ledger: FakeLedger) -> Reconciler:
+    return Reconciler(Charger(store, ledger), ReconcilerSettings(grace_seconds=0, interval_seconds=0.1, batch=10))
+
+
+def new_job(cost: int = 5) -> NewJob:
+    user_id = uuid.uuid4()
+    params = {"width": 64, "height": 64, "steps": 1, "seed": 0, "model": "m", "extra": {}}
+    return NewJob(uuid.uuid4(), user_id, "p", params, cost, request_digest(user_id, "p", params, cost))
+
+
+async def status_of(store: Store, job_id: uuid.UUID) -> JobState:
+    job = await store.job_any_status(job_id)
+    assert job is not None
+    return job.status
+
+
+async def test_a_debit_done_queues_the_job(store: Store, ledger: FakeLedger) -> None:
+    job = new_job()
+    created = await charger(store, ledger).create(job)
+    assert created.status is JobState.QUEUED and created.refund_state is RefundState.NONE
+    assert ledger.calls == [("debit", job.id, 5)]
+    # A retry replays nothing: the job is already past its charge.
+    assert (await charger(store, ledger).create(job)).id == job.id
+    assert len(ledger.calls) == 1
+
+
+async def test_a_refusal_rejects_and_frees_the_id(store: Store, ledger: FakeLedger) -> None:
+    job = new_job()
+    ledger.script = [INSUFFICIENT]
+    with pytest.raises(ServiceError) as refused:
+        await charger(store, ledger).create(job)
+    assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_TOKENS")
+    assert await status_of(store, job.id) is JobState.REJECTED
+    assert await store.get_job(job.id) is None
+    # The balance grew: the same request charges and queues it.
+    assert (await charger(store, ledger).create(job)).status is JobState.QUEUED
+
+
+async def test_no_answer_leaves_an_intent_the_reconciler_settles(store: Store, ledger: FakeLedger) -> None:
+    job = new_job()
+    ledger.script = [AWAY]
+    with pytest.raises(ServiceError) as unconfirmed:
+        await charger(store, ledger).create(job)
+    assert (unconfirmed.value.code, unconfirmed.value.reason) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "TOKEN_SERVICE_UNAVAILABLE",
+    )
+    assert await status_of(store, job.id) is JobState.CHARGING
+    ledger.script = [REPLAYED]
+    assert (await reconciler(store, ledger).run_once())["intents"] == 1
+    assert await status_of(store, job.id) is JobState.QUEUED
+    assert [c[0] for c in ledger.calls] == ["debit", "debit"]
+
+
+@pytest.mark.parametrize(("answer", "settled"), [(DONE, JobState.QUEUED), (INSUFFICIENT, JobState.REJECTED)])
+async def test_a_caller_gone_mid_debit_is_finished_by_the_reconciler(
+    store: Store, ledger: FakeLedger, answer: Outcome, settled: JobState
+) -> None:
+    job = new_job()
+    ledger.script = [HANG]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(charger(store, ledger).create(job), 0.2)
+    assert await status_of(store, job.id) is JobState.CHARGING
+    ledger.script = [answer]
+    await reconciler(store, ledger).run_once()
+    assert await status_of(store, job.id) is settled
+
+
+async def test_the_reconciler_stops_its_pass_while_the_token_service_is_away(store: Store, ledger: FakeLedger) -> None:
+    jobs = [new_job() for _ in range(3)]
+    for job in jobs:
+        assert await store.insert_intent(job) is not None
+    ledger.script = [AWAY]
+    assert (await reconciler(store, ledger).run_once())["intents"] == 0
+    assert len(ledger.calls) == 1  # the others wait for the next pass instead of timing out one by one
+    assert {await status_of(store, j.id) for j in jobs} == {JobState.CHARGING}
+    assert (await reconciler(store, ledger).run_once())["intents"] == 3
+    assert {await status_of(store, j.id) for j in jobs} == {JobState.QUEUED}
+
+
+async def test_an_intent_that_keeps_failing_goes_to_the_back_of_the_line(store: Store, ledger: FakeLedger) -> None:
+    stuck, other = new_job(), new_job()
+    assert await store.insert_intent(stuck) is not None
+    assert await store.insert_intent(other) is not None
+    ledger.script = [BROKEN, DONE]
+    assert (await reconciler(store, ledger).run_once())["intents"] == 1
+    assert [c[1] for c in ledger.calls] == [stuck.id, other.id]
+    assert await status_of(store, stuck.id) is JobState.CHARGING
+    assert await status_of(store, other.id) is JobState.QUEUED
+
+
+async def failed_job(store: Store, ledger: FakeLedger) -> uuid.UUID:
+    job = await charger(store, ledger).create(new_job(cost=7))
+    moved = await store.move_job(job.id, JobState.FAILED, "worker crashed")
+    assert moved is not None and moved.refund_state is RefundState.PENDING
+    return job.id
+
+
+async def test_a_failed_job_is_refunded_once(store: Store, ledger: FakeLedger) -> None:
+    job_id = await failed_job(store, ledger)
+    job = await store.get_job(job_id)
+    assert job is not None
+    assert await charger(store, ledger).refund(job) == DONE
+    refunded = await store.get_job(job_id)
+    assert refunded is not None and refunded.refund_state is RefundState.DONE
+    # Not owed any more: no second call.
+    assert await charger(store, ledger).refund(refunded) is None
+    assert [c[0] for c in ledger.calls] == ["debit", "refund"]
+
+
+@pytest.mark.parametrize("answer", [AWAY, INSUFFICIENT, HANG])
+async def test_a_refund_not_done_stays_owed_for_the_reconciler(
+    store: Store, ledger: FakeLedger, answer: object
+) -> None:
+    job_id = await failed_job(store, ledger)
+    job = await store.get_job(job_id)
+    assert job is not None
+    ledger.script = [answer]
+    if answer is HANG:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(charger(store, ledger).refund(job), 0.2)
+    else:
+        await charger(store, ledger).refund(job)
+    owed = await store.get_job(job_id)
+    assert owed is not None and owed.refund_state is RefundState.PENDING
+    ledger.script = [DONE]
+    assert (await reconciler(store, ledger).run_once())["refunds"] == 1
+    settled = await store.get_job(job_id)
+    assert settled is not None and settled.refund_state is RefundState.DONE
+
+
+async def test_the_reconciler_skips_rows_another_process_holds(
+    store: Store, ledger: FakeLedger, module_database: str
+) -> None:
+    job = new_job()
+    assert await store.insert_intent(job) is not None
+    other = await asyncpg.connect(module_database)
+    try:
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM generation.generation_job WHERE id = $1 FOR UPDATE", job.id)
+            assert (await reconciler(store, ledger).run_once())["intents"] == 0
+            assert ledger.calls == []
+    finally:
+        await other.close()
+    assert (await reconciler(store, ledger).run_once())["intents"] == 1
