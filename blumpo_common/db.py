@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 import asyncpg.pool
@@ -65,6 +66,16 @@ def load_queries(path: Path) -> Mapping[str, Query]:
     """Reads a .sql file of statements, each under a `-- name: <name>` header."""
     parts = _NAME.split(path.read_text())
     return {name: parse_query(name, sql) for name, sql in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+R = TypeVar("R")
+
+
+def record(cls: type[R], row: asyncpg.Record, **converted: Any) -> R:
+    """A dataclass built from the row's columns of the same names; `converted` gives the fields
+    that need more than the column's value (enums, decoded JSON, nested records)."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in converted]  # type: ignore[arg-type]
+    return cls(**{name: row[name] for name in names}, **converted)
 
 
 def server_settings(config: DatabaseConfig) -> dict[str, str]:

@@ -76,6 +76,22 @@ def fitting(messages: Sequence[Message], budget: int = MAX_PAGE_BYTES) -> int:
     return len(messages)
 
 
+M = TypeVar("M", bound=Message)
+
+
+def page(
+    scope: str,
+    found: Sequence[T],
+    page_size: int,
+    message: Callable[[T], M],
+    key: Callable[[T], tuple[datetime, str | int]],
+) -> tuple[list[M], str]:
+    """A page of messages from rows fetched one beyond page_size, and the next page's token."""
+    messages = [message(item) for item in found[:page_size]]
+    size = fitting(messages)
+    return messages[:size], next_page_token(scope, [key(item) for item in found], size)
+
+
 def decode_after(scope: str, token: str, tiebreak: Callable[[Any], T]) -> tuple[datetime, T] | None:
     """The (moment, tiebreak) of a token from encode_after; None for an empty token."""
     key = decode(scope, token)

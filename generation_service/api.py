@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -147,37 +148,30 @@ def job_message(job: Job) -> pb.Job:
     )
 
 
+def image_fields(image: Image) -> dict[str, Any]:
+    """The fields an Asset and an AssetVariant message share."""
+    return {**dataclasses.asdict(image), "format": FORMATS.to_proto(image.format)}
+
+
 def variant_message(variant: Variant) -> pb.AssetVariant:
-    image = variant.image
     return pb.AssetVariant(
         variant_id=str(variant.id),
         asset_id=str(variant.asset_id),
         kind=KINDS.to_proto(variant.kind),
-        storage_key=image.storage_key,
-        mime_type=image.mime_type,
-        bytes_size=image.bytes_size,
-        width=image.width,
-        height=image.height,
-        format=FORMATS.to_proto(image.format),
         created_at=to_proto(variant.created_at),
+        **image_fields(variant.image),
     )
 
 
 def asset_message(asset: Asset) -> pb.Asset:
-    image = asset.image
     return pb.Asset(
         asset_id=str(asset.id),
         job_id=str(asset.job_id),
         user_id=str(asset.user_id),
         title=asset.title,
-        storage_key=image.storage_key,
-        mime_type=image.mime_type,
-        bytes_size=image.bytes_size,
-        width=image.width,
-        height=image.height,
-        format=FORMATS.to_proto(image.format),
         created_at=to_proto(asset.created_at),
         variants=[variant_message(v) for v in asset.variants],
+        **image_fields(asset.image),
     )
 
 
@@ -229,12 +223,8 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         scope = f"jobs:{user_id}:{','.join(statuses)}"
         after = pagination.decode_after(scope, request.page_token, uuid.UUID)
         found = await self.store.list_jobs(user_id, statuses or sorted(rules.VISIBLE), after, page_size + 1)
-        jobs = [job_message(j) for j in found[:page_size]]
-        size = pagination.fitting(jobs)
-        keys = [(j.created_at, str(j.id)) for j in found]
-        return pb.ListGenerationJobsResponse(
-            jobs=jobs[:size], next_page_token=pagination.next_page_token(scope, keys, size)
-        )
+        jobs, token = pagination.page(scope, found, page_size, job_message, lambda j: (j.created_at, str(j.id)))
+        return pb.ListGenerationJobsResponse(jobs=jobs, next_page_token=token)
 
     async def UpdateGenerationJobStatus(
         self, request: pb.UpdateGenerationJobStatusRequest, context: Context
@@ -341,12 +331,8 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         scope = f"assets:{user_id}"
         after = pagination.decode_after(scope, request.page_token, uuid.UUID)
         found = await self.store.assets_for_user(user_id, after, page_size + 1)
-        assets = [asset_message(a) for a in found[:page_size]]
-        size = pagination.fitting(assets)
-        keys = [(a.created_at, str(a.id)) for a in found]
-        return pb.GetAssetsForUserResponse(
-            assets=assets[:size], next_page_token=pagination.next_page_token(scope, keys, size)
-        )
+        assets, token = pagination.page(scope, found, page_size, asset_message, lambda a: (a.created_at, str(a.id)))
+        return pb.GetAssetsForUserResponse(assets=assets, next_page_token=token)
 
     async def ArchiveCompletedJobs(
         self, request: pb.ArchiveCompletedJobsRequest, context: Context

@@ -14,6 +14,10 @@ from generation_service.token_client import Outcome
 DOMAIN = "blumpo.generation"
 
 
+def _error(code: grpc.StatusCode, reason: str, message: str, **metadata: object) -> ServiceError:
+    return ServiceError(code, reason, message, {key: str(value) for key, value in metadata.items()})
+
+
 def job_not_found(job_id: uuid.UUID) -> ServiceError:
     return not_found("job", str(job_id))
 
@@ -26,67 +30,66 @@ def invalid_transition(
     job_id: uuid.UUID, current: JobState, target: JobState, allowed: Iterable[JobState]
 ) -> ServiceError:
     allowed = sorted(allowed)
-    return ServiceError(
+    return _error(
         grpc.StatusCode.FAILED_PRECONDITION,
         "INVALID_TRANSITION",
         f"job {job_id} is {current} and cannot become {target}; from {current} it may become "
         + (", ".join(allowed) if allowed else "nothing else"),
-        {"job_id": str(job_id), "current_status": current, "requested_status": target},
+        job_id=job_id,
+        current_status=current,
+        requested_status=target,
     )
 
 
 def job_not_owned(job_id: uuid.UUID, user_id: uuid.UUID) -> ServiceError:
-    return ServiceError(
+    return _error(
         grpc.StatusCode.PERMISSION_DENIED,
         "JOB_NOT_OWNED",
         f"job {job_id} does not belong to user {user_id}",
-        {"job_id": str(job_id), "user_id": str(user_id)},
+        job_id=job_id,
+        user_id=user_id,
     )
 
 
 def job_not_accepting_assets(job_id: uuid.UUID, status: JobState) -> ServiceError:
-    return ServiceError(
+    return _error(
         grpc.StatusCode.FAILED_PRECONDITION,
         "JOB_NOT_ACCEPTING_ASSETS",
         f"job {job_id} is {status}; assets attach only to RUNNING or SUCCEEDED jobs",
-        {"job_id": str(job_id), "status": status},
+        job_id=job_id,
+        status=status,
     )
 
 
 def asset_id_reused(asset_id: uuid.UUID) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.ALREADY_EXISTS,
-        "ASSET_ID_REUSED",
-        f"asset {asset_id} exists with other data; use a new asset_id for another image",
-        {"asset_id": str(asset_id)},
-    )
+    message = f"asset {asset_id} exists with other data; use a new asset_id for another image"
+    return _error(grpc.StatusCode.ALREADY_EXISTS, "ASSET_ID_REUSED", message, asset_id=asset_id)
 
 
 def variant_kind_taken(asset_id: uuid.UUID, kind: VariantKind, variant_id: uuid.UUID) -> ServiceError:
-    return ServiceError(
+    message = f"asset {asset_id} already has a {kind} variant with other data"
+    return _error(
         grpc.StatusCode.ALREADY_EXISTS,
         "VARIANT_KIND_TAKEN",
-        f"asset {asset_id} already has a {kind} variant with other data",
-        {"asset_id": str(asset_id), "kind": kind, "variant_id": str(variant_id)},
+        message,
+        asset_id=asset_id,
+        kind=kind,
+        variant_id=variant_id,
     )
 
 
 def job_id_reused(job_id: uuid.UUID) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.ALREADY_EXISTS,
-        "JOB_ID_REUSED",
-        f"job {job_id} exists with a different request; use a new job_id for a new job",
-        {"job_id": str(job_id)},
-    )
+    message = f"job {job_id} exists with a different request; use a new job_id for a new job"
+    return _error(grpc.StatusCode.ALREADY_EXISTS, "JOB_ID_REUSED", message, job_id=job_id)
 
 
 def charge_unconfirmed(job_id: uuid.UUID, outcome: Outcome) -> ServiceError:
-    return ServiceError(
+    return _error(
         grpc.StatusCode.UNAVAILABLE,
         "TOKEN_SERVICE_UNAVAILABLE",
         f"the token service did not confirm the charge of job {job_id} ({outcome.code.name}); "
         "retry with the same job_id, it will not be charged twice",
-        {"job_id": str(job_id)},
+        job_id=job_id,
     )
 
 
@@ -101,12 +104,8 @@ def charge_refused(job_id: uuid.UUID, user_id: uuid.UUID, outcome: Outcome) -> S
             {**metadata, "job_id": str(job_id)},
         )
     if code == grpc.StatusCode.NOT_FOUND:
-        return ServiceError(
-            grpc.StatusCode.NOT_FOUND,
-            "USER_NOT_FOUND",
-            f"no user {user_id} (no token account)",
-            {"user_id": str(user_id)},
-        )
+        message = f"no user {user_id} (no token account)"
+        return _error(grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND", message, user_id=user_id)
     return ServiceError(
         code,
         outcome.reason or "CHARGE_REFUSED",
@@ -116,4 +115,4 @@ def charge_refused(job_id: uuid.UUID, user_id: uuid.UUID, outcome: Outcome) -> S
 
 
 def too_many_watchers() -> ServiceError:
-    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WATCHERS", "too many watched jobs; retry later")
+    return _error(grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WATCHERS", "too many watched jobs; retry later")

@@ -18,6 +18,8 @@ from typing import Any
 
 import asyncpg
 
+from blumpo_common.db import record
+
 
 class JobState(enum.StrEnum):
     # Internal: a job being charged, and one whose charge was refused. Never visible.
@@ -69,14 +71,10 @@ class NewJob:
 
 
 @dataclass(frozen=True)
-class Job:
-    id: uuid.UUID
-    user_id: uuid.UUID
-    prompt: str
-    params: Mapping[str, Any]
-    tokens_cost: int
+class Job(NewJob):
+    """A job as stored: its request and where it stands."""
+
     status: JobState
-    request_digest: bytes
     error_message: str | None
     worker_id: str | None
     lease_expires_at: datetime | None
@@ -90,24 +88,13 @@ class Job:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Job:
-        return cls(
-            id=row["id"],
-            user_id=row["user_id"],
-            prompt=row["prompt"],
+        return record(
+            cls,
+            row,
             params=json.loads(row["params"]),
-            tokens_cost=row["tokens_cost"],
             status=JobState(row["status"]),
             request_digest=bytes(row["request_digest"]),
-            error_message=row["error_message"],
-            worker_id=row["worker_id"],
-            lease_expires_at=row["lease_expires_at"],
-            lost_leases=row["lost_leases"],
             refund_state=RefundState(row["refund_state"]),
-            pause_requested=row["pause_requested"],
-            created_at=row["created_at"],
-            started_at=row["started_at"],
-            completed_at=row["completed_at"],
-            updated_at=row["updated_at"],
         )
 
 
@@ -124,14 +111,7 @@ class Image:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Image:
-        return cls(
-            storage_key=row["storage_key"],
-            mime_type=row["mime_type"],
-            bytes_size=row["bytes_size"],
-            width=row["width"],
-            height=row["height"],
-            format=ImageFormat(row["format"]),
-        )
+        return record(cls, row, format=ImageFormat(row["format"]))
 
 
 @dataclass(frozen=True)
@@ -144,13 +124,7 @@ class Variant:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Variant:
-        return cls(
-            id=row["id"],
-            asset_id=row["asset_id"],
-            kind=VariantKind(row["kind"]),
-            image=Image.from_row(row),
-            created_at=row["created_at"],
-        )
+        return record(cls, row, kind=VariantKind(row["kind"]), image=Image.from_row(row))
 
 
 @dataclass(frozen=True)
@@ -178,16 +152,8 @@ class Asset:
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Asset:
         """From an asset_image row, with its variants when the row has a `variants` array of rows."""
-        variants = row.get("variants")
-        return cls(
-            id=row["id"],
-            job_id=row["job_id"],
-            user_id=row["user_id"],
-            title=row["title"],
-            image=Image.from_row(row),
-            created_at=row["created_at"],
-            variants=tuple(Variant.from_row(v) for v in variants or ()),
-        )
+        variants = tuple(Variant.from_row(v) for v in row.get("variants") or ())
+        return record(cls, row, image=Image.from_row(row), variants=variants)
 
     def same_request(self, new: NewAsset) -> bool:
         """Whether this stored asset is what `new` asks for (a retry, not a reuse of the id)."""

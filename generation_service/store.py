@@ -6,6 +6,7 @@ nothing: rules.py says what a missing or refused row means for the caller.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import Sequence
@@ -40,17 +41,6 @@ def _request(job: NewJob) -> dict[str, Any]:
         "params": json.dumps(job.params, sort_keys=True),
         "tokens_cost": job.tokens_cost,
         "request_digest": job.request_digest,
-    }
-
-
-def _image(image: Image) -> dict[str, Any]:
-    return {
-        "storage_key": image.storage_key,
-        "mime_type": image.mime_type,
-        "bytes_size": image.bytes_size,
-        "width": image.width,
-        "height": image.height,
-        "format": image.format,
     }
 
 
@@ -162,14 +152,16 @@ class Store(db.BaseStore):
             user_id=new.user_id,
             title=new.title,
             accepting=sorted(rules.ACCEPTING_ASSETS),
-            **_image(new.image),
+            **dataclasses.asdict(new.image),
         )
         assert row is not None
         job = JobRef(row["job_user"], JobState(row["job_status"])) if row["job_user"] is not None else None
         return Attached(job, Asset.from_row(row["inserted"]) if row["inserted"] is not None else None)
 
     async def add_variant(self, asset_id: uuid.UUID, kind: VariantKind, image: Image) -> AddedVariant:
-        row = await self.fetchrow("add_variant", id=uuid.uuid4(), asset_id=asset_id, kind=kind, **_image(image))
+        row = await self.fetchrow(
+            "add_variant", id=uuid.uuid4(), asset_id=asset_id, kind=kind, **dataclasses.asdict(image)
+        )
         assert row is not None
         inserted = row["inserted"]
         return AddedVariant(row["asset_found"], Variant.from_row(inserted) if inserted is not None else None)
