@@ -49,7 +49,7 @@ def create_script() -> str:
         },
     )
     debit = common.one_line(
-        TQ["append_entries"],
+        TQ["append_entries"].sql,
         {
             1: "ARRAY[md5(:u::text)::uuid]",
             2: f"ARRAY[-{COST}]",

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import asyncpg
 import grpc
@@ -19,6 +20,7 @@ from tests import support
 from tests.support import OtpHarness
 from token_service import otp as otp_rules
 from token_service.config import SmtpConfig
+from token_service.model import OtpChallenge
 from token_service.otp_sender import DeliveryError, LogSender, SmtpSender
 from token_service.store import Store
 
@@ -285,11 +287,12 @@ def test_codes_are_six_digits_and_vary() -> None:
     assert len(codes) > 190
 
 
-def challenge_row(**overrides: Any) -> asyncpg.Record:
+def challenge_row(**overrides: Any) -> OtpChallenge:
     now = datetime.now(UTC)
-    row = {"expires_at": now + timedelta(minutes=5), "consumed_at": None, "invalidated_at": None, "attempts": 0}
-    row.update(overrides)
-    return cast(asyncpg.Record, row)
+    row = OtpChallenge(
+        uuid.uuid4(), b"", expires_at=now + timedelta(minutes=5), attempts=0, consumed_at=None, invalidated_at=None
+    )
+    return dataclasses.replace(row, **overrides)
 
 
 @pytest.mark.parametrize(
@@ -304,7 +307,7 @@ def challenge_row(**overrides: Any) -> asyncpg.Record:
         (challenge_row(invalidated_at=datetime.now(UTC), attempts=5), True, otp_rules.Verdict.EXHAUSTED),
     ],
 )
-def test_the_rules_of_a_verification(row: asyncpg.Record | None, code_ok: bool, verdict: otp_rules.Verdict) -> None:
+def test_the_rules_of_a_verification(row: OtpChallenge | None, code_ok: bool, verdict: otp_rules.Verdict) -> None:
     assert otp_rules.judge(row, datetime.now(UTC), code_ok) is verdict
 
 

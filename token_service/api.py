@@ -4,18 +4,28 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
 import email_validator
 from google.rpc import status_pb2
 
 from blumpo.token.v1 import token_pb2 as pb
 from blumpo.token.v1 import token_pb2_grpc
 from blumpo_common import pagination
-from blumpo_common.errors import to_status
+from blumpo_common.enums import ProtoEnum
+from blumpo_common.errors import ServiceError, to_status
 from blumpo_common.server import Context
 from blumpo_common.timestamps import to_proto
 from blumpo_common.validation import Checker
-from token_service import ledger, otp, refill
+from token_service import errors, ledger, otp, refill
+from token_service.model import (
+    Account,
+    BalanceMismatch,
+    EmailTaken,
+    EntryRequest,
+    LedgerEntry,
+    LedgerReason,
+    UnknownPlan,
+    User,
+)
 from token_service.store import Store
 
 ERROR_DOMAIN = "blumpo.token"
@@ -25,15 +35,7 @@ DEFAULT_OTP_CLEANUP_HOURS = 24
 # A year; at least 1, so cleanup never deletes a challenge the hourly rate limit still counts.
 MAX_OTP_CLEANUP_HOURS = 24 * 366
 
-REASONS: dict[int, str] = {
-    pb.LEDGER_REASON_GENERATION: "GENERATION",
-    pb.LEDGER_REASON_GENERATION_REFUND: "GENERATION_REFUND",
-    pb.LEDGER_REASON_MONTHLY_REFILL: "MONTHLY_REFILL",
-    pb.LEDGER_REASON_PURCHASE: "PURCHASE",
-    pb.LEDGER_REASON_SIGNUP_BONUS: "SIGNUP_BONUS",
-    pb.LEDGER_REASON_ADJUSTMENT: "ADJUSTMENT",
-}
-REASON_VALUES = {name: value for value, name in REASONS.items()}
+REASONS = ProtoEnum(pb.LedgerReason, LedgerReason)
 
 
 def check_email(check: Checker, field: str, raw: str) -> str:
@@ -54,54 +56,62 @@ def check_plan(check: Checker, field: str, plan: str) -> str:
     return check.text(field, plan, max_len=32)
 
 
-def user_message(row: asyncpg.Record) -> pb.User:
+def user_message(user: User) -> pb.User:
     return pb.User(
-        user_id=str(row["id"]),
-        email=row["email"],
-        created_at=to_proto(row["created_at"]),
-        account=pb.TokenAccount(
-            user_id=str(row["id"]),
-            balance=row["balance"],
-            plan=row["plan_code"],
-            updated_at=to_proto(row["updated_at"]),
-        ),
+        user_id=str(user.id),
+        email=user.email,
+        created_at=to_proto(user.created_at),
+        account=account_message(user.account),
     )
 
 
-def account_message(row: asyncpg.Record) -> pb.TokenAccount:
+def account_message(account: Account) -> pb.TokenAccount:
     return pb.TokenAccount(
-        user_id=str(row["user_id"]),
-        balance=row["balance"],
-        plan=row["plan_code"],
-        updated_at=to_proto(row["updated_at"]),
+        user_id=str(account.user_id),
+        balance=account.balance,
+        plan=account.plan,
+        updated_at=to_proto(account.updated_at),
     )
 
 
-def entry_message(entry: ledger.Entry) -> pb.LedgerEntry:
+def entry_message(entry: LedgerEntry) -> pb.LedgerEntry:
     return pb.LedgerEntry(
         entry_id=str(entry.id),
         user_id=str(entry.user_id),
         delta=entry.delta,
-        reason=REASON_VALUES[entry.reason],  # type: ignore[arg-type]
+        reason=REASONS.to_proto(entry.reason),
         reference_id=entry.reference_id,
         balance_after=entry.balance_after,
         occurred_at=to_proto(entry.occurred_at),
     )
 
 
-def entry_request(check: Checker, request: pb.AppendLedgerEntryRequest) -> ledger.EntryRequest:
+def mismatch_message(mismatch: BalanceMismatch) -> pb.BalanceMismatch:
+    return pb.BalanceMismatch(
+        user_id=str(mismatch.user_id),
+        account_balance=mismatch.account_balance,
+        ledger_sum=mismatch.ledger_sum,
+        last_balance_after=mismatch.last_balance_after,
+    )
+
+
+def entry_request(request: pb.AppendLedgerEntryRequest, prefix: str = "") -> EntryRequest:
+    """The requested entry; INVALID_ARGUMENT naming each bad field (under prefix)."""
+    check = Checker(prefix)
     user_id = check.uuid("user_id", request.user_id)
     if request.delta == 0 or abs(request.delta) > ledger.MAX_DELTA:
         check.add("delta", f"must be non-zero and at most {ledger.MAX_DELTA} in absolute value, got {request.delta}")
-    reason = check.choice("reason", request.reason, REASONS)
+    reason = check.choice("reason", request.reason, REASONS.by_number)
     reference_id = check.text("reference_id", request.reference_id, max_len=ledger.MAX_REFERENCE_LENGTH)
     if reference_id and reference_id != reference_id.strip():
         # "job-1" and "job-1 " would be two references: a blank or padded one is refused.
         check.add("reference_id", "must not be blank or start or end with whitespace")
-    return ledger.EntryRequest(user_id, request.delta, reason or "", request.reference_id)
+    check.done()
+    assert reason is not None  # else check.done() raised
+    return EntryRequest(user_id, request.delta, reason, request.reference_id)
 
 
-def raise_error(outcome: ledger.Outcome) -> ledger.Entry:
+def raise_error(outcome: ledger.Outcome) -> LedgerEntry:
     if outcome.error is not None:
         raise outcome.error
     assert outcome.entry is not None
@@ -118,7 +128,13 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         email = check_email(check, "email", request.email)
         plan = check_plan(check, "plan", request.plan or DEFAULT_PLAN)
         check.done()
-        return pb.CreateUserResponse(user=user_message(await self.store.create_user(email, plan)))
+        try:
+            user = await self.store.create_user(email, plan)
+        except EmailTaken:
+            raise errors.email_taken(email) from None
+        except UnknownPlan:
+            raise errors.unknown_plan(plan) from None
+        return pb.CreateUserResponse(user=user_message(user))
 
     async def GetUser(self, request: pb.GetUserRequest, context: Context) -> pb.GetUserResponse:
         check = Checker()
@@ -126,30 +142,31 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         if lookup == "user_id":
             user_id = check.uuid("user_id", request.user_id)
             check.done()
-            row = await self.store.user_by_id(user_id)
+            user, key = await self.store.user_by_id(user_id), str(user_id)
         elif lookup == "email":
             email = check_email(check, "email", request.email)
             check.done()
-            row = await self.store.user_by_email(email)
+            user, key = await self.store.user_by_email(email), email
         else:
             check.add("user_id", "or email is required")
             check.done()
-        return pb.GetUserResponse(user=user_message(row))
+        if user is None:
+            raise errors.user_not_found(key)
+        return pb.GetUserResponse(user=user_message(user))
 
     async def GetTokenBalance(self, request: pb.GetTokenBalanceRequest, context: Context) -> pb.GetTokenBalanceResponse:
         check = Checker()
         user_id = check.uuid("user_id", request.user_id)
         check.done()
-        row = await self.store.account(user_id)
-        return pb.GetTokenBalanceResponse(user_id=str(row["user_id"]), balance=row["balance"], plan=row["plan_code"])
+        account = await self.store.account(user_id)
+        if account is None:
+            raise errors.account_not_found(user_id)
+        return pb.GetTokenBalanceResponse(user_id=str(account.user_id), balance=account.balance, plan=account.plan)
 
     async def AppendLedgerEntry(
         self, request: pb.AppendLedgerEntryRequest, context: Context
     ) -> pb.AppendLedgerEntryResponse:
-        check = Checker()
-        entry = entry_request(check, request)
-        check.done()
-        [outcome] = await self.store.append_entries([entry])
+        [outcome] = await ledger.append(self.store, [entry_request(request)])
         return pb.AppendLedgerEntryResponse(entry=entry_message(raise_error(outcome)), replayed=outcome.replayed)
 
     async def AppendLedgerEntries(
@@ -162,17 +179,14 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
             check.done()
         # Each entry is judged alone: a malformed one fails only itself.
         results: list[pb.AppendLedgerEntryResult | None] = []
-        valid: list[ledger.EntryRequest] = []
+        valid: list[EntryRequest] = []
         for index, item in enumerate(request.entries):
-            check = Checker(prefix=f"entries[{index}].")
-            entry = entry_request(check, item)
-            error = check.error()
-            if error is not None:
-                results.append(_result(ledger.Outcome(error=error)))
-            else:
+            try:
+                valid.append(entry_request(item, prefix=f"entries[{index}]."))
                 results.append(None)
-                valid.append(entry)
-        outcomes = iter(await self.store.append_entries(valid) if valid else [])
+            except ServiceError as error:
+                results.append(_result(ledger.Outcome(error=error)))
+        outcomes = iter(await ledger.append(self.store, valid))
         return pb.AppendLedgerEntriesResponse(results=[result or _result(next(outcomes)) for result in results])
 
     async def ListLedgerEntries(
@@ -184,10 +198,13 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         check.done()
         scope = f"ledger:{user_id}"
         after = pagination.decode_after(scope, request.page_token, int)
-        rows = await self.store.list_entries(user_id, after, page_size + 1)
+        listed = await self.store.list_entries(user_id, after, page_size + 1)
+        if not listed and after is None and not await self.store.user_exists(user_id):
+            raise errors.user_not_found(user_id)
+        positions = [listed_entry.position for listed_entry in listed]
         return pb.ListLedgerEntriesResponse(
-            entries=[entry_message(ledger.entry_of(r)) for r in rows[:page_size]],
-            next_page_token=pagination.next_page_token(scope, [(r["occurred_at"], r["seq"]) for r in rows], page_size),
+            entries=[entry_message(listed_entry.entry) for listed_entry in listed[:page_size]],
+            next_page_token=pagination.next_page_token(scope, positions, page_size),
         )
 
     async def CheckBalances(self, request: pb.CheckBalancesRequest, context: Context) -> pb.CheckBalancesResponse:
@@ -195,25 +212,22 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         user_id = check.uuid("user_id", request.user_id) if request.user_id else None
         check.done()
         checked, mismatches = await self.store.check_balances(user_id)
-        return pb.CheckBalancesResponse(
-            accounts_checked=checked,
-            mismatches=[
-                pb.BalanceMismatch(
-                    user_id=str(r["user_id"]),
-                    account_balance=r["account_balance"],
-                    ledger_sum=r["ledger_sum"],
-                    last_balance_after=r["last_balance_after"],
-                )
-                for r in mismatches
-            ],
-        )
+        if user_id is not None and checked == 0:
+            raise errors.account_not_found(user_id)
+        return pb.CheckBalancesResponse(accounts_checked=checked, mismatches=[mismatch_message(m) for m in mismatches])
 
     async def ChangePlan(self, request: pb.ChangePlanRequest, context: Context) -> pb.ChangePlanResponse:
         check = Checker()
         user_id = check.uuid("user_id", request.user_id)
         plan = check_plan(check, "plan", request.plan)
         check.done()
-        return pb.ChangePlanResponse(account=account_message(await self.store.change_plan(user_id, plan)))
+        try:
+            account = await self.store.change_plan(user_id, plan)
+        except UnknownPlan:
+            raise errors.unknown_plan(plan) from None
+        if account is None:
+            raise errors.account_not_found(user_id)
+        return pb.ChangePlanResponse(account=account_message(account))
 
     async def RunMonthlyRefill(
         self, request: pb.RunMonthlyRefillRequest, context: Context

@@ -21,12 +21,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-import asyncpg
-import grpc
-
 from blumpo_common.db import Connection
-from blumpo_common.errors import ServiceError
-from token_service.otp_sender import DeliveryError, OtpSender, delivery_failed
+from token_service import errors
+from token_service.model import EmailTaken, OtpChallenge, UnknownPlan, User
+from token_service.otp_sender import DeliveryError, OtpSender
 from token_service.store import Store
 
 CODE_DIGITS = 6
@@ -73,52 +71,26 @@ class Verdict(enum.Enum):
     EXHAUSTED = "exhausted"
 
 
-def judge(challenge: asyncpg.Record | None, now: datetime, code_ok: bool) -> Verdict:
+def judge(challenge: OtpChallenge | None, now: datetime, code_ok: bool) -> Verdict:
     """What a verification of the email's newest challenge comes to (before counting it)."""
-    if challenge is None or challenge["expires_at"] <= now or challenge["consumed_at"] is not None:
+    if challenge is None or challenge.expires_at <= now or challenge.consumed_at is not None:
         return Verdict.INVALID
-    if challenge["invalidated_at"] is not None:
-        return Verdict.EXHAUSTED if challenge["attempts"] >= MAX_ATTEMPTS else Verdict.INVALID
+    if challenge.invalidated_at is not None:
+        return Verdict.EXHAUSTED if challenge.attempts >= MAX_ATTEMPTS else Verdict.INVALID
     return Verdict.ACCEPTED if code_ok else Verdict.INVALID
-
-
-def invalid_code() -> ServiceError:
-    # The same answer for wrong, expired and unknown, so it reveals nothing about the email.
-    return ServiceError(
-        grpc.StatusCode.UNAUTHENTICATED,
-        "OTP_INVALID",
-        "the code is wrong or has expired; check it or request a new one",
-    )
-
-
-def attempts_exhausted() -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        "OTP_ATTEMPTS_EXHAUSTED",
-        f"{MAX_ATTEMPTS} wrong codes: this code no longer works; request a new one",
-        {"max_attempts": str(MAX_ATTEMPTS)},
-    )
-
-
-def rate_limited(retry_after_seconds: int) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        "OTP_RATE_LIMITED",
-        f"at most {MAX_REQUESTS_PER_WINDOW} codes per email per hour; retry in {retry_after_seconds} seconds",
-        {"limit": str(MAX_REQUESTS_PER_WINDOW), "window_seconds": str(int(RATE_WINDOW.total_seconds()))},
-        retry_delay_seconds=retry_after_seconds,
-    )
 
 
 @dataclass(frozen=True)
 class Challenge:
+    """A challenge just issued, as the caller learns of it (the stored one: model.OtpChallenge)."""
+
     id: uuid.UUID
     expires_at: datetime
 
 
 @dataclass(frozen=True)
 class Login:
-    user: asyncpg.Record
+    user: User
     created: bool
 
 
@@ -136,17 +108,22 @@ class OtpLogins:
         """Starts a challenge for the email, superseding its active one, and sends the code."""
         now = self.clock.now()
         async with self.store.transaction() as conn:
-            await self.store.lock_email(conn, email)
-            recent, oldest = await self.store.otp_requests_since(conn, email, now - RATE_WINDOW)
-            if recent >= MAX_REQUESTS_PER_WINDOW:
-                assert oldest is not None
-                wait = (oldest + RATE_WINDOW - now).total_seconds()
-                raise rate_limited(max(1, math.ceil(wait)))
+            await self.store.lock_email(email, conn=conn)
+            recent = await self.store.otp_requests_since(email, now - RATE_WINDOW, conn=conn)
+            if recent.count >= MAX_REQUESTS_PER_WINDOW:
+                assert recent.oldest is not None
+                wait = (recent.oldest + RATE_WINDOW - now).total_seconds()
+                raise errors.otp_rate_limited(max(1, math.ceil(wait)), MAX_REQUESTS_PER_WINDOW, RATE_WINDOW)
             challenge = Challenge(uuid.uuid4(), now + self.ttl)
             code = generate_code()
-            await self.store.supersede_otps(conn, email, now)
+            await self.store.supersede_otps(email, now, conn=conn)
             await self.store.insert_otp(
-                conn, challenge.id, email, hash_code(self.secret, challenge.id, code), now, challenge.expires_at
+                challenge_id=challenge.id,
+                email=email,
+                code_hash=hash_code(self.secret, challenge.id, code),
+                created_at=now,
+                expires_at=challenge.expires_at,
+                conn=conn,
             )
             # Sent inside the transaction: if delivery fails the call writes nothing
             # and the previous challenge stays active.
@@ -154,49 +131,46 @@ class OtpLogins:
                 await self.sender.send(email, code, challenge.expires_at)
             except DeliveryError as exc:
                 log.error("login code delivery failed", extra={"email": email, "error": str(exc)})
-                raise delivery_failed() from None
+                raise errors.otp_delivery_failed() from None
         return challenge
 
     async def verify(self, email: str, code: str) -> Login:
         """Checks the code against the email's active challenge; logs in (or signs up) on success."""
         now = self.clock.now()
         async with self.store.transaction() as conn:
-            await self.store.lock_email(conn, email)
-            challenge = await self.store.newest_otp_for_update(conn, email)
-            code_ok = challenge is not None and code_matches(self.secret, challenge["id"], code, challenge["code_hash"])
+            await self.store.lock_email(email, conn=conn)
+            challenge = await self.store.newest_otp_for_update(email, conn=conn)
+            code_ok = challenge is not None and code_matches(self.secret, challenge.id, code, challenge.code_hash)
             verdict = judge(challenge, now, code_ok)
             if verdict is Verdict.ACCEPTED:
                 assert challenge is not None
-                user = await self.store.user_by_email_on(conn, email)
+                user = await self.store.user_by_email(email, conn=conn)
                 created = user is None
                 if user is None:
-                    user = await self._sign_up(conn, email)
-                await self.store.consume_otp(conn, challenge["id"], user["id"], now)
+                    user = await self._sign_up(email, conn=conn)
+                await self.store.consume_otp(challenge.id, user.id, now, conn=conn)
                 return Login(user, created)
             live = challenge is not None and judge(challenge, now, code_ok=True) is Verdict.ACCEPTED
             if live:
                 assert challenge is not None
                 # A wrong code for a live challenge counts; the last allowed miss kills it.
-                dead = challenge["attempts"] + 1 >= MAX_ATTEMPTS
-                await self.store.record_otp_attempt(conn, challenge["id"], now if dead else None)
+                dead = challenge.attempts + 1 >= MAX_ATTEMPTS
+                await self.store.record_otp_attempt(challenge.id, now if dead else None, conn=conn)
                 if dead:
                     verdict = Verdict.EXHAUSTED
         # Out of the transaction block, so the counted attempt is committed first.
-        raise attempts_exhausted() if verdict is Verdict.EXHAUSTED else invalid_code()
+        raise errors.otp_attempts_exhausted(MAX_ATTEMPTS) if verdict is Verdict.EXHAUSTED else errors.otp_invalid()
 
-    async def _sign_up(self, conn: Connection, email: str) -> asyncpg.Record:
+    async def _sign_up(self, email: str, *, conn: Connection) -> User:
         try:
             return await self.store.create_user(email, SIGNUP_PLAN, conn=conn)
-        except ServiceError as error:
-            if error.reason != "EMAIL_TAKEN":
-                raise
+        except EmailTaken:
             # A CreateUser for this email committed since the lookup: the code is still
             # unused (this transaction rolls back), so the client can simply retry.
-            raise ServiceError(
-                grpc.StatusCode.ABORTED,
-                "CONCURRENT_UPDATE",
-                "the user was created by a concurrent call; retry the verification",
-            ) from None
+            raise errors.concurrent_signup() from None
+        except UnknownPlan:
+            # Only if the signup plan left the plan table: answered as CreateUser answers it.
+            raise errors.unknown_plan(SIGNUP_PLAN) from None
 
     async def delete_expired(self, older_than: timedelta) -> int:
         return await self.store.delete_expired_otps(self.clock.now() - older_than)

@@ -13,9 +13,6 @@ from datetime import datetime
 from email.message import EmailMessage
 from typing import Protocol
 
-import grpc
-
-from blumpo_common.errors import ServiceError
 from token_service.config import OtpConfig, SmtpConfig
 
 log = logging.getLogger(__name__)
@@ -88,11 +85,3 @@ class SmtpSender:
 
 def from_config(config: OtpConfig) -> OtpSender:
     return LogSender() if config.smtp is None else SmtpSender(config.smtp)
-
-
-def delivery_failed() -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.UNAVAILABLE,
-        "OTP_DELIVERY_FAILED",
-        "the login code could not be sent; retry in a moment",
-    )

@@ -17,16 +17,16 @@ WITH chosen_plan AS (
   SELECT new_user.id, chosen_plan.signup_grant, 'SIGNUP_BONUS', 'signup', chosen_plan.signup_grant
   FROM new_user, chosen_plan WHERE chosen_plan.signup_grant > 0
 )
-SELECT u.id, u.email, u.created_at, a.balance, a.plan_code, a.updated_at
+SELECT u.id, u.email, u.created_at, a.user_id, a.balance, a.plan_code, a.updated_at
 FROM new_user u JOIN new_account a ON a.user_id = u.id;
 
 -- name: user_by_id
-SELECT u.id, u.email, u.created_at, a.balance, a.plan_code, a.updated_at
+SELECT u.id, u.email, u.created_at, a.user_id, a.balance, a.plan_code, a.updated_at
 FROM app_user u JOIN token_account a ON a.user_id = u.id
 WHERE u.id = $1;
 
 -- name: user_by_email
-SELECT u.id, u.email, u.created_at, a.balance, a.plan_code, a.updated_at
+SELECT u.id, u.email, u.created_at, a.user_id, a.balance, a.plan_code, a.updated_at
 FROM app_user u JOIN token_account a ON a.user_id = u.id
 WHERE u.email = $1;
 
@@ -37,7 +37,7 @@ SELECT user_id, balance, plan_code, updated_at FROM token_account WHERE user_id 
 -- The ledger's rules live in the function (migration 20261125000003): entries applied in
 -- order, each judged alone, the accounts locked FOR UPDATE, in one round trip.
 SELECT outcome, entry_id, user_id, delta, reason, reference_id, balance_after, occurred_at, balance
-FROM append_entries($1::uuid[], $2::bigint[], $3::text[], $4::text[], $5::bigint);
+FROM append_entries(:user_ids::uuid[], :deltas::bigint[], :reasons::text[], :reference_ids::text[], :max_balance::bigint);
 
 -- name: list_entries
 -- Newest first, after the keyset ($2, $3); the first page passes ('infinity', max bigint).
@@ -102,7 +102,7 @@ WHERE email = $1 AND consumed_at IS NULL AND invalidated_at IS NULL;
 
 -- name: insert_otp
 INSERT INTO auth_otp (id, email, code_hash, created_at, expires_at)
-VALUES ($1, $2, $3, $4, $5);
+VALUES (:id, :email, :code_hash, :created_at, :expires_at);
 
 -- name: newest_otp_for_update
 -- The active challenge if there is one, else the newest other (to tell exhausted apart).

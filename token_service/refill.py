@@ -17,10 +17,10 @@ from datetime import UTC, date, datetime
 
 from blumpo_common.validation import Checker
 from token_service import ledger
+from token_service.model import EntryRequest, LedgerReason
 from token_service.store import Store
 
 BATCH_SIZE = 1000
-REASON = "MONTHLY_REFILL"
 _PERIOD = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
 _FIRST = uuid.UUID(int=0)
 
@@ -66,18 +66,18 @@ async def run(store: Store, period: str, batch_size: int = BATCH_SIZE, max_batch
     started = time.monotonic()
     while not result.finished and (max_batches is None or result.batches < max_batches):
         async with store.transaction() as conn:
-            accounts = await store.refill_batch(conn, after, batch_size, end)
+            accounts = await store.refill_batch(after, batch_size, end, conn=conn)
             requests = [
-                ledger.EntryRequest(row["user_id"], row["monthly_allowance"], REASON, ref)
-                for row in accounts
-                if row["monthly_allowance"] > 0
+                EntryRequest(account.user_id, account.monthly_allowance, LedgerReason.MONTHLY_REFILL, ref)
+                for account in accounts
+                if account.monthly_allowance > 0
             ]
-            outcomes = await store.append_entries_on(conn, requests, store.timeout()) if requests else []
+            outcomes = await ledger.append(store, requests, conn=conn)
         result.finished = len(accounts) < batch_size
         if not accounts:
             break
         result.batches += 1
-        after = accounts[-1]["user_id"]
+        after = accounts[-1].user_id
         credited = sum(1 for o in outcomes if o.entry is not None and not o.replayed)
         for outcome in outcomes:
             if outcome.error is not None:

@@ -1,0 +1,108 @@
+"""Every error the token service answers with, by reason: each ServiceError is built here.
+
+The rules that decide on an error live in their domain modules (ledger, otp, api);
+this module only says how each one reads on the wire: code, reason, message, metadata.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import grpc
+
+from blumpo_common.errors import ServiceError, invalid_argument, not_found
+from token_service.model import LedgerEntry
+
+
+def user_not_found(key: uuid.UUID | str) -> ServiceError:
+    """key: the id or email the user was looked up by."""
+    return not_found("user", str(key))
+
+
+def account_not_found(user_id: uuid.UUID) -> ServiceError:
+    return not_found("account", str(user_id))
+
+
+def unknown_plan(plan: str) -> ServiceError:
+    return invalid_argument([("plan", f"unknown plan {plan!r}")])
+
+
+def email_taken(email: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.ALREADY_EXISTS, "EMAIL_TAKEN", f"a user with email {email} exists", {"email": email}
+    )
+
+
+def insufficient_tokens(balance: int, requested: int) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_TOKENS",
+        f"the balance is {balance} tokens, {requested} requested",
+        {"balance": str(balance), "requested": str(requested)},
+    )
+
+
+def balance_limit_exceeded(balance: int, limit: int) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "BALANCE_LIMIT_EXCEEDED",
+        f"the balance would exceed {limit}",
+        {"balance": str(balance), "limit": str(limit)},
+    )
+
+
+def idempotency_key_reused(earlier: LedgerEntry) -> ServiceError:
+    """earlier: the entry already written under the reference."""
+    return ServiceError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        "IDEMPOTENCY_KEY_REUSED",
+        f"reference_id {earlier.reference_id!r} was already used with delta {earlier.delta} "
+        f"and reason {earlier.reason}; use a new reference for a different entry",
+        {"reference_id": earlier.reference_id, "delta": str(earlier.delta), "reason": str(earlier.reason)},
+    )
+
+
+def otp_invalid() -> ServiceError:
+    # The same answer for wrong, expired and unknown, so it reveals nothing about the email.
+    return ServiceError(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "OTP_INVALID",
+        "the code is wrong or has expired; check it or request a new one",
+    )
+
+
+def otp_attempts_exhausted(max_attempts: int) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "OTP_ATTEMPTS_EXHAUSTED",
+        f"{max_attempts} wrong codes: this code no longer works; request a new one",
+        {"max_attempts": str(max_attempts)},
+    )
+
+
+def otp_rate_limited(retry_after_seconds: int, limit: int, window: timedelta) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "OTP_RATE_LIMITED",
+        f"at most {limit} codes per email per hour; retry in {retry_after_seconds} seconds",
+        {"limit": str(limit), "window_seconds": str(int(window.total_seconds()))},
+        retry_delay_seconds=retry_after_seconds,
+    )
+
+
+def otp_delivery_failed() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "OTP_DELIVERY_FAILED",
+        "the login code could not be sent; retry in a moment",
+    )
+
+
+def concurrent_signup() -> ServiceError:
+    """A login's sign-up lost the email to a user created meanwhile; the code is still unused."""
+    return ServiceError(
+        grpc.StatusCode.ABORTED,
+        "CONCURRENT_UPDATE",
+        "the user was created by a concurrent call; retry the verification",
+    )

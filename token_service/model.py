@@ -1,0 +1,209 @@
+"""What the token service's store reads and writes, as typed values.
+
+Each record is built from its row once, at the store boundary (`from_row`), so the rest
+of the service handles attributes, never column names. The refusals are facts of the
+data, not answers: the callers choose what a refusal means to their own caller.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+
+class LedgerReason(enum.StrEnum):
+    """Why a ledger entry was written; the value is what token_ledger.reason stores."""
+
+    GENERATION = "GENERATION"
+    GENERATION_REFUND = "GENERATION_REFUND"
+    MONTHLY_REFILL = "MONTHLY_REFILL"
+    PURCHASE = "PURCHASE"
+    SIGNUP_BONUS = "SIGNUP_BONUS"
+    ADJUSTMENT = "ADJUSTMENT"
+
+
+class AppendOutcome(enum.StrEnum):
+    """What token.append_entries did with one requested entry (see its migration)."""
+
+    APPLIED = "APPLIED"
+    REPLAYED = "REPLAYED"
+    REUSED = "REUSED"
+    INSUFFICIENT = "INSUFFICIENT"
+    BALANCE_LIMIT = "BALANCE_LIMIT"
+    NO_ACCOUNT = "NO_ACCOUNT"
+
+
+class EmailTaken(Exception):
+    """Another user has this email."""
+
+
+class UnknownPlan(Exception):
+    """No plan has this code."""
+
+
+@dataclass(frozen=True)
+class Account:
+    user_id: uuid.UUID
+    balance: int
+    plan: str
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Account:
+        return cls(user_id=row["user_id"], balance=row["balance"], plan=row["plan_code"], updated_at=row["updated_at"])
+
+
+@dataclass(frozen=True)
+class User:
+    id: uuid.UUID
+    email: str
+    created_at: datetime
+    account: Account
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> User:
+        """From a row holding the user's columns and their account's."""
+        return cls(id=row["id"], email=row["email"], created_at=row["created_at"], account=Account.from_row(row))
+
+
+@dataclass(frozen=True)
+class EntryRequest:
+    """An entry to append; reference_id makes the request idempotent per user."""
+
+    user_id: uuid.UUID
+    delta: int
+    reason: LedgerReason
+    reference_id: str
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    id: uuid.UUID
+    user_id: uuid.UUID
+    delta: int
+    reason: LedgerReason
+    reference_id: str
+    balance_after: int
+    occurred_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> LedgerEntry:
+        return cls(
+            id=row["entry_id"],
+            user_id=row["user_id"],
+            delta=row["delta"],
+            reason=LedgerReason(row["reason"]),
+            reference_id=row["reference_id"],
+            balance_after=row["balance_after"],
+            occurred_at=row["occurred_at"],
+        )
+
+
+@dataclass(frozen=True)
+class ListedEntry:
+    """A ledger entry as listed newest first, with the seq that orders entries of one instant."""
+
+    entry: LedgerEntry
+    seq: int
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> ListedEntry:
+        return cls(entry=LedgerEntry.from_row(row), seq=row["seq"])
+
+    @property
+    def position(self) -> tuple[datetime, int]:
+        """The entry's keyset position in the listing."""
+        return self.entry.occurred_at, self.seq
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """One answer of token.append_entries, for the requested entry at the same index."""
+
+    outcome: AppendOutcome
+    # Written (APPLIED), found under the reference (REPLAYED, REUSED), else None.
+    entry: LedgerEntry | None
+    user_id: uuid.UUID
+    delta: int
+    # The balance the entry was judged against; None without an account.
+    balance: int | None
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> AppendResult:
+        return cls(
+            outcome=AppendOutcome(row["outcome"]),
+            entry=LedgerEntry.from_row(row) if row["entry_id"] is not None else None,
+            user_id=row["user_id"],
+            delta=row["delta"],
+            balance=row["balance"],
+        )
+
+
+@dataclass(frozen=True)
+class BalanceMismatch:
+    """An account whose balance disagrees with its ledger."""
+
+    user_id: uuid.UUID
+    account_balance: int
+    ledger_sum: int
+    last_balance_after: int
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> BalanceMismatch:
+        return cls(
+            user_id=row["user_id"],
+            account_balance=row["account_balance"],
+            ledger_sum=row["ledger_sum"],
+            last_balance_after=row["last_balance_after"],
+        )
+
+
+@dataclass(frozen=True)
+class OtpChallenge:
+    """A stored login challenge; only the keyed hash of its code is kept."""
+
+    id: uuid.UUID
+    code_hash: bytes
+    expires_at: datetime
+    attempts: int
+    consumed_at: datetime | None
+    invalidated_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> OtpChallenge:
+        return cls(
+            id=row["id"],
+            code_hash=row["code_hash"],
+            expires_at=row["expires_at"],
+            attempts=row["attempts"],
+            consumed_at=row["consumed_at"],
+            invalidated_at=row["invalidated_at"],
+        )
+
+
+@dataclass(frozen=True)
+class OtpRequests:
+    """The challenges an email asked for within a window: how many, and the oldest's time."""
+
+    count: int
+    oldest: datetime | None
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> OtpRequests:
+        return cls(count=row["requests"], oldest=row["oldest"])
+
+
+@dataclass(frozen=True)
+class RefillAccount:
+    """An account in refill order, with what its plan owes it for the period."""
+
+    user_id: uuid.UUID
+    monthly_allowance: int
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> RefillAccount:
+        return cls(user_id=row["user_id"], monthly_allowance=row["monthly_allowance"])
