@@ -31,7 +31,7 @@ RUNS = ((1, 2000), (16, 1000))
 def pgbench_script() -> str:
     """One debit of 1 token on a random account, as AppendLedgerEntry runs it."""
     append = common.one_line(
-        Q["append_entries"].sql,
+        Q["append_entries"],
         {
             1: "ARRAY[md5(:u::text)::uuid]",
             2: "ARRAY[-1]",

@@ -11,10 +11,11 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from blumpo_common.db import Query
 from tests.support import ROOT, dbmate, drop_database, scratch_database_url
 
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -57,11 +58,12 @@ def account_id(n: int) -> str:
     return str(uuid.UUID(hex=hashlib.md5(str(n).encode()).hexdigest()))
 
 
-def one_line(sql: str, params: dict[int, str]) -> str:
-    """A statement of queries.sql as one pgbench line, $n replaced by pgbench variables."""
-    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
-    text = " ".join(line.strip() for line in lines).rstrip(";")
-    return re.sub(r"\$(\d+)", lambda m: params[int(m.group(1))], text)
+def one_line(query: Query, values: Mapping[int | str, str]) -> str:
+    """A statement of queries.sql as one pgbench line, its parameters (by number, or by name
+    for a statement with `:name` parameters) replaced by pgbench expressions."""
+    numbered = {query.params.index(k) + 1 if isinstance(k, str) else k: v for k, v in values.items()}
+    text = " ".join(line.strip() for line in query.sql.splitlines()).rstrip(";")
+    return re.sub(r"\$(\d+)", lambda m: numbered[int(m.group(1))], text)
 
 
 def pgbench_binary() -> str:

@@ -40,16 +40,16 @@ def create_script() -> str:
     intent = common.one_line(
         GQ["insert_intent"],
         {
-            1: job,
-            2: "md5(:u::text)::uuid",
-            3: "'bench prompt'",
-            4: f"'{json.dumps(PARAMS)}'",
-            5: str(COST),
-            6: "'\\x00'::bytea",
+            "id": job,
+            "user_id": "md5(:u::text)::uuid",
+            "prompt": "'bench prompt'",
+            "params": f"'{json.dumps(PARAMS)}'",
+            "tokens_cost": str(COST),
+            "request_digest": "'\\x00'::bytea",
         },
     )
     debit = common.one_line(
-        TQ["append_entries"].sql,
+        TQ["append_entries"],
         {
             1: "ARRAY[md5(:u::text)::uuid]",
             2: f"ARRAY[-{COST}]",
@@ -72,7 +72,10 @@ def create_script() -> str:
 
 
 def claim_script() -> str:
-    sweep = common.one_line(GQ["sweep_expired_leases"], {1: "100", 2: str(rules.MAX_LOST_LEASES)})
+    sweep = common.one_line(
+        GQ["sweep_expired_leases"],
+        {"batch": "100", "max_lost_leases": str(rules.MAX_LOST_LEASES), "failure_owes_refund": "true"},
+    )
     claim = common.one_line(GQ["claim_next"], {1: "'pgbench-' || :client_id", 2: "300"})
     return f"{sweep};\n{claim};\n"
 

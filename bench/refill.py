@@ -64,9 +64,9 @@ CREATE SEQUENCE public.bench_batch_no MINVALUE 0 START 0;
 def pgbench_script(period: str, batch_size: int) -> str:
     ref = f"'{refill_job.reference(period)}'::text"
     end = f"'{refill_job.period_end(period).isoformat()}'::timestamptz"
-    select_batch = common.one_line(Q["refill_batch"].sql, {1: ":after_id::uuid", 2: str(batch_size), 3: end})
+    select_batch = common.one_line(Q["refill_batch"], {1: ":after_id::uuid", 2: str(batch_size), 3: end})
     append = common.one_line(
-        Q["append_entries"].sql,
+        Q["append_entries"],
         {1: ":ids", 2: ":allowances", 3: ":reasons", 4: ":refs", 5: str(ledger.MAX_BALANCE)},
     )
     eligible = "FILTER (WHERE monthly_allowance > 0)"

@@ -175,7 +175,9 @@ async def test_list_uses_the_user_time_index(admin: asyncpg.Connection) -> None:
     from generation_service.store import Q
 
     await _bulk_rows(admin)
-    plan = await _explain(admin, Q["list_jobs"].sql, uuid.uuid4(), datetime.max, uuid.UUID(int=2**128 - 1), ["QUEUED"], 51)
+    plan = await _explain(
+        admin, Q["list_jobs"].sql, uuid.uuid4(), datetime.max, uuid.UUID(int=2**128 - 1), ["QUEUED"], 51
+    )
     assert "idx_generation_job_user_time" in plan, plan
 
 

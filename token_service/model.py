@@ -14,6 +14,8 @@ from datetime import datetime
 
 import asyncpg
 
+from blumpo_common.db import record
+
 
 class LedgerReason(enum.StrEnum):
     """Why a ledger entry was written; the value is what token_ledger.reason stores."""
@@ -54,7 +56,7 @@ class Account:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Account:
-        return cls(user_id=row["user_id"], balance=row["balance"], plan=row["plan_code"], updated_at=row["updated_at"])
+        return record(cls, row, plan=row["plan_code"])
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class User:
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> User:
         """From a row holding the user's columns and their account's."""
-        return cls(id=row["id"], email=row["email"], created_at=row["created_at"], account=Account.from_row(row))
+        return record(cls, row, account=Account.from_row(row))
 
 
 @dataclass(frozen=True)
@@ -92,15 +94,7 @@ class LedgerEntry:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> LedgerEntry:
-        return cls(
-            id=row["entry_id"],
-            user_id=row["user_id"],
-            delta=row["delta"],
-            reason=LedgerReason(row["reason"]),
-            reference_id=row["reference_id"],
-            balance_after=row["balance_after"],
-            occurred_at=row["occurred_at"],
-        )
+        return record(cls, row, id=row["entry_id"], reason=LedgerReason(row["reason"]))
 
 
 @dataclass(frozen=True)
@@ -112,7 +106,7 @@ class ListedEntry:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> ListedEntry:
-        return cls(entry=LedgerEntry.from_row(row), seq=row["seq"])
+        return record(cls, row, entry=LedgerEntry.from_row(row))
 
     @property
     def position(self) -> tuple[datetime, int]:
@@ -134,13 +128,8 @@ class AppendResult:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> AppendResult:
-        return cls(
-            outcome=AppendOutcome(row["outcome"]),
-            entry=LedgerEntry.from_row(row) if row["entry_id"] is not None else None,
-            user_id=row["user_id"],
-            delta=row["delta"],
-            balance=row["balance"],
-        )
+        entry = LedgerEntry.from_row(row) if row["entry_id"] is not None else None
+        return record(cls, row, outcome=AppendOutcome(row["outcome"]), entry=entry)
 
 
 @dataclass(frozen=True)
@@ -154,12 +143,7 @@ class BalanceMismatch:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> BalanceMismatch:
-        return cls(
-            user_id=row["user_id"],
-            account_balance=row["account_balance"],
-            ledger_sum=row["ledger_sum"],
-            last_balance_after=row["last_balance_after"],
-        )
+        return record(cls, row)
 
 
 @dataclass(frozen=True)
@@ -175,14 +159,7 @@ class OtpChallenge:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> OtpChallenge:
-        return cls(
-            id=row["id"],
-            code_hash=row["code_hash"],
-            expires_at=row["expires_at"],
-            attempts=row["attempts"],
-            consumed_at=row["consumed_at"],
-            invalidated_at=row["invalidated_at"],
-        )
+        return record(cls, row)
 
 
 @dataclass(frozen=True)
@@ -194,7 +171,7 @@ class OtpRequests:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> OtpRequests:
-        return cls(count=row["requests"], oldest=row["oldest"])
+        return record(cls, row, count=row["requests"])
 
 
 @dataclass(frozen=True)
@@ -206,4 +183,4 @@ class RefillAccount:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> RefillAccount:
-        return cls(user_id=row["user_id"], monthly_allowance=row["monthly_allowance"])
+        return record(cls, row)
