@@ -188,6 +188,9 @@ CREATE TABLE generation.generation_job (
     started_at timestamp with time zone,
     completed_at timestamp with time zone,
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    claimed_until timestamp with time zone,
+    claims integer DEFAULT 0 NOT NULL,
+    CONSTRAINT generation_job_claims_check CHECK ((claims >= 0)),
     CONSTRAINT generation_job_error_message_check CHECK ((char_length(error_message) <= 2000)),
     CONSTRAINT generation_job_lost_leases_check CHECK ((lost_leases >= 0)),
     CONSTRAINT generation_job_prompt_check CHECK (((char_length(prompt) >= 1) AND (char_length(prompt) <= 4000))),
@@ -580,4 +583,5 @@ ALTER TABLE ONLY token.token_ledger
 INSERT INTO public.schema_migrations (version) VALUES
     ('20261125000001'),
     ('20261125000002'),
-    ('20261125000003');
+    ('20261125000003'),
+    ('20261126000001');

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,11 +51,20 @@ def request_digest(user_id: uuid.UUID, prompt: str, params: Mapping[str, Any], t
 
 @dataclass(frozen=True)
 class ReconcilerSettings:
-    # An intent or owed refund is left to its own caller for this long first.
-    grace_seconds: float = 10.0
+    # How long a claim on a job's charge or refund lasts: its holder (a create call, a status
+    # move, a reconciler) is the only one asking the token service about that job meanwhile.
+    # It must outlast the holder's calls to the token service (config checks it).
+    claim_seconds: float = 10.0
     interval_seconds: float = 2.0
     # Rows one pass handles at most, per kind.
     batch: int = 50
+
+
+# A debit that got no answer may still be committing on the token side for a moment after
+# the caller's deadline (the token server's own deadline ends it): the claim is kept that long.
+UNANSWERED_HOLD_SECONDS = 2.0
+# How often a create call looks again at a job another call is charging.
+WAIT_POLL_SECONDS = (0.02, 0.5)
 
 
 class Charger:
@@ -64,52 +73,84 @@ class Charger:
         self.tokens = tokens
 
     async def create(self, job: NewJob) -> Job:
-        """Runs (or resumes) the saga of a job; returns it QUEUED or later."""
-        found = await self.store.insert_intent(job)
-        if found is None:
+        """Runs (or resumes) the saga of a job; returns it QUEUED or later.
+
+        Only the holder of the job's claim asks the token service; a parallel call for the
+        same job waits for it to settle (or for its claim to run out) and goes on from there.
+        """
+        pause = WAIT_POLL_SECONDS[0]
+        while True:
+            claimed = await self._claim(job)
+            if isinstance(claimed, Job) and claimed.status is not JobState.CHARGING:
+                return claimed  # charged already: the same request again
+            if claimed is not None:
+                outcome = await self.tokens.debit(job.user_id, job.id, job.tokens_cost)
+                return await self.settle_charge(claimed, outcome)
+            if db.timeout(pause * 2) <= pause:
+                raise errors.charge_in_progress(job.id)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, WAIT_POLL_SECONDS[1])
+
+    async def _claim(self, job: NewJob) -> Job | None:
+        """The job claimed for a debit by this call; the job itself when it is past charging;
+        None while another call holds it."""
+        claimed = await self.store.insert_intent(job)
+        if claimed is None:
             # A refused job left nothing visible and nothing charged: its id takes this request,
             # the same (the balance may allow it now) or another one.
-            found = await self.store.retry_rejected(job)
-        if found is None:
-            existing = await self.store.job_any_status(job.id)
-            assert existing is not None  # jobs are never deleted
-            if existing.request_digest != job.request_digest:
-                raise errors.job_id_reused(job.id)
-            if existing.status is not JobState.CHARGING:
-                return existing
-        outcome = await self.tokens.debit(job.user_id, job.id, job.tokens_cost)
-        return await self.settle_charge(job.id, job.user_id, outcome)
+            claimed = await self.store.retry_rejected(job)
+        if claimed is not None:
+            return claimed
+        existing = await self.store.job_any_status(job.id)
+        assert existing is not None  # jobs are never deleted
+        if existing.request_digest != job.request_digest:
+            raise errors.job_id_reused(job.id)
+        if existing.status is JobState.CHARGING:
+            return await self.store.claim_intent(job.id)
+        if existing.status is JobState.REJECTED:
+            return None  # refused since the insert: look again (it may be taken over now)
+        return existing
 
-    async def settle_charge(
-        self, job_id: uuid.UUID, user_id: uuid.UUID, outcome: Outcome, *, conn: db.Connection | None = None
-    ) -> Job:
+    async def settle_charge(self, job: Job, outcome: Outcome) -> Job:
+        """Settles a claimed intent by what its debit came to; raises the refusal, if any."""
         CHARGES.labels(outcome.result.value).inc()
         if outcome.result is Result.DONE:
-            job = await self.store.finish_charged(job_id, conn=conn)
-            if job is None:  # a racing attempt finished it first
-                job = await self.store.job_any_status(job_id, conn=conn)
-            assert job is not None and job.status in rules.VISIBLE, "a charged job must be visible"
-            return job
-        if outcome.result is Result.REFUSED:
-            await self.store.reject_intent(
-                job_id, f"{outcome.reason or outcome.code.name}: {outcome.message}", conn=conn
-            )
-            # A racing attempt may have charged it after all (a refusal never follows a debit of the
-            # same reference, but a debit may follow a refusal when the balance grew in between).
-            current = await self.store.job_any_status(job_id, conn=conn)
+            settled = await self.store.finish_charged(job.id)
+            if settled is None:  # a racing attempt finished it first
+                settled = await self.store.job_any_status(job.id)
+            assert settled is not None and settled.status in rules.VISIBLE, "a charged job must be visible"
+            return settled
+        if outcome.result is Result.UNKNOWN:
+            await self.store.hold_claim(job, UNANSWERED_HOLD_SECONDS)
+            raise errors.charge_unconfirmed(job.id, outcome)
+        held = rules.debit_held_by_earlier_request(outcome)
+        if held is not None:
+            await self._refund_earlier_request(job, held)
+            raise errors.job_id_reused(job.id)
+        if not await self.store.reject_intent(job, f"{outcome.reason or outcome.code.name}: {outcome.message}"):
+            # Another claim took over since (this one ran out): its outcome settles the job.
+            current = await self.store.job_any_status(job.id)
             if current is not None and current.status in rules.VISIBLE:
                 return current
-            raise errors.charge_refused(job_id, user_id, outcome)
-        raise errors.charge_unconfirmed(job_id, outcome)
+        raise errors.charge_refused(job.id, job.user_id, outcome)
 
-    async def refund(self, job: Job, *, conn: db.Connection | None = None) -> Outcome | None:
+    async def _refund_earlier_request(self, job: Job, held: int) -> None:
+        """The id was charged for an earlier request whose job is gone (taken over after a
+        refusal that raced that charge): the job stays refused, and that debit is given back."""
+        owing = await self.store.charged_before(
+            job, held, f"job id {job.id} held a charge of {held} tokens of an earlier request; refunded"
+        )
+        if owing is not None:
+            await self.refund(owing)
+
+    async def refund(self, job: Job) -> Outcome | None:
         """Gives a job's cost back if it is owed (None when it is not); what is not DONE stays
         owed (PENDING) for the reconciler."""
         if not rules.refund_owed(job):
             return None
         outcome = await self.tokens.refund(job.user_id, job.id, job.tokens_cost)
         if outcome.result is Result.DONE:
-            await self.store.refund_done(job.id, conn=conn)
+            await self.store.refund_done(job.id)
         else:
             log.warning(
                 "refund deferred", extra={"job_id": str(job.id), "code": outcome.code.name, "reason": outcome.reason}
@@ -118,7 +159,12 @@ class Charger:
 
 
 class Reconciler:
-    """Finishes what callers left half done: charge intents, owed refunds, expired leases."""
+    """Finishes what callers left half done: charge intents, owed refunds, expired leases.
+
+    It claims a batch of rows in one short statement, then calls the token service with no
+    transaction open, and settles each row by a conditional update: any number of
+    reconcilers (one per process) can run side by side, and none holds a row while it waits.
+    """
 
     def __init__(self, charger: Charger, settings: ReconcilerSettings) -> None:
         self.charger = charger
@@ -140,52 +186,50 @@ class Reconciler:
         for job in await self.store.sweep_expired_leases():
             done["leases"] += 1
             await self.charger.refund(job)
-        done["intents"] = await self._intents()
-        done["refunds"] = await self._refunds()
+        intents = await self.store.claim_stale_intents(self.settings.batch)
+        # A refusal settles an intent too (REJECTED: nothing charged or listed).
+        done["intents"] = await self._work(intents, self._intent, {Result.DONE, Result.REFUSED})
+        refunds = await self.store.claim_owed_refunds(self.settings.batch)
+        done["refunds"] = await self._work(refunds, self._refund, {Result.DONE})
         for kind, count in done.items():
             RECONCILED.labels(kind).inc(count)
         if any(done.values()):
             log.info("reconciled", extra=done)
         return done
 
-    async def _intents(self) -> int:
-        """Repeats the debit of abandoned intents, under their row locks, and settles them."""
+    async def _work(
+        self, claimed: list[Job], attempt: Callable[[Job], Awaitable[Outcome]], settling: set[Result]
+    ) -> int:
+        """Works claimed rows one by one; stops when the token service is away for all alike,
+        and lets go of the rows not reached, so the next pass takes them at once."""
         settled = 0
-        async with self.store.transaction() as conn:
-            for job in await self.store.stale_intents(self.settings.grace_seconds, self.settings.batch, conn=conn):
-                outcome = await self.charger.tokens.debit(job.user_id, job.id, job.tokens_cost)
-                if outcome.result is Result.UNKNOWN:
-                    if _service_away(outcome):
-                        break  # the rest waits for the next pass
-                    await self._defer(job, "charge", outcome, conn=conn)
-                    continue
-                with contextlib.suppress(ServiceError):  # a refusal leaves it REJECTED: nothing charged or listed
-                    await self.charger.settle_charge(job.id, job.user_id, outcome, conn=conn)
+        for index, job in enumerate(claimed):
+            outcome = await attempt(job)
+            if outcome.result in settling:
                 settled += 1
+            elif _service_away(outcome):
+                await self.store.release_claims([j.id for j in claimed[index + 1 :]])
+                break
+            else:
+                # Not settled, again and again (a bug, an account gone): to the back of the line,
+                # so it cannot hold up the others, and logged for a person to see.
+                log.error(
+                    "not settled; deferred",
+                    extra={"job_id": str(job.id), "code": outcome.code.name, "reason": outcome.reason},
+                )
+                await self.store.defer(job.id)
         return settled
 
-    async def _refunds(self) -> int:
-        refunded = 0
-        async with self.store.transaction() as conn:
-            for job in await self.store.owed_refunds(self.settings.grace_seconds, self.settings.batch, conn=conn):
-                outcome = await self.charger.refund(job, conn=conn)
-                if outcome is None or outcome.result is Result.DONE:
-                    refunded += 1
-                elif _service_away(outcome):
-                    break
-                else:
-                    # A refused refund (the account gone) cannot be retried into success.
-                    await self._defer(job, "refund", outcome, conn=conn)
-        return refunded
+    async def _intent(self, job: Job) -> Outcome:
+        outcome = await self.charger.tokens.debit(job.user_id, job.id, job.tokens_cost)
+        with contextlib.suppress(ServiceError):  # the caller is gone: the refusal is only recorded
+            await self.charger.settle_charge(job, outcome)
+        return outcome
 
-    async def _defer(self, job: Job, kind: str, outcome: Outcome, *, conn: db.Connection) -> None:
-        """A row the token service keeps answering with something else than success goes to the
-        back of the line, so it cannot hold up the others; it is logged for a person to see."""
-        log.error(
-            "not settled; deferred",
-            extra={"kind": kind, "job_id": str(job.id), "code": outcome.code.name, "reason": outcome.reason},
-        )
-        await self.store.defer(job.id, conn=conn)
+    async def _refund(self, job: Job) -> Outcome:
+        outcome = await self.charger.refund(job)
+        assert outcome is not None  # claimed as owed
+        return outcome
 
 
 def _service_away(outcome: Outcome) -> bool:

@@ -5,9 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from blumpo_common.config import DatabaseConfig, ServerConfig, address, integer, load_database, load_server
+from blumpo_common.config import (
+    ConfigError,
+    DatabaseConfig,
+    ServerConfig,
+    address,
+    integer,
+    load_database,
+    load_server,
+)
 from blumpo_common.retry import RetryPolicy
-from generation_service.charging import ReconcilerSettings
+from generation_service.charging import UNANSWERED_HOLD_SECONDS, ReconcilerSettings
 
 PORT = 50052
 METRICS_PORT = 9152
@@ -23,17 +31,25 @@ class Config:
 
 
 def load(env: Mapping[str, str]) -> Config:
+    token_retry = RetryPolicy(
+        attempt_timeout_seconds=integer(env, "TOKEN_CALL_TIMEOUT_MS", 2000, 50, 60_000) / 1000,
+        max_attempts=integer(env, "TOKEN_CALL_ATTEMPTS", 4, 1, 10),
+        total_timeout_seconds=integer(env, "TOKEN_CALL_BUDGET_MS", 6000, 50, 120_000) / 1000,
+    )
+    reconciler = ReconcilerSettings(
+        claim_seconds=integer(env, "CHARGE_CLAIM_MS", 10_000, 100, 3_600_000) / 1000,
+        interval_seconds=integer(env, "RECONCILE_INTERVAL_MS", 2000, 10, 3_600_000) / 1000,
+    )
+    # A claim that ran out while its holder still waits for the token service would let a
+    # second call ask about the same job at the same time.
+    if reconciler.claim_seconds <= token_retry.total_timeout_seconds + UNANSWERED_HOLD_SECONDS:
+        raise ConfigError(
+            f"CHARGE_CLAIM_MS must exceed TOKEN_CALL_BUDGET_MS by more than {UNANSWERED_HOLD_SECONDS * 1000:.0f}"
+        )
     return Config(
         database=load_database(env, role="generation_service", search_path="generation"),
         server=load_server(env, "GENERATION", PORT, METRICS_PORT),
         token_service_target=address(env, "TOKEN_SERVICE_TARGET", "localhost:50051"),
-        token_retry=RetryPolicy(
-            attempt_timeout_seconds=integer(env, "TOKEN_CALL_TIMEOUT_MS", 2000, 50, 60_000) / 1000,
-            max_attempts=integer(env, "TOKEN_CALL_ATTEMPTS", 4, 1, 10),
-            total_timeout_seconds=integer(env, "TOKEN_CALL_BUDGET_MS", 6000, 50, 120_000) / 1000,
-        ),
-        reconciler=ReconcilerSettings(
-            grace_seconds=integer(env, "RECONCILE_GRACE_MS", 10_000, 0, 3_600_000) / 1000,
-            interval_seconds=integer(env, "RECONCILE_INTERVAL_MS", 2000, 10, 3_600_000) / 1000,
-        ),
+        token_retry=token_retry,
+        reconciler=reconciler,
     )

@@ -93,6 +93,18 @@ def charge_unconfirmed(job_id: uuid.UUID, outcome: Outcome) -> ServiceError:
     )
 
 
+def charge_in_progress(job_id: uuid.UUID) -> ServiceError:
+    error = _error(
+        grpc.StatusCode.UNAVAILABLE,
+        "CHARGE_IN_PROGRESS",
+        f"job {job_id} is being charged by a concurrent request; retry with the same job_id, "
+        "it will not be charged twice",
+        job_id=job_id,
+    )
+    error.retry_delay_seconds = 1
+    return error
+
+
 def charge_refused(job_id: uuid.UUID, user_id: uuid.UUID, outcome: Outcome) -> ServiceError:
     """The token service's refusal of a debit, as this service's answer to the create."""
     code, message, metadata = outcome.code, outcome.message, outcome.metadata

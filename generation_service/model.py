@@ -81,6 +81,9 @@ class Job(NewJob):
     lost_leases: int
     refund_state: RefundState
     pause_requested: bool
+    # The current claim on the job's charge or refund (charging.py) and until when it holds.
+    claims: int
+    claimed_until: datetime | None
     created_at: datetime
     started_at: datetime | None
     completed_at: datetime | None

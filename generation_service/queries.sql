@@ -2,9 +2,12 @@
 -- CHARGING and REJECTED jobs are internal: every statement that serves a caller hides them.
 
 -- name: insert_intent
--- Step 1 of the charge: the job, recorded before any token moves. No row when the id exists.
-INSERT INTO generation_job (id, user_id, prompt, params, tokens_cost, status, request_digest)
-VALUES (:id, :user_id, :prompt, :params::jsonb, :tokens_cost, 'CHARGING', :request_digest)
+-- Step 1 of the charge: the job, recorded before any token moves, claimed by its caller.
+-- No row when the id exists.
+INSERT INTO generation_job
+  (id, user_id, prompt, params, tokens_cost, status, request_digest, claims, claimed_until)
+VALUES (:id, :user_id, :prompt, :params::jsonb, :tokens_cost, 'CHARGING', :request_digest,
+  1, now() + make_interval(secs => :claim_seconds))
 ON CONFLICT (id) DO NOTHING
 RETURNING *;
 
@@ -13,49 +16,86 @@ SELECT * FROM generation_job WHERE id = $1;
 
 -- name: retry_rejected
 -- A refused job asked for again: its refusal left nothing visible and nothing charged,
--- so the id takes this request (the same or another) and is charged again.
+-- so the id takes this request (the same or another), claimed, to be charged again.
 UPDATE generation_job SET status = 'CHARGING', user_id = :user_id, prompt = :prompt, params = :params::jsonb,
   tokens_cost = :tokens_cost, request_digest = :request_digest, error_message = NULL, pause_requested = false,
+  claims = claims + 1, claimed_until = now() + make_interval(secs => :claim_seconds),
   created_at = now(), updated_at = now()
 WHERE id = :id AND status = 'REJECTED'
 RETURNING *;
+
+-- name: claim_intent
+-- An intent nobody holds (its claim ran out or was let go), claimed to repeat its debit.
+UPDATE generation_job SET claims = claims + 1, claimed_until = now() + make_interval(secs => $2)
+WHERE id = $1 AND status = 'CHARGING' AND (claimed_until IS NULL OR claimed_until < now())
+RETURNING *;
+
+-- name: claim_stale_intents
+-- For the reconciler: up to $1 intents nobody holds, oldest first (idx_generation_job_charging),
+-- claimed in one statement; another process skips them while the claim lasts.
+WITH stale AS (
+  SELECT id FROM generation_job
+  WHERE status = 'CHARGING' AND (claimed_until IS NULL OR claimed_until < now())
+  ORDER BY updated_at
+  LIMIT $1
+  FOR UPDATE SKIP LOCKED
+)
+UPDATE generation_job j SET claims = j.claims + 1, claimed_until = now() + make_interval(secs => $2)
+FROM stale WHERE j.id = stale.id
+RETURNING j.*;
+
+-- name: claim_owed_refunds
+-- Likewise for refunds owed (idx_generation_job_refund).
+WITH owed AS (
+  SELECT id FROM generation_job
+  WHERE refund_state = 'PENDING' AND (claimed_until IS NULL OR claimed_until < now())
+  ORDER BY updated_at
+  LIMIT $1
+  FOR UPDATE SKIP LOCKED
+)
+UPDATE generation_job j SET claims = j.claims + 1, claimed_until = now() + make_interval(secs => $2)
+FROM owed WHERE j.id = owed.id
+RETURNING j.*;
+
+-- name: hold_claim
+-- A debit that got no answer may still be committing on the token side for a moment
+-- after the caller's deadline: the claim is kept at most $3 seconds more, then let go.
+UPDATE generation_job SET claimed_until = least(claimed_until, now() + make_interval(secs => $3))
+WHERE id = $1 AND claims = $2;
+
+-- name: release_claims
+-- Claims taken but not worked on (the token service went away mid-pass): free at once.
+UPDATE generation_job SET claimed_until = NULL
+WHERE id = ANY($1::uuid[]) AND claimed_until IS NOT NULL;
 
 -- name: finish_charged
 -- The debit exists, so the job must be visible, even if a racing attempt had given up on it;
 -- PAUSED when the emergency pause caught it while it was being charged.
 UPDATE generation_job SET status = CASE WHEN pause_requested THEN 'PAUSED' ELSE 'QUEUED' END,
-  pause_requested = false, error_message = NULL, updated_at = now()
+  pause_requested = false, error_message = NULL, claimed_until = NULL, updated_at = now()
 WHERE id = $1 AND status IN ('CHARGING', 'REJECTED')
 RETURNING *;
 
 -- name: reject_intent
-UPDATE generation_job SET status = 'REJECTED', error_message = $2, updated_at = now()
-WHERE id = $1 AND status = 'CHARGING'
+-- A refusal settles the job only for the claim whose debit was refused ($2).
+UPDATE generation_job SET status = 'REJECTED', error_message = $3, claimed_until = NULL, updated_at = now()
+WHERE id = $1 AND status = 'CHARGING' AND claims = $2
 RETURNING *;
 
--- name: stale_intents
--- For the reconciler: intents left alone $1 seconds, locked for the transaction in which
--- their debits are repeated, so another process skips them (idx_generation_job_charging).
-SELECT * FROM generation_job
-WHERE status = 'CHARGING' AND updated_at < now() - make_interval(secs => $1)
-ORDER BY updated_at
-LIMIT $2
-FOR UPDATE SKIP LOCKED;
-
--- name: owed_refunds
--- Likewise for refunds of failed jobs (idx_generation_job_refund).
-SELECT * FROM generation_job
-WHERE refund_state = 'PENDING' AND updated_at < now() - make_interval(secs => $1)
-ORDER BY updated_at
-LIMIT $2
-FOR UPDATE SKIP LOCKED;
+-- name: charged_before
+-- The reference holds a debit of an earlier request of this id (:held tokens): the job stays
+-- refused for this request and owes that debit back (refund_state PENDING, still claimed).
+UPDATE generation_job SET status = 'REJECTED', tokens_cost = :held, refund_state = 'PENDING',
+  error_message = :error_message, updated_at = now()
+WHERE id = :id AND status = 'CHARGING' AND claims = :claims
+RETURNING *;
 
 -- name: defer
 -- To the back of the reconciler's line (its queues are ordered by updated_at).
 UPDATE generation_job SET updated_at = now() WHERE id = $1;
 
 -- name: refund_done
-UPDATE generation_job SET refund_state = 'DONE'
+UPDATE generation_job SET refund_state = 'DONE', claimed_until = NULL
 WHERE id = $1 AND refund_state = 'PENDING';
 
 -- name: get_job
@@ -75,6 +115,7 @@ LIMIT :limit;
 -- One conditional UPDATE: the row lock and the re-check of status under it make
 -- racing moves serialize, and only one can find the job in an allowed source status.
 -- :sources and :owes_refund come from rules.py; leaving RUNNING drops the lease.
+-- A refund owed is claimed by the caller, who asks for it at once.
 UPDATE generation_job SET
   status = :target,
   error_message = CASE WHEN :target = 'FAILED' THEN nullif(:error_message, '') ELSE error_message END,
@@ -82,6 +123,8 @@ UPDATE generation_job SET
   completed_at = CASE WHEN :target IN ('SUCCEEDED', 'FAILED') THEN now() ELSE completed_at END,
   lease_expires_at = NULL,
   refund_state = CASE WHEN :owes_refund THEN 'PENDING' ELSE refund_state END,
+  claims = CASE WHEN :owes_refund THEN claims + 1 ELSE claims END,
+  claimed_until = CASE WHEN :owes_refund THEN now() + make_interval(secs => :claim_seconds) ELSE claimed_until END,
   updated_at = now()
 WHERE id = :id AND status = ANY(:sources::text[])
 RETURNING *;
@@ -106,6 +149,9 @@ UPDATE generation_job j SET
                        THEN 'the worker lease expired ' || (j.lost_leases + 1) || ' times' ELSE j.error_message END,
   completed_at = CASE WHEN judged.fails THEN now() ELSE j.completed_at END,
   refund_state = CASE WHEN judged.fails AND :failure_owes_refund THEN 'PENDING' ELSE j.refund_state END,
+  claims = CASE WHEN judged.fails AND :failure_owes_refund THEN j.claims + 1 ELSE j.claims END,
+  claimed_until = CASE WHEN judged.fails AND :failure_owes_refund
+                       THEN now() + make_interval(secs => :claim_seconds) ELSE j.claimed_until END,
   worker_id = NULL,
   lease_expires_at = NULL,
   updated_at = now()

@@ -11,6 +11,7 @@ import uuid
 
 from generation_service import errors
 from generation_service.model import Asset, Image, Job, JobRef, JobState, NewAsset, RefundState, Variant
+from generation_service.token_client import Outcome
 
 VISIBLE = frozenset(
     {JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED, JobState.ARCHIVED, JobState.PAUSED}
@@ -48,6 +49,16 @@ def owes_refund_on(target: JobState) -> bool:
 
 def refund_owed(job: Job) -> bool:
     return job.refund_state is RefundState.PENDING
+
+
+def debit_held_by_earlier_request(outcome: Outcome) -> int | None:
+    """The tokens an earlier request of the same job id was charged, when the token service
+    refused this debit because the reference already holds that one (another amount)."""
+    earlier = outcome.metadata
+    if outcome.reason != "IDEMPOTENCY_KEY_REUSED" or earlier.get("reason") != "GENERATION":
+        return None
+    delta = int(earlier.get("delta", "0"))
+    return -delta if delta < 0 else None
 
 
 def is_terminal(status: JobState) -> bool:

@@ -41,7 +41,7 @@ def parts(
     policy: RetryPolicy,
     settings: ReconcilerSettings,
 ) -> Parts:
-    store = Store(pool, database.timeout_ms / 1000)
+    store = Store(pool, database.timeout_ms / 1000, settings.claim_seconds)
     charger = Charger(store, TokenClient(token_pb2_grpc.TokenServiceStub(token_channel), policy))
     return Parts(store, charger, Reconciler(charger, settings), Hub(database))
 

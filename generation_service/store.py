@@ -61,37 +61,57 @@ class AddedVariant:
 class Store(db.BaseStore):
     queries = Q
 
-    # The charge saga.
+    def __init__(self, pool: asyncpg.Pool, timeout_seconds: float, claim_seconds: float = 10.0) -> None:
+        super().__init__(pool, timeout_seconds)
+        # How long a claim on a job's charge or refund lasts (ReconcilerSettings.claim_seconds).
+        self.claim_seconds = claim_seconds
+
+    # The charge saga. A method that claims returns the job with its claim (job.claims).
 
     async def insert_intent(self, job: NewJob) -> Job | None:
-        """The new CHARGING job, or None when the id is taken."""
-        return _job(await self.fetchrow("insert_intent", **_request(job)))
+        """The new CHARGING job, claimed; None when the id is taken."""
+        return _job(await self.fetchrow("insert_intent", claim_seconds=self.claim_seconds, **_request(job)))
 
-    async def job_any_status(self, job_id: uuid.UUID, *, conn: db.Connection | None = None) -> Job | None:
-        return _job(await self.fetchrow("job_any_status", job_id, conn=conn))
+    async def job_any_status(self, job_id: uuid.UUID) -> Job | None:
+        return _job(await self.fetchrow("job_any_status", job_id))
 
     async def retry_rejected(self, job: NewJob) -> Job | None:
-        """A REJECTED job made a CHARGING intent of this request; None if it is no longer REJECTED."""
-        return _job(await self.fetchrow("retry_rejected", **_request(job)))
+        """A REJECTED job made a claimed CHARGING intent of this request; None if it is not REJECTED."""
+        return _job(await self.fetchrow("retry_rejected", claim_seconds=self.claim_seconds, **_request(job)))
 
-    async def finish_charged(self, job_id: uuid.UUID, *, conn: db.Connection | None = None) -> Job | None:
-        return _job(await self.fetchrow("finish_charged", job_id, conn=conn))
+    async def claim_intent(self, job_id: uuid.UUID) -> Job | None:
+        """The CHARGING job, claimed, if nobody holds it."""
+        return _job(await self.fetchrow("claim_intent", job_id, self.claim_seconds))
 
-    async def reject_intent(self, job_id: uuid.UUID, message: str, *, conn: db.Connection | None = None) -> None:
-        await self.execute("reject_intent", job_id, message[:2000], conn=conn)
+    async def claim_stale_intents(self, limit: int) -> list[Job]:
+        return [Job.from_row(r) for r in await self.fetch("claim_stale_intents", limit, self.claim_seconds)]
 
-    async def stale_intents(self, older_than_seconds: float, limit: int, *, conn: db.Connection) -> list[Job]:
-        """The oldest CHARGING jobs left alone that long, locked in conn's transaction; others skip them."""
-        return [Job.from_row(r) for r in await self.fetch("stale_intents", older_than_seconds, limit, conn=conn)]
+    async def claim_owed_refunds(self, limit: int) -> list[Job]:
+        return [Job.from_row(r) for r in await self.fetch("claim_owed_refunds", limit, self.claim_seconds)]
 
-    async def owed_refunds(self, older_than_seconds: float, limit: int, *, conn: db.Connection) -> list[Job]:
-        return [Job.from_row(r) for r in await self.fetch("owed_refunds", older_than_seconds, limit, conn=conn)]
+    async def hold_claim(self, job: Job, seconds: float) -> None:
+        await self.execute("hold_claim", job.id, job.claims, seconds)
 
-    async def defer(self, job_id: uuid.UUID, *, conn: db.Connection) -> None:
-        await self.execute("defer", job_id, conn=conn)
+    async def release_claims(self, job_ids: Sequence[uuid.UUID]) -> None:
+        await self.execute("release_claims", list(job_ids))
 
-    async def refund_done(self, job_id: uuid.UUID, *, conn: db.Connection | None = None) -> None:
-        await self.execute("refund_done", job_id, conn=conn)
+    async def finish_charged(self, job_id: uuid.UUID) -> Job | None:
+        return _job(await self.fetchrow("finish_charged", job_id))
+
+    async def reject_intent(self, job: Job, message: str) -> bool:
+        """Whether the refusal settled the job: only while job's claim is the current one."""
+        return await self.fetchrow("reject_intent", job.id, job.claims, message[:2000]) is not None
+
+    async def charged_before(self, job: Job, held: int, message: str) -> Job | None:
+        return _job(
+            await self.fetchrow("charged_before", id=job.id, claims=job.claims, held=held, error_message=message[:2000])
+        )
+
+    async def defer(self, job_id: uuid.UUID) -> None:
+        await self.execute("defer", job_id)
+
+    async def refund_done(self, job_id: uuid.UUID) -> None:
+        await self.execute("refund_done", job_id)
 
     # Jobs.
 
@@ -126,6 +146,7 @@ class Store(db.BaseStore):
             error_message=error_message,
             sources=rules.sources(target),
             owes_refund=rules.owes_refund_on(target),
+            claim_seconds=self.claim_seconds,
         )
         return _job(row)
 
@@ -136,6 +157,7 @@ class Store(db.BaseStore):
             batch=LEASE_SWEEP_BATCH,
             max_lost_leases=rules.MAX_LOST_LEASES,
             failure_owes_refund=rules.owes_refund_on(JobState.FAILED),
+            claim_seconds=self.claim_seconds,
         )
         return [Job.from_row(r) for r in rows]
 

@@ -66,8 +66,8 @@ async def token(token_address: str) -> AsyncIterator[token_pb2_grpc.TokenService
 
 # The generation service, in-process, charging through the in-process token service.
 # Short reconciler delays, so tests see abandoned intents finished within seconds.
-TEST_RETRY = RetryPolicy(attempt_timeout_seconds=2.0, max_attempts=3, total_timeout_seconds=4.0)
-TEST_RECONCILER = ReconcilerSettings(grace_seconds=1.0, interval_seconds=0.2)
+TEST_RETRY = RetryPolicy(attempt_timeout_seconds=0.5, max_attempts=3, total_timeout_seconds=1.0)
+TEST_RECONCILER = ReconcilerSettings(claim_seconds=3.0, interval_seconds=0.2)
 
 
 @pytest.fixture(scope="session")

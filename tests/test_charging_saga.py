@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
@@ -14,7 +15,13 @@ import pytest
 
 from blumpo_common.db import create_pool
 from blumpo_common.errors import ServiceError
-from generation_service.charging import Charger, Reconciler, ReconcilerSettings, request_digest
+from generation_service.charging import (
+    UNANSWERED_HOLD_SECONDS,
+    Charger,
+    Reconciler,
+    ReconcilerSettings,
+    request_digest,
+)
 from generation_service.model import JobState, NewJob, RefundState
 from generation_service.store import Store
 from generation_service.token_client import Outcome, Result
@@ -29,6 +36,7 @@ INSUFFICIENT = Outcome(
 AWAY = Outcome(Result.UNKNOWN, code=grpc.StatusCode.UNAVAILABLE, message="connection refused")
 BROKEN = Outcome(Result.UNKNOWN, code=grpc.StatusCode.INTERNAL, message="bug")
 HANG = object()  # the call never answers (a caller's deadline or a crash ends it)
+CLAIM_SECONDS = 30.0  # longer than any test: a claim runs out only when a test says so
 
 
 @dataclass
@@ -64,7 +72,7 @@ def module_database(database_url: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 async def store(module_database: str) -> AsyncIterator[Store]:
     pool = await create_pool(database_config(module_database, "generation_service", "generation"))
-    yield Store(pool, 30.0)
+    yield Store(pool, 30.0, claim_seconds=CLAIM_SECONDS)
     await pool.close()
 
 
@@ -81,7 +89,13 @@ def charger(store: Store, ledger: FakeLedger) -> Charger:
 
 
 def reconciler(store: Store, ledger: FakeLedger) -> Reconciler:
-    return Reconciler(Charger(store, ledger), ReconcilerSettings(grace_seconds=0, interval_seconds=0.1, batch=10))
+    settings = ReconcilerSettings(claim_seconds=CLAIM_SECONDS, interval_seconds=0.1, batch=10)
+    return Reconciler(Charger(store, ledger), settings)
+
+
+async def claims_run_out(store: Store) -> None:
+    """What CLAIM_SECONDS of waiting does: every claim's holder is taken for gone."""
+    await store.pool.execute("UPDATE generation_job SET claimed_until = now() - interval '1 second'")
 
 
 def new_job(cost: int = 5) -> NewJob:
@@ -129,6 +143,9 @@ async def test_no_answer_leaves_an_intent_the_reconciler_settles(store: Store, l
     )
     assert await status_of(store, job.id) is JobState.CHARGING
     ledger.script = [REPLAYED]
+    # The claim is held a moment for a debit that may still land, then the reconciler takes it.
+    assert (await reconciler(store, ledger).run_once())["intents"] == 0
+    await asyncio.sleep(UNANSWERED_HOLD_SECONDS)
     assert (await reconciler(store, ledger).run_once())["intents"] == 1
     assert await status_of(store, job.id) is JobState.QUEUED
     assert [c[0] for c in ledger.calls] == ["debit", "debit"]
@@ -144,6 +161,8 @@ async def test_a_caller_gone_mid_debit_is_finished_by_the_reconciler(
         await asyncio.wait_for(charger(store, ledger).create(job), 0.2)
     assert await status_of(store, job.id) is JobState.CHARGING
     ledger.script = [answer]
+    assert (await reconciler(store, ledger).run_once())["intents"] == 0  # its caller may still be on it
+    await claims_run_out(store)
     await reconciler(store, ledger).run_once()
     assert await status_of(store, job.id) is settled
 
@@ -152,11 +171,15 @@ async def test_the_reconciler_stops_its_pass_while_the_token_service_is_away(sto
     jobs = [new_job() for _ in range(3)]
     for job in jobs:
         assert await store.insert_intent(job) is not None
+    await claims_run_out(store)
     ledger.script = [AWAY]
     assert (await reconciler(store, ledger).run_once())["intents"] == 0
     assert len(ledger.calls) == 1  # the others wait for the next pass instead of timing out one by one
     assert {await status_of(store, j.id) for j in jobs} == {JobState.CHARGING}
-    assert (await reconciler(store, ledger).run_once())["intents"] == 3
+    # The rows not reached were let go at once; the one asked about is held a moment.
+    assert (await reconciler(store, ledger).run_once())["intents"] == 2
+    await asyncio.sleep(UNANSWERED_HOLD_SECONDS)
+    assert (await reconciler(store, ledger).run_once())["intents"] == 1
     assert {await status_of(store, j.id) for j in jobs} == {JobState.QUEUED}
 
 
@@ -164,6 +187,7 @@ async def test_an_intent_that_keeps_failing_goes_to_the_back_of_the_line(store: 
     stuck, other = new_job(), new_job()
     assert await store.insert_intent(stuck) is not None
     assert await store.insert_intent(other) is not None
+    await claims_run_out(store)
     ledger.script = [BROKEN, DONE]
     assert (await reconciler(store, ledger).run_once())["intents"] == 1
     assert [c[1] for c in ledger.calls] == [stuck.id, other.id]
@@ -206,6 +230,8 @@ async def test_a_refund_not_done_stays_owed_for_the_reconciler(
     owed = await store.get_job(job_id)
     assert owed is not None and owed.refund_state is RefundState.PENDING
     ledger.script = [DONE]
+    assert (await reconciler(store, ledger).run_once())["refunds"] == 0  # claimed by the move's caller
+    await claims_run_out(store)
     assert (await reconciler(store, ledger).run_once())["refunds"] == 1
     settled = await store.get_job(job_id)
     assert settled is not None and settled.refund_state is RefundState.DONE
@@ -216,6 +242,7 @@ async def test_the_reconciler_skips_rows_another_process_holds(
 ) -> None:
     job = new_job()
     assert await store.insert_intent(job) is not None
+    await claims_run_out(store)
     other = await asyncpg.connect(module_database)
     try:
         async with other.transaction():
@@ -225,3 +252,88 @@ async def test_the_reconciler_skips_rows_another_process_holds(
     finally:
         await other.close()
     assert (await reconciler(store, ledger).run_once())["intents"] == 1
+
+
+@dataclass
+class GatedLedger(FakeLedger):
+    """A fake whose first answer waits for the test to open the gate."""
+
+    asked: asyncio.Event = field(default_factory=asyncio.Event)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def debit(self, user_id: uuid.UUID, job_id: uuid.UUID, cost: int) -> Outcome:
+        first = not self.calls
+        self.calls.append(("debit", job_id, cost))
+        if first:
+            self.asked.set()
+            await self.gate.wait()
+        answer = self.script.pop(0)
+        assert isinstance(answer, Outcome)
+        return answer
+
+
+async def test_a_refusal_never_strands_a_parallel_retrys_charge(store: Store) -> None:
+    """Q's debit is refused; tokens arrive; P, a parallel retry of the same request, must not
+    debit while Q still holds the job, or Q's refusal would hide P's charge."""
+    job = new_job()
+    ledger = GatedLedger(script=[INSUFFICIENT, DONE])
+    q = asyncio.create_task(Charger(store, ledger).create(job))
+    await ledger.asked.wait()
+    p = asyncio.create_task(Charger(store, ledger).create(job))
+    await asyncio.sleep(0.3)
+    assert len(ledger.calls) == 1, "a parallel call debited while the job was claimed"
+    ledger.gate.set()
+    with pytest.raises(ServiceError) as refused:
+        await q
+    assert refused.value.reason == "INSUFFICIENT_TOKENS"
+    charged = await p
+    assert charged.status is JobState.QUEUED
+    assert await status_of(store, job.id) is JobState.QUEUED
+
+
+async def test_a_refusal_from_a_claim_that_ran_out_settles_nothing(store: Store, ledger: FakeLedger) -> None:
+    job = new_job()
+    first = await store.insert_intent(job)
+    assert first is not None
+    await claims_run_out(store)
+    second = await store.claim_intent(job.id)
+    assert second is not None and second.claims == first.claims + 1
+    # The first holder's late refusal does not reject the job the second one now holds ...
+    with pytest.raises(ServiceError):
+        await charger(store, ledger).settle_charge(first, INSUFFICIENT)
+    assert await status_of(store, job.id) is JobState.CHARGING
+    # ... whose debit settles it.
+    assert (await charger(store, ledger).settle_charge(second, DONE)).status is JobState.QUEUED
+
+
+async def test_a_debit_of_an_earlier_request_is_given_back(store: Store, ledger: FakeLedger) -> None:
+    """A takeover of a refused id with another request meets a debit of the earlier one: the id
+    is not free; the earlier debit is refunded and the new request refused."""
+    job = new_job(cost=5)
+    earlier = Outcome(
+        Result.REFUSED,
+        code=grpc.StatusCode.ALREADY_EXISTS,
+        reason="IDEMPOTENCY_KEY_REUSED",
+        metadata={"reference_id": str(job.id), "delta": "-9", "reason": "GENERATION"},
+    )
+    ledger.script = [earlier, DONE]
+    with pytest.raises(ServiceError) as reused:
+        await charger(store, ledger).create(job)
+    assert reused.value.reason == "JOB_ID_REUSED"
+    assert ledger.calls == [("debit", job.id, 5), ("refund", job.id, 9)]
+    settled = await store.job_any_status(job.id)
+    assert settled is not None and settled.status is JobState.REJECTED
+    assert (settled.refund_state, settled.tokens_cost) == (RefundState.DONE, 9)
+
+
+async def test_two_reconcilers_racing_settle_each_row_once(store: Store, ledger: FakeLedger) -> None:
+    jobs = [new_job() for _ in range(40)]
+    for job in jobs:
+        assert await store.insert_intent(job) is not None
+    await claims_run_out(store)
+    first, second = reconciler(store, ledger), reconciler(store, ledger)
+    for _ in range(4):  # 10 rows a pass each
+        await asyncio.gather(first.run_once(), second.run_once())
+    debited = Counter(job_id for kind, job_id, _ in ledger.calls if kind == "debit")
+    assert debited == Counter({job.id: 1 for job in jobs})
+    assert {await status_of(store, j.id) for j in jobs} == {JobState.QUEUED}

@@ -70,7 +70,7 @@ async def test_token_service_down_then_back(
     config = database_config(database_url, "generation_service", "generation")
     pool = await create_pool(config)
     policy = retry.RetryPolicy(attempt_timeout_seconds=0.5, max_attempts=3, total_timeout_seconds=1.5)
-    settings = ReconcilerSettings(grace_seconds=1.0, interval_seconds=0.2)
+    settings = ReconcilerSettings(claim_seconds=3.0, interval_seconds=0.2)
     async with grpc.aio.insecure_channel(token_process.address, options=retry.CHANNEL_OPTIONS) as channel:
         wired = parts(pool, config, channel, policy, settings)
         running = await server.start(service(wired), pool, "127.0.0.1:0")
@@ -160,7 +160,8 @@ async def test_generation_service_killed_mid_burst(
         GENERATION_LISTEN_ADDR=f"127.0.0.1:{port}",
         GENERATION_METRICS_ADDR=f"127.0.0.1:{free_port()}",
         TOKEN_SERVICE_TARGET=token_address,
-        RECONCILE_GRACE_MS="500",
+        CHARGE_CLAIM_MS="3000",
+        TOKEN_CALL_BUDGET_MS="900",
         RECONCILE_INTERVAL_MS="200",
         DB_POOL_SIZE="10",
     )
