@@ -20,6 +20,7 @@ from generation_service.charging import ReconcilerSettings
 from generation_service.server import Parts as GenerationParts
 from generation_service.server import parts as generation_parts_for
 from generation_service.server import service as generation_service
+from harness import databases
 from tests import support
 from token_service.otp import OtpLogins
 from token_service.server import service as token_service
@@ -31,10 +32,10 @@ def database_url() -> Iterator[str]:
     base = os.environ.get("DATABASE_URL") or os.environ.get("POSTGRES_URL")
     if not base:
         pytest.fail("DATABASE_URL is not set: run the tests with `make test`")
-    url = support.scratch_database_url(base, "test")
-    support.dbmate(url, "up")
+    url = databases.scratch_database_url(base, "test")
+    databases.dbmate(url, "up")
     yield url
-    support.drop_database(url)
+    databases.drop_database(url)
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,11 @@
-"""Helpers for tests: scratch databases, dbmate, error details, users with a balance."""
+"""Helpers for tests: error details, users with a balance, a fake clock and mailbox."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
@@ -29,32 +24,6 @@ if TYPE_CHECKING:
 else:
     GenerationStub = generation_pb2_grpc.GenerationServiceStub
     TokenStub = token_pb2_grpc.TokenServiceStub
-
-ROOT = Path(__file__).resolve().parent.parent
-DBMATE = Path(sys.executable).with_name("dbmate")
-
-
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + name))
-
-
-def scratch_database_url(base: str, label: str) -> str:
-    """The URL of a database that does not exist yet, on the server of base."""
-    return with_database(base, f"blumpo_{label}_{os.getpid()}_{uuid.uuid4().hex[:8]}")
-
-
-def dbmate(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(DBMATE), "--url", url, "--migrations-dir", str(ROOT / "db/migrations"), "--no-dump-schema", *args],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-
-
-def drop_database(url: str) -> None:
-    dbmate(url, "drop")
 
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:

@@ -23,10 +23,10 @@ from blumpo_common import retry, server
 from blumpo_common.db import create_pool
 from generation_service.charging import ReconcilerSettings
 from generation_service.server import parts, service
+from harness.processes import ServiceProcess, free_port
 from tests import support
 from tests.conftest import database_config
 from tests.generation_support import GenerationStub, TokenStub, balance, job_request, no_mismatches, references
-from tests.processes import ServiceProcess, free_port
 
 pytestmark = pytest.mark.slow
 WAIT_SECONDS = 20.0

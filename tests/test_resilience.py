@@ -18,9 +18,10 @@ import pytest
 from blumpo.generation.v1 import generation_pb2 as gpb
 from blumpo.generation.v1 import generation_pb2_grpc
 from blumpo.token.v1 import token_pb2 as tpb
+from harness import ROOT
+from harness.processes import ServiceProcess, free_port
 from tests import support
 from tests.generation_support import GenerationStub, TokenStub, create_job, job_request
-from tests.processes import ServiceProcess, free_port
 
 REFUSED = 50
 
@@ -101,7 +102,7 @@ def _run_generation(env: dict[str, str]) -> tuple[int, str]:
     try:
         done = subprocess.run(
             [sys.executable, "-m", "generation_service"],
-            cwd=support.ROOT,
+            cwd=ROOT,
             env=full,
             capture_output=True,
             text=True,

@@ -18,8 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
+from harness import ROOT
+from harness.processes import ServiceProcess, free_port
 from tests import support
-from tests.processes import ServiceProcess, free_port
 
 
 def read_metrics(port: int) -> str:
@@ -51,7 +52,7 @@ def token_process(tmp_path: Path, database_url: str) -> tuple[ServiceProcess, in
 def test_bad_setting_stops_start_up_with_one_clear_line(database_url: str, env: dict[str, str], complaint: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "token_service"],
-        cwd=support.ROOT,
+        cwd=ROOT,
         env=os.environ | {"BLUMPO_ENV": "development", "DATABASE_URL": database_url} | env,
         capture_output=True,
         text=True,
