@@ -383,7 +383,7 @@ async def test_refund_of_a_failed_job_is_not_lost_to_the_balance_limit(
         f"{job.job_id}:refund",
     )
     assert refunds == 1, "the failed job's cost was never given back"
-    # Spend it back down, so the account takes the allowances other tests credit to every account.
+    # From above the cap, debits are applied: spent back down, the account is where it started.
     excess = await balance(token, user_id) - 100
     await token.AppendLedgerEntries(
         tpb.AppendLedgerEntriesRequest(

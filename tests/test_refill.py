@@ -1,6 +1,6 @@
 """The monthly refill: once per account and period, however it is stopped and rerun.
 
-The test database is shared by the whole run, so each test uses its own period and
+The module's tests share its database, so each test uses its own period and
 checks its own accounts; the counts it checks for all accounts come from the database.
 """
 

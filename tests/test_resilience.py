@@ -51,7 +51,7 @@ async def test_refused_refunds_do_not_starve_other_owed_refunds(
     stuck: list[uuid.UUID] = []
     try:
         await _starve(generation, token, admin, user_id, stuck)
-    finally:  # leave no stuck refund behind for later tests sharing the database
+    finally:  # leave the reconciler no stuck refund to retry through the module's later tests
         await admin.execute(
             "UPDATE generation.generation_job SET refund_state = 'DONE' WHERE id = ANY($1::uuid[])", stuck
         )
