@@ -1,14 +1,16 @@
-"""Helpers for tests: error details, users with a balance, a fake clock and mailbox."""
+"""Helpers for tests: expected errors and their details, users with a balance, a fake clock and mailbox."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 
 from blumpo.generation.v1 import generation_pb2_grpc
@@ -31,6 +33,21 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     info = detail_of(error, error_details_pb2.ErrorInfo)
     assert info is not None, f"no ErrorInfo in {error}"
     return info
+
+
+async def expect_error(call: Awaitable[Any], code: grpc.StatusCode, reason: str | None = None) -> grpc.aio.AioRpcError:
+    """Awaits a call that must fail with code and, when given, the ErrorInfo reason; returns the
+    error for the test to look further into."""
+    try:
+        answer = await call
+    except grpc.aio.AioRpcError as caught:
+        error = caught
+    else:
+        pytest.fail(f"expected {code.name}, but the call answered {str(answer)[:500]!r}")
+    assert error.code() == code, f"{error.code().name}, expected {code.name}: {error.details()}"
+    if reason is not None:
+        assert error_info(error).reason == reason, f"{error_info(error).reason}, expected {reason}"
+    return error
 
 
 def bad_fields(error: grpc.aio.AioRpcError) -> list[str]:

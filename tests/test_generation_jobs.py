@@ -68,11 +68,10 @@ async def test_same_job_id_other_request_is_already_exists(generation: Generatio
             other.tokens_cost = 4
         else:
             other.params.steps = 31
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await generation.CreateGenerationJob(other)
-        assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
-        info = support.error_info(caught.value)
-        assert (info.reason, info.domain) == ("JOB_ID_REUSED", "blumpo.generation")
+        error = await support.expect_error(
+            generation.CreateGenerationJob(other), grpc.StatusCode.ALREADY_EXISTS, "JOB_ID_REUSED"
+        )
+        assert support.error_info(error).domain == "blumpo.generation"
     assert await balance(token, user_id) == 7
 
 
@@ -81,22 +80,19 @@ async def test_insufficient_tokens_lists_nothing_and_may_be_retried(
 ) -> None:
     user_id = await support.user_with_balance(token, 5)
     request = job_request(user_id, cost=8)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await generation.CreateGenerationJob(request)
-    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    info = support.error_info(caught.value)
-    assert info.reason == "INSUFFICIENT_TOKENS"
+    error = await support.expect_error(
+        generation.CreateGenerationJob(request), grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_TOKENS"
+    )
+    info = support.error_info(error)
     assert (info.metadata["balance"], info.metadata["requested"]) == ("5", "8")
-    with pytest.raises(grpc.aio.AioRpcError) as missing:
-        await generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=request.job_id))
-    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    await support.expect_error(
+        generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=request.job_id)), grpc.StatusCode.NOT_FOUND
+    )
     listed = await generation.ListGenerationJobs(gpb.ListGenerationJobsRequest(user_id=user_id))
     assert list(listed.jobs) == []
     assert await references(admin, user_id) == {}
     hidden = gpb.UpdateGenerationJobStatusRequest(job_id=request.job_id, status=gpb.JOB_STATUS_RUNNING)
-    with pytest.raises(grpc.aio.AioRpcError) as not_movable:
-        await generation.UpdateGenerationJobStatus(hidden)
-    assert not_movable.value.code() == grpc.StatusCode.NOT_FOUND
+    await support.expect_error(generation.UpdateGenerationJobStatus(hidden), grpc.StatusCode.NOT_FOUND)
     # Once the balance allows it, the same request goes through, charged once.
     await token.AppendLedgerEntry(
         tpb.AppendLedgerEntryRequest(
@@ -114,10 +110,7 @@ async def test_unknown_user_is_not_found_and_lists_nothing(
 ) -> None:
     user_id = str(uuid.uuid4())
     request = job_request(user_id)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await generation.CreateGenerationJob(request)
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert support.error_info(caught.value).reason == "USER_NOT_FOUND"
+    await support.expect_error(generation.CreateGenerationJob(request), grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND")
     status = await admin.fetchval(
         "SELECT status FROM generation.generation_job WHERE id = $1", uuid.UUID(request.job_id)
     )
@@ -127,10 +120,11 @@ async def test_unknown_user_is_not_found_and_lists_nothing(
 
 
 async def test_get_unknown_job_is_not_found(generation: GenerationStub) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=str(uuid.uuid4())))
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert support.error_info(caught.value).reason == "JOB_NOT_FOUND"
+    await support.expect_error(
+        generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=str(uuid.uuid4()))),
+        grpc.StatusCode.NOT_FOUND,
+        "JOB_NOT_FOUND",
+    )
 
 
 async def test_list_newest_first_with_pages_and_status_filter(generation: GenerationStub, token: TokenStub) -> None:
@@ -158,17 +152,15 @@ async def test_list_newest_first_with_pages_and_status_filter(generation: Genera
     # A token is bound to its query.
     first = await generation.ListGenerationJobs(gpb.ListGenerationJobsRequest(user_id=user_id, page_size=2))
     for bad in (first.next_page_token[:-2] + "xx", "not-a-token"):
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await generation.ListGenerationJobs(gpb.ListGenerationJobsRequest(user_id=user_id, page_token=bad))
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert support.bad_fields(caught.value) == ["page_token"]
-    with pytest.raises(grpc.aio.AioRpcError) as other_query:
-        await generation.ListGenerationJobs(
-            gpb.ListGenerationJobsRequest(
-                user_id=user_id, statuses=[gpb.JOB_STATUS_QUEUED], page_token=first.next_page_token
-            )
+        error = await support.expect_error(
+            generation.ListGenerationJobs(gpb.ListGenerationJobsRequest(user_id=user_id, page_token=bad)),
+            grpc.StatusCode.INVALID_ARGUMENT,
         )
-    assert other_query.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert support.bad_fields(error) == ["page_token"]
+    other_query = gpb.ListGenerationJobsRequest(
+        user_id=user_id, statuses=[gpb.JOB_STATUS_QUEUED], page_token=first.next_page_token
+    )
+    await support.expect_error(generation.ListGenerationJobs(other_query), grpc.StatusCode.INVALID_ARGUMENT)
 
 
 async def test_list_uses_the_user_time_index(admin: asyncpg.Connection) -> None:
@@ -242,11 +234,10 @@ async def test_every_move_of_the_state_machine(generation: GenerationStub, token
                 if source == target:
                     assert moved.updated_at == job.updated_at, "a no-op writes nothing"
             else:
-                with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await _move(generation, job.job_id, target)
-                assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, (source, target)
-                info = support.error_info(caught.value)
-                assert info.reason == "INVALID_TRANSITION"
+                error = await support.expect_error(
+                    _move(generation, job.job_id, target), grpc.StatusCode.FAILED_PRECONDITION, "INVALID_TRANSITION"
+                )
+                info = support.error_info(error)
                 assert info.metadata["current_status"] == gpb.JobStatus.Name(source).removeprefix("JOB_STATUS_")
 
 
@@ -303,9 +294,7 @@ async def test_racing_moves_cannot_both_win(
 
 
 async def test_update_unknown_job_is_not_found(generation: GenerationStub) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await _move(generation, str(uuid.uuid4()), gpb.JOB_STATUS_RUNNING)
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    await support.expect_error(_move(generation, str(uuid.uuid4()), gpb.JOB_STATUS_RUNNING), grpc.StatusCode.NOT_FOUND)
 
 
 async def test_the_caller_request_id_follows_the_charge_into_the_token_service(
@@ -333,12 +322,13 @@ async def test_refused_create_leaves_the_job_id_free_for_another_request(
     different request with that id (e.g. a cheaper one) must be judged as new, not ALREADY_EXISTS."""
     user_id = await support.user_with_balance(token, 5)
     job_id = str(uuid.uuid4())
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await generation.CreateGenerationJob(job_request(user_id, job_id=job_id, cost=50))
-    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    with pytest.raises(grpc.aio.AioRpcError) as missing:
-        await generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=job_id))
-    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    await support.expect_error(
+        generation.CreateGenerationJob(job_request(user_id, job_id=job_id, cost=50)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    await support.expect_error(
+        generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=job_id)), grpc.StatusCode.NOT_FOUND
+    )
     job = (await generation.CreateGenerationJob(job_request(user_id, job_id=job_id, cost=3))).job
     assert job.status == gpb.JOB_STATUS_QUEUED
     assert await balance(token, user_id) == 2
