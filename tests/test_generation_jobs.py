@@ -56,22 +56,24 @@ async def test_same_job_id_same_request_is_the_same_job(
     assert await references(admin, user_id) == {request.job_id: 1}
 
 
-async def test_same_job_id_other_request_is_already_exists(generation: GenerationStub, token: TokenStub) -> None:
+@pytest.mark.parametrize("change", ["prompt", "cost", "params"])
+async def test_same_job_id_other_request_is_already_exists(
+    generation: GenerationStub, token: TokenStub, change: str
+) -> None:
     user_id = await support.user_with_balance(token, 10)
     request = job_request(user_id, cost=3)
     await generation.CreateGenerationJob(request)
-    for change in ("prompt", "cost", "params"):
-        other = job_request(user_id, job_id=request.job_id, cost=3)
-        if change == "prompt":
-            other.prompt = "something else"
-        elif change == "cost":
-            other.tokens_cost = 4
-        else:
-            other.params.steps = 31
-        error = await support.expect_error(
-            generation.CreateGenerationJob(other), grpc.StatusCode.ALREADY_EXISTS, "JOB_ID_REUSED"
-        )
-        assert support.error_info(error).domain == "blumpo.generation"
+    other = job_request(user_id, job_id=request.job_id, cost=3)
+    if change == "prompt":
+        other.prompt = "something else"
+    elif change == "cost":
+        other.tokens_cost = 4
+    else:
+        other.params.steps = 31
+    error = await support.expect_error(
+        generation.CreateGenerationJob(other), grpc.StatusCode.ALREADY_EXISTS, "JOB_ID_REUSED"
+    )
+    assert support.error_info(error).domain == "blumpo.generation"
     assert await balance(token, user_id) == 7
 
 
@@ -213,6 +215,11 @@ PATHS = {
     gpb.JOB_STATUS_FAILED: [gpb.JOB_STATUS_FAILED],
     gpb.JOB_STATUS_ARCHIVED: [gpb.JOB_STATUS_FAILED, gpb.JOB_STATUS_ARCHIVED],
 }
+MOVES = [(source, target) for source in PATHS for target in PATHS]
+
+
+def _name(status: gpb.JobStatus.ValueType) -> str:
+    return gpb.JobStatus.Name(status).removeprefix("JOB_STATUS_")
 
 
 async def _move(generation: GenerationStub, job_id: str, status: int, message: str = "") -> gpb.Job:
@@ -220,25 +227,25 @@ async def _move(generation: GenerationStub, job_id: str, status: int, message: s
     return (await generation.UpdateGenerationJobStatus(request)).job
 
 
-async def test_every_move_of_the_state_machine(generation: GenerationStub, token: TokenStub) -> None:
-    user_id = await support.user_with_balance(token, 1000)
-    for source, path in PATHS.items():
-        for target in PATHS:
-            job = await create_job(generation, user_id)
-            for step in path:
-                job = await _move(generation, job.job_id, step)
-            assert job.status == source
-            if (source, target) in ALLOWED or source == target:
-                moved = await _move(generation, job.job_id, target)
-                assert moved.status == target
-                if source == target:
-                    assert moved.updated_at == job.updated_at, "a no-op writes nothing"
-            else:
-                error = await support.expect_error(
-                    _move(generation, job.job_id, target), grpc.StatusCode.FAILED_PRECONDITION, "INVALID_TRANSITION"
-                )
-                info = support.error_info(error)
-                assert info.metadata["current_status"] == gpb.JobStatus.Name(source).removeprefix("JOB_STATUS_")
+@pytest.mark.parametrize(("source", "target"), MOVES, ids=[f"{_name(s)}-{_name(t)}" for s, t in MOVES])
+async def test_each_move_of_the_state_machine(
+    generation: GenerationStub, token: TokenStub, source: gpb.JobStatus.ValueType, target: gpb.JobStatus.ValueType
+) -> None:
+    user_id = await support.user_with_balance(token, 10)
+    job = await create_job(generation, user_id)
+    for step in PATHS[source]:
+        job = await _move(generation, job.job_id, step)
+    assert job.status == source
+    if (source, target) in ALLOWED or source == target:
+        moved = await _move(generation, job.job_id, target)
+        assert moved.status == target
+        if source == target:
+            assert moved.updated_at == job.updated_at, "a no-op writes nothing"
+    else:
+        error = await support.expect_error(
+            _move(generation, job.job_id, target), grpc.StatusCode.FAILED_PRECONDITION, "INVALID_TRANSITION"
+        )
+        assert support.error_info(error).metadata["current_status"] == _name(source)
 
 
 async def test_moves_stamp_times(generation: GenerationStub, token: TokenStub) -> None:

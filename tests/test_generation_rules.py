@@ -18,8 +18,7 @@ def test_state_machine_is_the_contracts() -> None:
     assert lifecycle.sources(lifecycle.ARCHIVED) == [lifecycle.FAILED, lifecycle.SUCCEEDED]
     assert lifecycle.sources(lifecycle.QUEUED) == [lifecycle.PAUSED]
     # Internal statuses are never a source or a target of a caller's move.
-    for source, target in lifecycle.ALLOWED:
-        assert {source, target} <= set(lifecycle.VISIBLE)
+    assert {status for move in lifecycle.ALLOWED for status in move} <= set(lifecycle.VISIBLE)
     assert {lifecycle.SUCCEEDED, lifecycle.FAILED, lifecycle.ARCHIVED} == lifecycle.TERMINAL
     error = lifecycle.invalid_transition("j", lifecycle.SUCCEEDED, lifecycle.RUNNING)
     assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.reason == "INVALID_TRANSITION"
