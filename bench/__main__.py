@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from bench import append, common, generation, refill
+from harness import databases
 from token_service import refill as refill_job
 
 
@@ -25,8 +26,8 @@ async def main(argv: list[str]) -> int:
         print("DATABASE_URL is not set: run `make bench`", file=sys.stderr)
         return 2
     for which in args.which or ["append", "generation", "refill"]:
-        url = common.scratch_database_url(base, "bench")
-        common.dbmate(url, "up")
+        url = databases.scratch_database_url(base, "bench")
+        databases.dbmate(url, "up")
         try:
             if which == "refill":
                 lines = await refill.bench(url, args.accounts, refill_job.BATCH_SIZE)
@@ -35,7 +36,7 @@ async def main(argv: list[str]) -> int:
                     run = append.bench if which == "append" else generation.bench
                     lines = await run(url, Path(work_dir))
         finally:
-            common.drop_database(url)
+            databases.drop_database(url)
         print(f"## {which}\n" + "\n".join(lines) + "\n", flush=True)
         if args.write_docs:
             common.write_docs(which, lines)

@@ -20,7 +20,7 @@ import grpc
 from bench import common
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
-from tests.processes import ServiceProcess, free_port
+from harness.processes import ServiceProcess, free_port
 from token_service import ledger
 from token_service.store import Q
 

@@ -1,4 +1,4 @@
-"""What the benchmarks share: scratch databases, pgbench, the machine, docs sections."""
+"""What the benchmarks share: seeded accounts, pgbench, the machine, docs sections."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blumpo_common.db import Query
-from tests.support import ROOT, dbmate, drop_database, scratch_database_url
+from harness import ROOT
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 
@@ -27,12 +27,9 @@ __all__ = [
     "START_BALANCE",
     "Pgbench",
     "account_id",
-    "dbmate",
-    "drop_database",
     "machine",
     "one_line",
     "run_pgbench",
-    "scratch_database_url",
 ]
 
 

@@ -24,7 +24,7 @@ from blumpo.generation.v1 import generation_pb2 as gpb
 from blumpo.generation.v1 import generation_pb2_grpc
 from generation_service import rules
 from generation_service.store import Q as GQ
-from tests.processes import ServiceProcess, free_port
+from harness.processes import ServiceProcess, free_port
 from token_service import ledger
 from token_service.store import Q as TQ
 

@@ -1,10 +1,10 @@
-"""Shared fixtures: one fresh database per test run, built by the real dbmate
-migrations, and the services served in-process on real ports over real channels."""
+"""Shared fixtures: the services served in-process on real ports over real channels, on a
+database of the test module's own, cloned from one migrated by the real dbmate migrations."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import asyncpg
 import grpc
@@ -20,6 +20,7 @@ from generation_service.charging import ReconcilerSettings
 from generation_service.server import Parts as GenerationParts
 from generation_service.server import parts as generation_parts_for
 from generation_service.server import service as generation_service
+from harness import databases
 from tests import support
 from token_service.otp import OtpLogins
 from token_service.server import service as token_service
@@ -27,17 +28,27 @@ from token_service.store import Store as TokenStore
 
 
 @pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
+async def clones() -> AsyncIterator[databases.Clones]:
+    """A template migrated once per run, which each module clones rather than migrate again."""
     base = os.environ.get("DATABASE_URL") or os.environ.get("POSTGRES_URL")
     if not base:
         pytest.fail("DATABASE_URL is not set: run the tests with `make test`")
-    url = support.scratch_database_url(base, "test")
-    support.dbmate(url, "up")
+    template = await databases.create_template(base)
+    made = databases.Clones(template, "test")
+    yield made
+    await made.close()
+    await databases.drop(template)
+
+
+@pytest.fixture(scope="module")
+async def database_url(clones: databases.Clones) -> AsyncIterator[str]:
+    """The module's own database: no test sees rows another module left."""
+    url = await clones.take()
     yield url
-    support.drop_database(url)
+    clones.release(url)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def admin(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A superuser connection for checking what the services wrote."""
     conn = await asyncpg.connect(database_url)
@@ -49,7 +60,7 @@ def database_config(url: str, role: str, search_path: str) -> DatabaseConfig:
     return DatabaseConfig(url=url, pool_size=20, timeout_ms=30000, role=role, search_path=search_path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def token_address(database_url: str) -> AsyncIterator[str]:
     pool = await create_pool(database_config(database_url, "token_service", "token"))
     running = await server.start(token_service(TokenStore(pool, 30.0)), pool, "127.0.0.1:0")
@@ -58,7 +69,7 @@ async def token_address(database_url: str) -> AsyncIterator[str]:
     await pool.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def token(token_address: str) -> AsyncIterator[token_pb2_grpc.TokenServiceAsyncStub]:
     async with grpc.aio.insecure_channel(token_address) as channel:
         yield token_pb2_grpc.TokenServiceStub(channel)
@@ -70,7 +81,7 @@ TEST_RETRY = RetryPolicy(attempt_timeout_seconds=0.5, max_attempts=3, total_time
 TEST_RECONCILER = ReconcilerSettings(claim_seconds=3.0, interval_seconds=0.2)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def generation_parts(database_url: str, token_address: str) -> AsyncIterator[GenerationParts]:
     config = database_config(database_url, "generation_service", "generation")
     pool = await create_pool(config)
@@ -79,20 +90,20 @@ async def generation_parts(database_url: str, token_address: str) -> AsyncIterat
     await pool.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def generation_address(generation_parts: GenerationParts) -> AsyncIterator[str]:
     running = await server.start(generation_service(generation_parts), generation_parts.store.pool, "127.0.0.1:0")
     yield f"127.0.0.1:{running.port}"
     await running.stop(1)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def generation(generation_address: str) -> AsyncIterator[generation_pb2_grpc.GenerationServiceAsyncStub]:
     async with grpc.aio.insecure_channel(generation_address) as channel:
         yield generation_pb2_grpc.GenerationServiceStub(channel)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def token_store(database_url: str) -> AsyncIterator[TokenStore]:
     """The token service's store on its own pool, for driving the refill step by step."""
     pool = await create_pool(database_config(database_url, "token_service", "token"))
@@ -103,7 +114,7 @@ async def token_store(database_url: str) -> AsyncIterator[TokenStore]:
 OTP_TEST_SECRET = b"otp-test-secret-0123456789abcdef0123456789"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def otp(database_url: str) -> AsyncIterator[support.OtpHarness]:
     """A second token server whose OTP login uses a fake clock and a capturing sender."""
     pool = await create_pool(database_config(database_url, "token_service", "token"))

@@ -71,7 +71,7 @@ async def no_mismatches(token: TokenStub, user_id: str = "") -> None:
 
 
 async def drain_queue(generation: GenerationStub, limit: int = 10_000) -> int:
-    """Claims every QUEUED job left by earlier tests, so a test starts with an empty queue."""
+    """Claims every QUEUED job the module's earlier tests left, for a test that needs an empty queue."""
     for drained in range(limit):
         claim = await generation.ClaimNextJob(gpb.ClaimNextJobRequest(worker_id="drain", lease_seconds=3600))
         if not claim.HasField("job"):

@@ -1,19 +1,16 @@
-"""Helpers for tests: scratch databases, dbmate, error details, users with a balance."""
+"""Helpers for tests: expected errors and their details, users with a balance, a fake clock and mailbox."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 
 from blumpo.generation.v1 import generation_pb2_grpc
@@ -30,38 +27,27 @@ else:
     GenerationStub = generation_pb2_grpc.GenerationServiceStub
     TokenStub = token_pb2_grpc.TokenServiceStub
 
-ROOT = Path(__file__).resolve().parent.parent
-DBMATE = Path(sys.executable).with_name("dbmate")
-
-
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + name))
-
-
-def scratch_database_url(base: str, label: str) -> str:
-    """The URL of a database that does not exist yet, on the server of base."""
-    return with_database(base, f"blumpo_{label}_{os.getpid()}_{uuid.uuid4().hex[:8]}")
-
-
-def dbmate(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(DBMATE), "--url", url, "--migrations-dir", str(ROOT / "db/migrations"), "--no-dump-schema", *args],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-
-
-def drop_database(url: str) -> None:
-    dbmate(url, "drop")
-
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     """The ErrorInfo detail of a failed call (every error carries one)."""
     info = detail_of(error, error_details_pb2.ErrorInfo)
     assert info is not None, f"no ErrorInfo in {error}"
     return info
+
+
+async def expect_error(call: Awaitable[Any], code: grpc.StatusCode, reason: str | None = None) -> grpc.aio.AioRpcError:
+    """Awaits a call that must fail with code and, when given, the ErrorInfo reason; returns the
+    error for the test to look further into."""
+    try:
+        answer = await call
+    except grpc.aio.AioRpcError as caught:
+        error = caught
+    else:
+        pytest.fail(f"expected {code.name}, but the call answered {str(answer)[:500]!r}")
+    assert error.code() == code, f"{error.code().name}, expected {code.name}: {error.details()}"
+    if reason is not None:
+        assert error_info(error).reason == reason, f"{error_info(error).reason}, expected {reason}"
+    return error
 
 
 def bad_fields(error: grpc.aio.AioRpcError) -> list[str]:

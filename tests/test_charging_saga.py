@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -25,7 +25,6 @@ from generation_service.charging import (
 from generation_service.model import JobState, NewJob, RefundState
 from generation_service.store import Store
 from generation_service.token_client import Outcome, Result
-from tests import support
 from tests.conftest import database_config
 
 DONE = Outcome(Result.DONE)
@@ -62,16 +61,8 @@ class FakeLedger:
 
 
 @pytest.fixture(scope="module")
-def module_database(database_url: str) -> Iterator[str]:
-    url = support.scratch_database_url(database_url, "saga")
-    support.dbmate(url, "up")
-    yield url
-    support.drop_database(url)
-
-
-@pytest.fixture(scope="module")
-async def store(module_database: str) -> AsyncIterator[Store]:
-    pool = await create_pool(database_config(module_database, "generation_service", "generation"))
+async def store(database_url: str) -> AsyncIterator[Store]:
+    pool = await create_pool(database_config(database_url, "generation_service", "generation"))
     yield Store(pool, 30.0, claim_seconds=CLAIM_SECONDS)
     await pool.close()
 
@@ -238,12 +229,12 @@ async def test_a_refund_not_done_stays_owed_for_the_reconciler(
 
 
 async def test_the_reconciler_skips_rows_another_process_holds(
-    store: Store, ledger: FakeLedger, module_database: str
+    store: Store, ledger: FakeLedger, database_url: str
 ) -> None:
     job = new_job()
     assert await store.insert_intent(job) is not None
     await claims_run_out(store)
-    other = await asyncpg.connect(module_database)
+    other = await asyncpg.connect(database_url)
     try:
         async with other.transaction():
             await other.execute("SELECT 1 FROM generation.generation_job WHERE id = $1 FOR UPDATE", job.id)

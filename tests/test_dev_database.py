@@ -14,8 +14,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.processes import free_port
-from tests.support import ROOT
+from harness import ROOT
+from harness.processes import free_port
 
 
 def database_url(project: Path, **env: str) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,6 @@ from datetime import datetime
 
 import asyncpg
 import grpc
-import pytest
 
 from blumpo.generation.v1 import generation_pb2 as gpb
 from generation_service.store import Q
@@ -39,12 +38,6 @@ async def _attach(generation: GenerationStub, job: gpb.Job, asset: gpb.AssetInpu
     return (await generation.AttachAssetToJob(request)).asset
 
 
-async def _error(call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
-    return caught.value
-
-
 async def test_attach_asset_and_three_variants(generation: GenerationStub, token: TokenStub) -> None:
     user_id = await support.user_with_balance(token, 10)
     job = await running_job(generation, user_id)
@@ -74,29 +67,26 @@ async def test_attach_rules(generation: GenerationStub, token: TokenStub) -> Non
     queued = await create_job(generation, user_id)
     running = await running_job(generation, user_id)
 
-    error = await _error(_attach(generation, running, asset_input(), user_id=other_user))
-    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert support.error_info(error).reason == "JOB_NOT_OWNED"
-
-    error = await _error(_attach(generation, queued, asset_input()))
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert support.error_info(error).reason == "JOB_NOT_ACCEPTING_ASSETS"
-
+    await support.expect_error(
+        _attach(generation, running, asset_input(), user_id=other_user),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "JOB_NOT_OWNED",
+    )
+    await support.expect_error(
+        _attach(generation, queued, asset_input()), grpc.StatusCode.FAILED_PRECONDITION, "JOB_NOT_ACCEPTING_ASSETS"
+    )
     missing = gpb.Job(job_id=str(uuid.uuid4()), user_id=user_id)
-    error = await _error(_attach(generation, missing, asset_input()))
-    assert error.code() == grpc.StatusCode.NOT_FOUND
+    await support.expect_error(_attach(generation, missing, asset_input()), grpc.StatusCode.NOT_FOUND)
 
     given = asset_input()
     await _attach(generation, running, given)
     changed = gpb.AssetInput()
     changed.CopyFrom(given)
     changed.title = "another title"
-    error = await _error(_attach(generation, running, changed))
-    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert support.error_info(error).reason == "ASSET_ID_REUSED"
-
-    error = await _error(_attach(generation, running, asset_input(mime="image/png")))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await support.expect_error(_attach(generation, running, changed), grpc.StatusCode.ALREADY_EXISTS, "ASSET_ID_REUSED")
+    error = await support.expect_error(
+        _attach(generation, running, asset_input(mime="image/png")), grpc.StatusCode.INVALID_ARGUMENT
+    )
     assert support.bad_fields(error) == ["asset.mime_type"]
 
     # SUCCEEDED still accepts assets; FAILED does not.
@@ -108,8 +98,7 @@ async def test_attach_rules(generation: GenerationStub, token: TokenStub) -> Non
     await generation.UpdateGenerationJobStatus(
         gpb.UpdateGenerationJobStatusRequest(job_id=failed.job_id, status=gpb.JOB_STATUS_FAILED)
     )
-    error = await _error(_attach(generation, failed, asset_input()))
-    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await support.expect_error(_attach(generation, failed, asset_input()), grpc.StatusCode.FAILED_PRECONDITION)
 
 
 async def test_variant_rules(generation: GenerationStub, token: TokenStub) -> None:
@@ -119,14 +108,17 @@ async def test_variant_rules(generation: GenerationStub, token: TokenStub) -> No
     await generation.AddAssetVariant(variant_request(asset.asset_id, *VARIANTS[1]))
     different = variant_request(asset.asset_id, *VARIANTS[1])
     different.bytes_size += 1
-    error = await _error(generation.AddAssetVariant(different))
-    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert support.error_info(error).reason == "VARIANT_KIND_TAKEN"
-    error = await _error(generation.AddAssetVariant(variant_request(str(uuid.uuid4()), *VARIANTS[0])))
-    assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert support.error_info(error).reason == "ASSET_NOT_FOUND"
-    error = await _error(generation.GetAsset(gpb.GetAssetRequest(asset_id=str(uuid.uuid4()))))
-    assert error.code() == grpc.StatusCode.NOT_FOUND
+    await support.expect_error(
+        generation.AddAssetVariant(different), grpc.StatusCode.ALREADY_EXISTS, "VARIANT_KIND_TAKEN"
+    )
+    await support.expect_error(
+        generation.AddAssetVariant(variant_request(str(uuid.uuid4()), *VARIANTS[0])),
+        grpc.StatusCode.NOT_FOUND,
+        "ASSET_NOT_FOUND",
+    )
+    await support.expect_error(
+        generation.GetAsset(gpb.GetAssetRequest(asset_id=str(uuid.uuid4()))), grpc.StatusCode.NOT_FOUND
+    )
 
 
 async def test_assets_for_user_newest_first_in_pages(generation: GenerationStub, token: TokenStub) -> None:
@@ -151,8 +143,10 @@ async def test_assets_for_user_newest_first_in_pages(generation: GenerationStub,
     assert len(default.assets) == 5 and default.next_page_token == ""
     nobody = await generation.GetAssetsForUser(gpb.GetAssetsForUserRequest(user_id=str(uuid.uuid4())))
     assert list(nobody.assets) == []
-    error = await _error(generation.GetAssetsForUser(gpb.GetAssetsForUserRequest(user_id=user_id, page_token="x")))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await support.expect_error(
+        generation.GetAssetsForUser(gpb.GetAssetsForUserRequest(user_id=user_id, page_token="x")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
 
 
 async def test_assets_for_user_uses_the_user_time_index(admin: asyncpg.Connection) -> None:

@@ -69,7 +69,6 @@ async def test_twenty_workers_claim_two_hundred_jobs_once_each(
     generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
 ) -> None:
     user_id = await support.user_with_balance(token, 1000)
-    await drain_queue(generation)
     mine = set()
     for chunk in range(4):
         jobs = await asyncio.gather(*(create_job(generation, user_id) for _ in range(50)))

@@ -23,10 +23,10 @@ from blumpo_common import retry, server
 from blumpo_common.db import create_pool
 from generation_service.charging import ReconcilerSettings
 from generation_service.server import parts, service
+from harness.processes import ServiceProcess, free_port
 from tests import support
 from tests.conftest import database_config
 from tests.generation_support import GenerationStub, TokenStub, balance, job_request, no_mismatches, references
-from tests.processes import ServiceProcess, free_port
 
 pytestmark = pytest.mark.slow
 WAIT_SECONDS = 20.0
@@ -98,13 +98,12 @@ async def _token_down_then_back(
     abandoned = job_request(user_id, cost=4)
     unaffordable = job_request(user_id, cost=1000)
     for request in (retried, abandoned, unaffordable):
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await generation.CreateGenerationJob(request)
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert support.error_info(caught.value).reason == "TOKEN_SERVICE_UNAVAILABLE"
-        with pytest.raises(grpc.aio.AioRpcError) as hidden:
-            await generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=request.job_id))
-        assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+        await support.expect_error(
+            generation.CreateGenerationJob(request), grpc.StatusCode.UNAVAILABLE, "TOKEN_SERVICE_UNAVAILABLE"
+        )
+        await support.expect_error(
+            generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=request.job_id)), grpc.StatusCode.NOT_FOUND
+        )
         assert await _status(admin, request.job_id) == "CHARGING"
     # Failing a job while the token service is down succeeds; the refund is owed.
     failed = await generation.UpdateGenerationJobStatus(

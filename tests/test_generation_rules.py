@@ -13,6 +13,7 @@ from blumpo_common import retry
 from blumpo_common.errors import ServiceError
 from generation_service import rules
 from generation_service.model import Job, JobState, RefundState
+from tests.support import expect_error
 
 
 def test_state_machine_is_the_contracts() -> None:
@@ -100,9 +101,7 @@ async def test_retries_unavailable_and_deadline_exceeded() -> None:
 )
 async def test_other_codes_are_not_retried(code: grpc.StatusCode) -> None:
     attempt = Flaky(code)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await retry.call(POLICY, attempt)
-    assert caught.value.code() == code
+    await expect_error(retry.call(POLICY, attempt), code)
     assert len(attempt.timeouts) == 1
 
 

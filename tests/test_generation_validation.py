@@ -155,12 +155,11 @@ async def test_bad_field_is_invalid_argument_and_writes_nothing(
     generation: GenerationStub, admin: asyncpg.Connection, method: str, make: Callable[[], Any], field: str
 ) -> None:
     before = await support.row_counts(admin, "generation")
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await getattr(generation, method)(make())
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
-    info = support.error_info(caught.value)
-    assert (info.reason, info.domain) == ("INVALID_ARGUMENT", "blumpo.generation")
-    assert field in support.bad_fields(caught.value)
+    error = await support.expect_error(
+        getattr(generation, method)(make()), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"
+    )
+    assert support.error_info(error).domain == "blumpo.generation"
+    assert field in support.bad_fields(error)
     assert await support.row_counts(admin, "generation") == before
 
 

@@ -91,10 +91,12 @@ async def test_cancelled_watch_releases_its_subscription(
     assert generation_parts.hub.count == before
 
 
-async def test_watch_errors(generation: GenerationStub) -> None:
-    for job_id, code in ((str(uuid.uuid4()), grpc.StatusCode.NOT_FOUND), ("nope", grpc.StatusCode.INVALID_ARGUMENT)):
-        call = generation.WatchGenerationJob(gpb.WatchGenerationJobRequest(job_id=job_id), timeout=10)
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await call.read()
-        assert caught.value.code() == code
-        assert support.error_info(caught.value).domain == "blumpo.generation"
+@pytest.mark.parametrize(
+    ("job_id", "code"),
+    [(str(uuid.uuid4()), grpc.StatusCode.NOT_FOUND), ("nope", grpc.StatusCode.INVALID_ARGUMENT)],
+    ids=["unknown", "malformed"],
+)
+async def test_watch_errors(generation: GenerationStub, job_id: str, code: grpc.StatusCode) -> None:
+    call = generation.WatchGenerationJob(gpb.WatchGenerationJobRequest(job_id=job_id), timeout=10)
+    error = await support.expect_error(call.read(), code)
+    assert support.error_info(error).domain == "blumpo.generation"

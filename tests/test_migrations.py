@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests import support
+from harness import ROOT, databases
 
-MIGRATIONS = sorted(p.name for p in (support.ROOT / "db/migrations").glob("*.sql"))
+MIGRATIONS = sorted(p.name for p in (ROOT / "db/migrations").glob("*.sql"))
 
 
 def make(target: str, url: str) -> str:
     env = os.environ | {"DATABASE_URL": url}
     done = subprocess.run(
-        ["make", "--no-print-directory", target], cwd=support.ROOT, env=env, capture_output=True, text=True, timeout=120
+        ["make", "--no-print-directory", target], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
@@ -30,9 +30,9 @@ def applied(url: str) -> list[str]:
 
 @pytest.fixture
 def empty_database(database_url: str) -> Iterator[str]:
-    url = support.scratch_database_url(database_url, "migrations")
+    url = databases.scratch_database_url(database_url, "migrations")
     yield url
-    support.drop_database(url)
+    databases.drop_database(url)
 
 
 def test_migrate_rollback_all_the_way_and_migrate_again(empty_database: str) -> None:
@@ -48,9 +48,9 @@ def test_migrate_rollback_all_the_way_and_migrate_again(empty_database: str) -> 
 def test_schema_file_matches_the_migrations(database_url: str, tmp_path: Path) -> None:
     dumped = tmp_path / "schema.sql"
     subprocess.run(
-        [str(support.DBMATE), "--url", database_url, "--schema-file", str(dumped), "dump"],
+        [str(databases.DBMATE), "--url", database_url, "--schema-file", str(dumped), "dump"],
         check=True,
         capture_output=True,
     )
-    committed = (support.ROOT / "db/schema.sql").read_text()
+    committed = (ROOT / "db/schema.sql").read_text()
     assert dumped.read_text() == committed, "db/schema.sql is stale: run `make schema`"

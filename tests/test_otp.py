@@ -37,10 +37,11 @@ async def request(otp: OtpHarness, email: str) -> tuple[tpb.RequestOtpResponse, 
     return response, otp.sender.last_code(email)
 
 
-async def verify_error(otp: OtpHarness, email: str, code: str) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=code))
-    return caught.value
+async def verify_error(
+    otp: OtpHarness, email: str, code: str, expected: grpc.StatusCode, reason: str | None = None
+) -> grpc.aio.AioRpcError:
+    call = otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=code))
+    return await support.expect_error(call, expected, reason)
 
 
 async def challenges(admin: asyncpg.Connection, email: str) -> list[asyncpg.Record]:
@@ -64,7 +65,7 @@ async def test_first_login_creates_the_user_and_links_the_challenge(otp: OtpHarn
     assert row["consumed_at"] is not None
 
     # A used code does not work twice.
-    assert (await verify_error(otp, email, code)).code() == UNAUTHENTICATED
+    await verify_error(otp, email, code, UNAUTHENTICATED)
 
     # The next login finds the same user and grants nothing new.
     _, code = await request(otp, email)
@@ -80,7 +81,7 @@ async def test_the_code_is_never_in_clear_in_responses_database_or_log(
     email = support.new_email()
     with caplog.at_level(logging.DEBUG):
         response, code = await request(otp, email)
-        error = await verify_error(otp, email, wrong(code))
+        error = await verify_error(otp, email, wrong(code), UNAUTHENTICATED)
         login = await otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=code))
     assert code not in str(response) and code.encode() not in response.SerializeToString()
     assert code not in str(error.details()) and code not in str(error.trailing_metadata())
@@ -99,14 +100,11 @@ async def test_the_code_is_never_in_clear_in_responses_database_or_log(
 async def test_expired_and_wrong_codes_get_the_same_answer(otp: OtpHarness) -> None:
     email = support.new_email()
     _, code = await request(otp, email)
-    wrong_answer = await verify_error(otp, email, wrong(code))
+    wrong_answer = await verify_error(otp, email, wrong(code), UNAUTHENTICATED, "OTP_INVALID")
     otp.clock.advance(600)  # exactly at expiry: dead
-    expired_answer = await verify_error(otp, email, code)
-    unknown_answer = await verify_error(otp, support.new_email(), code)
-    for answer in (wrong_answer, expired_answer, unknown_answer):
-        assert answer.code() == UNAUTHENTICATED
-        assert support.error_info(answer).reason == "OTP_INVALID"
-        assert answer.details() == wrong_answer.details()
+    expired_answer = await verify_error(otp, email, code, UNAUTHENTICATED, "OTP_INVALID")
+    unknown_answer = await verify_error(otp, support.new_email(), code, UNAUTHENTICATED, "OTP_INVALID")
+    assert expired_answer.details() == unknown_answer.details() == wrong_answer.details()
 
 
 async def test_a_code_works_until_just_before_expiry(otp: OtpHarness) -> None:
@@ -124,21 +122,18 @@ async def test_a_new_request_supersedes_the_active_challenge(otp: OtpHarness, ad
     active = {str(r["id"]): r["invalidated_at"] is None for r in await challenges(admin, email)}
     assert active == {first.challenge_id: False, second.challenge_id: True}
     if first_code != second_code:  # one in a million they are equal
-        assert (await verify_error(otp, email, first_code)).code() == UNAUTHENTICATED
+        await verify_error(otp, email, first_code, UNAUTHENTICATED)
     assert (await otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=second_code))).created
 
 
 async def test_five_wrong_codes_kill_the_challenge(otp: OtpHarness, admin: asyncpg.Connection) -> None:
     email = support.new_email()
     _, code = await request(otp, email)
-    for attempt in range(1, otp_rules.MAX_ATTEMPTS):
-        error = await verify_error(otp, email, wrong(code))
-        assert error.code() == UNAUTHENTICATED, attempt
-    last = await verify_error(otp, email, wrong(code))
-    assert last.code() == EXHAUSTED
-    assert support.error_info(last).reason == "OTP_ATTEMPTS_EXHAUSTED"
+    for _ in range(1, otp_rules.MAX_ATTEMPTS):
+        await verify_error(otp, email, wrong(code), UNAUTHENTICATED)
+    await verify_error(otp, email, wrong(code), EXHAUSTED, "OTP_ATTEMPTS_EXHAUSTED")
     # Dead: even the right code is refused now, and no further attempt is counted.
-    assert (await verify_error(otp, email, code)).code() == EXHAUSTED
+    await verify_error(otp, email, code, EXHAUSTED)
     [row] = await challenges(admin, email)
     assert row["attempts"] == otp_rules.MAX_ATTEMPTS
     assert row["invalidated_at"] is not None and row["consumed_at"] is None
@@ -157,12 +152,11 @@ async def test_five_requests_per_hour_then_resource_exhausted_with_retry_delay(
         otp.clock.advance(60)
     before = await support.row_counts(admin, "token")
     sent = len(otp.sender.sent)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await otp.token.RequestOtp(tpb.RequestOtpRequest(email=email))
-    assert caught.value.code() == EXHAUSTED
-    assert support.error_info(caught.value).reason == "OTP_RATE_LIMITED"
+    error = await support.expect_error(
+        otp.token.RequestOtp(tpb.RequestOtpRequest(email=email)), EXHAUSTED, "OTP_RATE_LIMITED"
+    )
     # The oldest request (300 s ago) leaves the one-hour window in 3300 s.
-    delay = support.retry_delay_seconds(caught.value)
+    delay = support.retry_delay_seconds(error)
     assert delay == 3600 - 5 * 60
     assert await support.row_counts(admin, "token") == before
     assert len(otp.sender.sent) == sent
@@ -224,12 +218,11 @@ async def test_failed_delivery_writes_nothing_and_keeps_the_previous_code(
     before = await support.row_counts(admin, "token")
     otp.sender.fail = True
     try:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await otp.token.RequestOtp(tpb.RequestOtpRequest(email=email))
+        await support.expect_error(
+            otp.token.RequestOtp(tpb.RequestOtpRequest(email=email)), grpc.StatusCode.UNAVAILABLE, "OTP_DELIVERY_FAILED"
+        )
     finally:
         otp.sender.fail = False
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert support.error_info(caught.value).reason == "OTP_DELIVERY_FAILED"
     assert await support.row_counts(admin, "token") == before
     assert (await otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=code))).created
 

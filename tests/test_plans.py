@@ -6,7 +6,6 @@ import uuid
 
 import asyncpg
 import grpc
-import pytest
 
 from blumpo.token.v1 import token_pb2 as tpb
 from tests import support
@@ -42,18 +41,20 @@ async def test_grants_and_allowances_come_from_the_plan_table(token: TokenStub, 
 
 async def test_change_plan_of_an_unknown_user_is_not_found(token: TokenStub, admin: asyncpg.Connection) -> None:
     before = await support.row_counts(admin, "token")
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await token.ChangePlan(tpb.ChangePlanRequest(user_id=str(uuid.uuid4()), plan="pro"))
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert support.error_info(caught.value).reason == "ACCOUNT_NOT_FOUND"
+    await support.expect_error(
+        token.ChangePlan(tpb.ChangePlanRequest(user_id=str(uuid.uuid4()), plan="pro")),
+        grpc.StatusCode.NOT_FOUND,
+        "ACCOUNT_NOT_FOUND",
+    )
     assert await support.row_counts(admin, "token") == before
 
 
 async def test_an_unknown_plan_leaves_the_account_alone(token: TokenStub) -> None:
     user = (await token.CreateUser(tpb.CreateUserRequest(email=support.new_email()))).user
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await token.ChangePlan(tpb.ChangePlanRequest(user_id=user.user_id, plan="platinum"))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert support.bad_fields(caught.value) == ["plan"]
+    error = await support.expect_error(
+        token.ChangePlan(tpb.ChangePlanRequest(user_id=user.user_id, plan="platinum")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert support.bad_fields(error) == ["plan"]
     balance = await token.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=user.user_id))
     assert balance.plan == "free"

@@ -1,6 +1,6 @@
 """The monthly refill: once per account and period, however it is stopped and rerun.
 
-The test database is shared by the whole run, so each test uses its own period and
+The module's tests share its database, so each test uses its own period and
 checks its own accounts; the counts it checks for all accounts come from the database.
 """
 
@@ -160,10 +160,10 @@ async def test_refill_refuses_a_malformed_period_and_writes_nothing(
     token: TokenStub, admin: asyncpg.Connection, period: str
 ) -> None:
     before = await support.row_counts(admin, "token")
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await token.RunMonthlyRefill(tpb.RunMonthlyRefillRequest(period=period))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert support.bad_fields(caught.value) == ["period"]
+    error = await support.expect_error(
+        token.RunMonthlyRefill(tpb.RunMonthlyRefillRequest(period=period)), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert support.bad_fields(error) == ["period"]
     assert await support.row_counts(admin, "token") == before
 
 
@@ -204,9 +204,9 @@ async def test_refill_concurrent_with_debits_keeps_every_balance_equal_to_its_le
 async def test_monthly_refill_refuses_a_period_in_the_future(token: TokenStub, admin: asyncpg.Connection) -> None:
     """Each period is credited once; a period years ahead is not a month to credit now, else a caller
     can pay every account up to 95,000 future allowances today (one call per month up to 9999-12)."""
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await token.RunMonthlyRefill(tpb.RunMonthlyRefillRequest(period="9999-12"))
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert support.bad_fields(raised.value) == ["period"]
+    error = await support.expect_error(
+        token.RunMonthlyRefill(tpb.RunMonthlyRefillRequest(period="9999-12")), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert support.bad_fields(error) == ["period"]
     written = await admin.fetchval("SELECT count(*) FROM token.token_ledger WHERE reference_id = 'refill:9999-12'")
     assert written == 0

@@ -28,17 +28,17 @@ async def test_a_role_cannot_read_the_other_schema(database_url: str, role: str,
         await conn.close()
 
 
-async def test_each_role_reads_its_own_schema(database_url: str) -> None:
-    for role, schema, tables in [
-        ("token_service", "token", TOKEN_TABLES),
-        ("generation_service", "generation", GENERATION_TABLES),
-    ]:
-        conn = await asyncpg.connect(database_url, server_settings={"role": role})
-        try:
-            for table in tables:
-                await conn.fetch(f"SELECT * FROM {schema}.{table} LIMIT 1")
-        finally:
-            await conn.close()
+@pytest.mark.parametrize(
+    ("role", "table"),
+    [("token_service", f"token.{t}") for t in TOKEN_TABLES]
+    + [("generation_service", f"generation.{t}") for t in GENERATION_TABLES],
+)
+async def test_each_role_reads_its_own_schema(database_url: str, role: str, table: str) -> None:
+    conn = await asyncpg.connect(database_url, server_settings={"role": role})
+    try:
+        await conn.fetch(f"SELECT * FROM {table} LIMIT 1")
+    finally:
+        await conn.close()
 
 
 @pytest.mark.parametrize(

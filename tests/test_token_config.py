@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from blumpo_common.config import ConfigError
-from tests import support
+from harness import ROOT
 from token_service import config
 
 BASE = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/blumpo"}
@@ -76,7 +76,7 @@ def test_start_up_exits_with_one_clear_line_without_a_secret() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTP_", "BLUMPO_ENV"))}
     env.update({**BASE, **SMTP})
     done = subprocess.run(
-        [sys.executable, "-m", "token_service"], cwd=support.ROOT, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "token_service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2
     [line] = done.stderr.strip().splitlines()

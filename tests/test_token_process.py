@@ -18,8 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
+from harness import ROOT
+from harness.processes import ServiceProcess, free_port
 from tests import support
-from tests.processes import ServiceProcess, free_port
 
 
 def read_metrics(port: int) -> str:
@@ -51,7 +52,7 @@ def token_process(tmp_path: Path, database_url: str) -> tuple[ServiceProcess, in
 def test_bad_setting_stops_start_up_with_one_clear_line(database_url: str, env: dict[str, str], complaint: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "token_service"],
-        cwd=support.ROOT,
+        cwd=ROOT,
         env=os.environ | {"BLUMPO_ENV": "development", "DATABASE_URL": database_url} | env,
         capture_output=True,
         text=True,
@@ -91,9 +92,10 @@ async def test_serves_then_shuts_down_gracefully_on_sigterm(database_url: str, t
             await asyncio.sleep(0.5)
             assert not debit.done()
             # New calls are refused while the one in flight finishes.
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=user.user_id), timeout=5)
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            await support.expect_error(
+                stub.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=user.user_id), timeout=5),
+                grpc.StatusCode.UNAVAILABLE,
+            )
             metrics_text = await asyncio.to_thread(read_metrics, metrics)
             await locked.rollback()
             await blocker.close()
@@ -127,9 +129,10 @@ async def test_reports_not_serving_while_the_database_is_unreachable(tmp_path: P
                 await asyncio.sleep(0.1)
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
             stub = token_pb2_grpc.TokenServiceStub(channel)
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stub.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=str(uuid.uuid4())), timeout=15)
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert support.error_info(caught.value).reason == "DATABASE_UNAVAILABLE"
+            await support.expect_error(
+                stub.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=str(uuid.uuid4())), timeout=15),
+                grpc.StatusCode.UNAVAILABLE,
+                "DATABASE_UNAVAILABLE",
+            )
     finally:
         service.stop()

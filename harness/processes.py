@@ -1,4 +1,4 @@
-"""Services run as real processes, to stop, kill and restart them in tests."""
+"""Services run as real processes, to stop, kill and restart them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import ROOT
+from harness import ROOT
 
 READY_SECONDS = 20.0
 
