@@ -16,6 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import ROOT
 
 READY_SECONDS = 20.0
+# A channel that found nothing listening waits about a second before it dials again; one that
+# polls a process coming up should dial again at once, so the test goes on as soon as it serves.
+PROMPT_RECONNECT = (
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 200),
+)
 
 
 def free_port() -> int:
@@ -50,7 +57,7 @@ class ServiceProcess:
     async def wait_ready(self) -> None:
         """Waits (bounded) until the health service answers SERVING."""
         deadline = asyncio.get_running_loop().time() + READY_SECONDS
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        async with grpc.aio.insecure_channel(self.address, options=PROMPT_RECONNECT) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 assert self.process is not None and self.process.poll() is None, self.logs()

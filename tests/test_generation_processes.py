@@ -183,8 +183,10 @@ async def test_generation_service_killed_mid_burst(
                 return bool(left == 0)
 
             await eventually(settled, "no intent or owed refund left after the restart")
-            # The restarted service serves as before, and SIGTERM stops it cleanly.
-            job = (await generation.CreateGenerationJob(job_request(users[0]))).job
+            # The restarted service serves as before, and SIGTERM stops it cleanly. (The channel may
+            # still be waiting to dial again after the kill: the call waits for it, not fails fast.)
+            request = job_request(users[0])
+            job = (await generation.CreateGenerationJob(request, wait_for_ready=True, timeout=WAIT_SECONDS)).job
             assert job.status == gpb.JOB_STATUS_QUEUED
         assert process.stop() == 0, process.logs()
     finally:

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
 from harness import ROOT
-from harness.processes import ServiceProcess, free_port
+from harness.processes import PROMPT_RECONNECT, ServiceProcess, free_port
 from tests import support
 
 
@@ -116,7 +116,7 @@ async def test_reports_not_serving_while_the_database_is_unreachable(tmp_path: P
     service, _ = token_process(tmp_path, f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
     service.spawn()
     try:
-        async with grpc.aio.insecure_channel(service.address) as channel:
+        async with grpc.aio.insecure_channel(service.address, options=PROMPT_RECONNECT) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             status = None
             for _ in range(100):
