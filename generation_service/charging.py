@@ -106,7 +106,7 @@ class Charger:
         if existing.request_digest != job.request_digest:
             raise errors.job_id_reused(job.id)
         if existing.status is JobState.CHARGING:
-            return await self.store.claim_intent(job.id)
+            return next(iter(await self.store.claim([job.id])), None)
         if existing.status is JobState.REJECTED:
             return None  # refused since the insert: look again (it may be taken over now)
         return existing
@@ -186,16 +186,23 @@ class Reconciler:
         for job in await self.store.sweep_expired_leases():
             done["leases"] += 1
             await self.charger.refund(job)
-        intents = await self.store.claim_stale_intents(self.settings.batch)
+        intents = await self._claim(await self.store.stale_intents(self.settings.batch), rules.charge_owed)
         # A refusal settles an intent too (REJECTED: nothing charged or listed).
         done["intents"] = await self._work(intents, self._intent, {Result.DONE, Result.REFUSED})
-        refunds = await self.store.claim_owed_refunds(self.settings.batch)
+        refunds = await self._claim(await self.store.owed_refunds(self.settings.batch), rules.refund_owed)
         done["refunds"] = await self._work(refunds, self._refund, {Result.DONE})
         for kind, count in done.items():
             RECONCILED.labels(kind).inc(count)
         if any(done.values()):
             log.info("reconciled", extra=done)
         return done
+
+    async def _claim(self, job_ids: list[uuid.UUID], wanted: Callable[[Job], bool]) -> list[Job]:
+        """The jobs claimed that still need this kind of work (they may have moved on since they
+        were listed); the others are let go at once."""
+        claimed = await self.store.claim(job_ids)
+        await self.store.release_claims([j.id for j in claimed if not wanted(j)])
+        return [j for j in claimed if wanted(j)]
 
     async def _work(
         self, claimed: list[Job], attempt: Callable[[Job], Awaitable[Outcome]], settling: set[Result]

@@ -24,38 +24,32 @@ UPDATE generation_job SET status = 'CHARGING', user_id = :user_id, prompt = :pro
 WHERE id = :id AND status = 'REJECTED'
 RETURNING *;
 
--- name: claim_intent
--- An intent nobody holds (its claim ran out or was let go), claimed to repeat its debit.
-UPDATE generation_job SET claims = claims + 1, claimed_until = now() + make_interval(secs => $2)
-WHERE id = $1 AND status = 'CHARGING' AND (claimed_until IS NULL OR claimed_until < now())
-RETURNING *;
-
--- name: claim_stale_intents
--- For the reconciler: up to $1 intents nobody holds, oldest first (idx_generation_job_charging),
--- claimed in one statement; another process skips them while the claim lasts.
-WITH stale AS (
+-- name: claim
+-- Claims the jobs of $1 that nobody holds (the claim ran out or was let go) and that still
+-- have work for the token service: a charge, or a refund owed. A row another transaction
+-- has locked is skipped, not waited for; the lock re-checks the conditions on the row as it
+-- is now, so of racing claimers exactly one gets each job.
+WITH free AS (
   SELECT id FROM generation_job
-  WHERE status = 'CHARGING' AND (claimed_until IS NULL OR claimed_until < now())
-  ORDER BY updated_at
-  LIMIT $1
+  WHERE id = ANY($1::uuid[]) AND (claimed_until IS NULL OR claimed_until < now())
+    AND (status = 'CHARGING' OR refund_state = 'PENDING')
   FOR UPDATE SKIP LOCKED
 )
 UPDATE generation_job j SET claims = j.claims + 1, claimed_until = now() + make_interval(secs => $2)
-FROM stale WHERE j.id = stale.id
+FROM free WHERE j.id = free.id
 RETURNING j.*;
 
--- name: claim_owed_refunds
+-- name: stale_intents
+-- For the reconciler: up to $1 intents nobody holds, oldest first (idx_generation_job_charging).
+SELECT id FROM generation_job
+WHERE status = 'CHARGING' AND (claimed_until IS NULL OR claimed_until < now())
+ORDER BY updated_at LIMIT $1;
+
+-- name: owed_refunds
 -- Likewise for refunds owed (idx_generation_job_refund).
-WITH owed AS (
-  SELECT id FROM generation_job
-  WHERE refund_state = 'PENDING' AND (claimed_until IS NULL OR claimed_until < now())
-  ORDER BY updated_at
-  LIMIT $1
-  FOR UPDATE SKIP LOCKED
-)
-UPDATE generation_job j SET claims = j.claims + 1, claimed_until = now() + make_interval(secs => $2)
-FROM owed WHERE j.id = owed.id
-RETURNING j.*;
+SELECT id FROM generation_job
+WHERE refund_state = 'PENDING' AND (claimed_until IS NULL OR claimed_until < now())
+ORDER BY updated_at LIMIT $1;
 
 -- name: hold_claim
 -- A debit that got no answer may still be committing on the token side for a moment

@@ -47,6 +47,11 @@ def owes_refund_on(target: JobState) -> bool:
     return target is JobState.FAILED
 
 
+def charge_owed(job: Job) -> bool:
+    """Whether the job is an intent whose debit is still to be settled."""
+    return job.status is JobState.CHARGING
+
+
 def refund_owed(job: Job) -> bool:
     return job.refund_state is RefundState.PENDING
 

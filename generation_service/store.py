@@ -79,15 +79,15 @@ class Store(db.BaseStore):
         """A REJECTED job made a claimed CHARGING intent of this request; None if it is not REJECTED."""
         return _job(await self.fetchrow("retry_rejected", claim_seconds=self.claim_seconds, **_request(job)))
 
-    async def claim_intent(self, job_id: uuid.UUID) -> Job | None:
-        """The CHARGING job, claimed, if nobody holds it."""
-        return _job(await self.fetchrow("claim_intent", job_id, self.claim_seconds))
+    async def claim(self, job_ids: Sequence[uuid.UUID]) -> list[Job]:
+        """Those of the jobs, claimed, that nobody held and that still have a charge or refund to settle."""
+        return [Job.from_row(r) for r in await self.fetch("claim", list(job_ids), self.claim_seconds)]
 
-    async def claim_stale_intents(self, limit: int) -> list[Job]:
-        return [Job.from_row(r) for r in await self.fetch("claim_stale_intents", limit, self.claim_seconds)]
+    async def stale_intents(self, limit: int) -> list[uuid.UUID]:
+        return [r["id"] for r in await self.fetch("stale_intents", limit)]
 
-    async def claim_owed_refunds(self, limit: int) -> list[Job]:
-        return [Job.from_row(r) for r in await self.fetch("claim_owed_refunds", limit, self.claim_seconds)]
+    async def owed_refunds(self, limit: int) -> list[uuid.UUID]:
+        return [r["id"] for r in await self.fetch("owed_refunds", limit)]
 
     async def hold_claim(self, job: Job, seconds: float) -> None:
         await self.execute("hold_claim", job.id, job.claims, seconds)

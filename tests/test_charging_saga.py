@@ -287,8 +287,8 @@ async def test_a_refusal_from_a_claim_that_ran_out_settles_nothing(store: Store,
     first = await store.insert_intent(job)
     assert first is not None
     await claims_run_out(store)
-    second = await store.claim_intent(job.id)
-    assert second is not None and second.claims == first.claims + 1
+    [second] = await store.claim([job.id])
+    assert second.claims == first.claims + 1
     # The first holder's late refusal does not reject the job the second one now holds ...
     with pytest.raises(ServiceError):
         await charger(store, ledger).settle_charge(first, INSUFFICIENT)
