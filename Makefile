@@ -11,10 +11,10 @@ GENERATED := blumpo/.generated
 DB_URL = $(shell scripts/database-url)
 DBMATE = $(VENV)/bin/dbmate --migrations-dir db/migrations --schema-file db/schema.sql --wait
 
-.PHONY: help install proto migrate rollback migrate-status schema run stop test lint seed bench clean
+.PHONY: help install proto migrate rollback migrate-status schema run stop test test-faults lint seed bench clean
 
 help:
-	@echo "make run | stop | test | lint | migrate | rollback | migrate-status | schema | seed | bench | proto | clean"
+	@echo "make run | stop | test | test-faults | lint | migrate | rollback | migrate-status | schema | seed | bench | proto | clean"
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -59,6 +59,10 @@ stop:
 
 test: $(GENERATED)
 	DATABASE_URL='$(DB_URL)' $(PY) -m pytest $(PYTEST_ARGS)
+
+# Kills, cuts and a database restart under load, on a private PostgreSQL of its own.
+test-faults: $(GENERATED)
+	$(PY) -m pytest -m faults -s $(PYTEST_ARGS) tests/test_faults.py
 
 lint: $(GENERATED) node_modules/.installed
 	$(VENV)/bin/ruff check .
