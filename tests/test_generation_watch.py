@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import signal
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,6 +25,7 @@ from generation_service import config as generation_config
 from generation_service.model import Job
 from generation_service.server import Parts, service
 from generation_service.watch import Hub, ReadJob, WatchSettings
+from harness.processes import ServiceProcess, free_port
 from tests import support
 from tests.generation_support import GenerationStub, TokenStub, create_job
 
@@ -301,6 +305,42 @@ async def test_shutdown_ends_open_streams_at_once(generation_parts: Parts, token
         assert {await c.code() for c in calls} == {grpc.StatusCode.OK}
         assert elapsed < grace / 2, elapsed
         assert ws.hub.count == 0
+
+
+@pytest.mark.slow
+async def test_sigterm_with_open_streams_exits_well_within_the_grace(
+    database_url: str, token_address: str, token: TokenStub, tmp_path: Path
+) -> None:
+    grace = 20
+    port = free_port()
+    env = {
+        "DATABASE_URL": database_url,
+        "LOG_LEVEL": "WARNING",
+        "GENERATION_LISTEN_ADDR": f"127.0.0.1:{port}",
+        "GENERATION_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+        "TOKEN_SERVICE_TARGET": token_address,
+        "SHUTDOWN_GRACE_SECONDS": str(grace),
+    }
+    process = ServiceProcess("generation_service", env, port, tmp_path / "generation.log")
+    await process.start()
+    loop = asyncio.get_running_loop()
+    try:
+        async with grpc.aio.insecure_channel(process.address) as channel:
+            generation: GenerationStub = generation_pb2_grpc.GenerationServiceStub(channel)
+            job = await create_job(generation, await support.user_with_balance(token, 10))
+            calls = [_watch(generation, job.job_id) for _ in range(3)]
+            assert [await _next_status(c) for c in calls] == [gpb.JOB_STATUS_QUEUED] * 3
+            assert process.process is not None
+            started = time.monotonic()
+            process.process.send_signal(signal.SIGTERM)
+            assert await asyncio.gather(*(_rest(c) for c in calls)) == [[]] * 3
+            assert {await c.code() for c in calls} == {grpc.StatusCode.OK}
+            code = await loop.run_in_executor(None, process.process.wait, grace + 10)
+            elapsed = time.monotonic() - started
+        assert code == 0 and elapsed < grace / 4, f"exit {code} after {elapsed:.1f}s\n{process.logs()[-1500:]}"
+        process.process = None
+    finally:
+        process.stop()
 
 
 @pytest.mark.parametrize(
