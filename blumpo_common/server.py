@@ -56,6 +56,8 @@ class Service:
     register: Callable[[grpc.aio.Server], None]
     # Long-running tasks (reconcilers, listeners) started with the server.
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=tuple)
+    # Told that shutdown started, before calls in flight are waited for (e.g. to end open streams).
+    on_shutdown: Sequence[Callable[[], None]] = field(default_factory=tuple)
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -227,10 +229,13 @@ class RunningServer:
     port: int
     health: HealthServicer
     tasks: list[asyncio.Task[None]]
+    on_shutdown: Sequence[Callable[[], None]] = ()
 
     async def stop(self, grace_seconds: float) -> None:
         """Refuses new calls, lets calls in flight finish, then stops background work."""
         await self.health.enter_graceful_shutdown()
+        for hook in self.on_shutdown:
+            hook()
         await self.server.stop(grace_seconds)
         for task in self.tasks:
             task.cancel()
@@ -263,7 +268,7 @@ async def start(service: Service, pool: asyncpg.Pool, listen_addr: str) -> Runni
     await server.start()
     tasks = [asyncio.create_task(watch_database(pool, health_servicer, names))]
     tasks += [asyncio.create_task(job()) for job in service.background]
-    return RunningServer(server, port, health_servicer, tasks)
+    return RunningServer(server, port, health_servicer, tasks, service.on_shutdown)
 
 
 async def serve(service: Service, pool: asyncpg.Pool, config: ServerConfig) -> None:

@@ -14,6 +14,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from blumpo.generation.v1 import generation_pb2 as pb
 from blumpo.generation.v1 import generation_pb2_grpc
 from blumpo_common import pagination
+from blumpo_common.callers import caller_of
 from blumpo_common.enums import ProtoEnum
 from blumpo_common.server import Context
 from blumpo_common.timestamps import from_proto, to_proto
@@ -22,7 +23,7 @@ from generation_service import errors, rules
 from generation_service.charging import Charger, request_digest
 from generation_service.model import Asset, Image, ImageFormat, Job, JobState, NewAsset, NewJob, Variant, VariantKind
 from generation_service.store import Store
-from generation_service.watch import Hub, WatcherLimitError
+from generation_service.watch import Hub, NoSuchJobError, WatcherLimitError
 
 MAX_PROMPT = 4000
 MAX_ERROR_MESSAGE = 2000
@@ -260,16 +261,13 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         check = Checker()
         job_id = check.uuid("job_id", request.job_id)
         check.done()
-        await self._visible_job(job_id)  # NOT_FOUND before the stream starts
-
-        async def read() -> Job:
-            return await self._visible_job(job_id)
-
         try:
-            async for job in self.hub.watch(job_id, read):
+            async for job in self.hub.watch(job_id, caller_of(context)):
                 yield pb.WatchGenerationJobResponse(job=job_message(job))
-        except WatcherLimitError:
-            raise errors.too_many_watchers() from None
+        except WatcherLimitError as exc:
+            raise errors.too_many_watchers(exc.limit, exc.allowed) from None
+        except NoSuchJobError:
+            raise errors.job_not_found(job_id) from None
 
     async def AttachAssetToJob(
         self, request: pb.AttachAssetToJobRequest, context: Context

@@ -16,6 +16,7 @@ from blumpo_common.config import (
 )
 from blumpo_common.retry import RetryPolicy
 from generation_service.charging import UNANSWERED_HOLD_SECONDS, ReconcilerSettings
+from generation_service.watch import WatchSettings
 
 PORT = 50052
 METRICS_PORT = 9152
@@ -28,6 +29,7 @@ class Config:
     token_service_target: str
     token_retry: RetryPolicy
     reconciler: ReconcilerSettings
+    watch: WatchSettings
 
 
 def load(env: Mapping[str, str]) -> Config:
@@ -46,10 +48,17 @@ def load(env: Mapping[str, str]) -> Config:
         raise ConfigError(
             f"CHARGE_CLAIM_MS must exceed TOKEN_CALL_BUDGET_MS by more than {UNANSWERED_HOLD_SECONDS * 1000:.0f}"
         )
+    default = WatchSettings()
+    watch = WatchSettings(
+        max_per_caller=integer(env, "WATCH_MAX_PER_CALLER", default.max_per_caller, 1, 1_000_000),
+        max_total=integer(env, "WATCH_MAX_TOTAL", default.max_total, 1, 1_000_000),
+        idle_seconds=integer(env, "WATCH_IDLE_SECONDS", int(default.idle_seconds), 1, 86_400),
+    )
     return Config(
         database=load_database(env, role="generation_service", search_path="generation"),
         server=load_server(env, "GENERATION", PORT, METRICS_PORT),
         token_service_target=address(env, "TOKEN_SERVICE_TARGET", "localhost:50051"),
         token_retry=token_retry,
         reconciler=reconciler,
+        watch=watch,
     )

@@ -126,5 +126,19 @@ def charge_refused(job_id: uuid.UUID, user_id: uuid.UUID, outcome: Outcome) -> S
     )
 
 
-def too_many_watchers() -> ServiceError:
-    return _error(grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WATCHERS", "too many watched jobs; retry later")
+# Long enough for another of the caller's streams to end, short enough to come back soon.
+WATCH_RETRY_SECONDS = 5
+
+
+def too_many_watchers(limit: str, allowed: int) -> ServiceError:
+    """limit is "caller" (this caller's open streams) or "process" (all callers' together)."""
+    whose = "this caller holds" if limit == "caller" else "this server holds"
+    error = _error(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "TOO_MANY_WATCHERS",
+        f"{whose} {allowed} open watch streams, its limit; end one or retry later",
+        limit=limit,
+        allowed=allowed,
+    )
+    error.retry_delay_seconds = WATCH_RETRY_SECONDS
+    return error

@@ -21,7 +21,7 @@ from generation_service.api import GenerationApi
 from generation_service.charging import Charger, Reconciler, ReconcilerSettings
 from generation_service.store import Store
 from generation_service.token_client import TokenClient
-from generation_service.watch import Hub
+from generation_service.watch import Hub, WatchSettings
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
@@ -40,10 +40,11 @@ def parts(
     token_channel: grpc.aio.Channel,
     policy: RetryPolicy,
     settings: ReconcilerSettings,
+    watch: WatchSettings | None = None,
 ) -> Parts:
     store = Store(pool, database.timeout_ms / 1000, settings.claim_seconds)
     charger = Charger(store, TokenClient(token_pb2_grpc.TokenServiceStub(token_channel), policy))
-    return Parts(store, charger, Reconciler(charger, settings), Hub(database))
+    return Parts(store, charger, Reconciler(charger, settings), Hub(database, store.get_job, watch or WatchSettings()))
 
 
 def service(p: Parts) -> server.Service:
@@ -57,14 +58,15 @@ def service(p: Parts) -> server.Service:
         full_name=SERVICE_NAME,
         error_domain=errors.DOMAIN,
         register=register,
-        background=(p.hub.run, p.reconciler.run),
+        background=(p.hub.run, p.hub.poll, p.reconciler.run),
+        on_shutdown=(p.hub.close,),
     )
 
 
 async def run(config: generation_config.Config) -> None:
     pool = await db.create_pool(config.database)
     async with grpc.aio.insecure_channel(config.token_service_target, options=retry.CHANNEL_OPTIONS) as channel:
-        wired = parts(pool, config.database, channel, config.token_retry, config.reconciler)
+        wired = parts(pool, config.database, channel, config.token_retry, config.reconciler, config.watch)
         await server.serve(service(wired), pool, config.server)
 
 
