@@ -102,6 +102,25 @@ def database_unavailable() -> ServiceError:
     )
 
 
+def overloaded(max_concurrent_calls: int) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "OVERLOADED",
+        f"the service is serving its maximum of {max_concurrent_calls} calls; retry later",
+        {"max_concurrent_calls": str(max_concurrent_calls)},
+        retry_delay_seconds=RETRY_AFTER_OUTAGE_SECONDS,
+    )
+
+
+def shutting_down() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "SHUTTING_DOWN",
+        "the server is shutting down; retry, another one will answer",
+        retry_delay_seconds=RETRY_AFTER_OUTAGE_SECONDS,
+    )
+
+
 def from_exception(exc: BaseException) -> ServiceError | None:
     """Maps a failure below the domain (database, network) to a retryable status; None for a bug."""
     if isinstance(exc, (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)):

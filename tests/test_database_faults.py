@@ -1,4 +1,5 @@
-"""The database failing under load: sessions cut with pg_terminate_backend, the server restarted.
+"""The database failing under load (sessions cut with pg_terminate_backend, the server restarted)
+or too busy to give a call a connection in time.
 
 Every answer is a success or a retryable code with RetryInfo (never INTERNAL or UNKNOWN), the
 services keep running and serve the next call, and no money goes astray: what a client was told
@@ -11,7 +12,7 @@ import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import asyncpg
@@ -19,15 +20,19 @@ import grpc
 import pytest
 
 from blumpo.generation.v1 import generation_pb2_grpc
+from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
+from blumpo_common import server
+from blumpo_common.db import create_pool
 from harness import databases
 from harness.cluster import PrivateCluster
 from harness.processes import ServiceProcess, free_port
 from tests import support
+from tests.conftest import database_config
 from tests.generation_support import GenerationStub, TokenStub, ledger_matches_jobs
 from tests.mixed_load import MixedLoad, acknowledged_entries_kept
-
-pytestmark = pytest.mark.slow
+from token_service.server import service as token_service
+from token_service.store import Store as TokenStore
 
 CLIENTS = 32
 USERS = 4
@@ -81,6 +86,30 @@ async def _nothing_lost(admin: asyncpg.Connection, token: TokenStub, load: Mixed
     await ledger_matches_jobs(admin, token, load.users)
 
 
+async def test_no_free_connection_in_time_is_unavailable_and_the_next_call_works(
+    database_url: str, token: TokenStub
+) -> None:
+    """A call that finds the pool taken waits for a connection no longer than its timeout (here
+    DB_TIMEOUT, 0.3 s), and is then UNAVAILABLE with RetryInfo, not left waiting."""
+    user_id = await support.user_with_balance(token, 5)
+    pool = await create_pool(replace(database_config(database_url, "token_service", "token"), pool_size=1))
+    running = await server.start(token_service(TokenStore(pool, 0.3)), pool, "127.0.0.1:0")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub: TokenStub = token_pb2_grpc.TokenServiceStub(channel)
+            request = tpb.GetTokenBalanceRequest(user_id=user_id)
+            async with pool.acquire():  # the pool's only connection
+                error = await support.expect_error(
+                    stub.GetTokenBalance(request, timeout=10), grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE"
+                )
+            assert support.retry_delay_seconds(error) >= 1
+            assert (await stub.GetTokenBalance(request, timeout=10)).balance == 5
+    finally:
+        await running.stop(1)
+        await pool.close()
+
+
+@pytest.mark.slow
 async def test_sessions_cut_during_calls_answer_retryable_and_lose_nothing(
     database_url: str, token: TokenStub, generation: GenerationStub, admin: asyncpg.Connection
 ) -> None:
@@ -97,7 +126,7 @@ async def test_sessions_cut_during_calls_answer_retryable_and_lose_nothing(
     assert load.broken == [], load.broken[:10]
     # The cuts hit calls in flight, and the load went on between them.
     assert rounds > 10 and cut > 10, (rounds, cut)
-    assert load.codes["UNAVAILABLE"] > 0 and load.codes["OK"] > 200, load.codes
+    assert load.codes["UNAVAILABLE"] > 0 and load.codes["OK"] > 50, load.codes
     await load.check_every_call_works()
     await _nothing_lost(admin, token, load)
 
@@ -155,6 +184,7 @@ async def deployment(tmp_path: Path) -> AsyncIterator[_Deployment]:
         await asyncio.to_thread(cluster.destroy)
 
 
+@pytest.mark.slow
 async def test_postgres_restarted_under_load_is_survived_without_restarting_the_services(
     deployment: _Deployment,
 ) -> None:
