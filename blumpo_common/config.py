@@ -38,12 +38,18 @@ class DatabaseConfig:
     search_path: str
 
 
+# Calls one server runs at once (MAX_CONCURRENT_CALLS): five per pooled connection at the
+# default pool size, so a queue for the pool stays a few statements long.
+DEFAULT_MAX_CONCURRENT_CALLS = 100
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     listen_addr: str
     metrics_addr: str
     log_level: str
     shutdown_grace_seconds: float
+    max_concurrent_calls: int
     # The settings the addresses came from, to name them when one cannot be used.
     listen_setting: str
     metrics_setting: str
@@ -118,6 +124,7 @@ def load_server(env: Mapping[str, str], prefix: str, port: int, metrics_port: in
         metrics_addr=address(env, metrics_setting, f"0.0.0.0:{metrics_port}"),
         log_level=level,
         shutdown_grace_seconds=integer(env, "SHUTDOWN_GRACE_SECONDS", 10, 0, 300),
+        max_concurrent_calls=integer(env, "MAX_CONCURRENT_CALLS", DEFAULT_MAX_CONCURRENT_CALLS, 1, 100_000),
         listen_setting=listen_setting,
         metrics_setting=metrics_setting,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
+import asyncpg.exceptions._base
 import asyncpg.pool
 
 from blumpo_common.config import DatabaseConfig
@@ -22,6 +24,39 @@ Connection: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionPr
 
 # Monotonic deadline of the gRPC call being served, set by the server interceptor.
 call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("call_deadline", default=None)
+
+
+class PoolTimeoutError(Exception):
+    """No pooled connection could be had before the call's deadline (or DB_TIMEOUT)."""
+
+
+# The connection, or the server behind it, failed: the statement may or may not have run, and
+# the connection is of no further use. Errors of the request itself (bad parameters) are not here.
+_CONNECTION_FAILURES: tuple[type[BaseException], ...] = (
+    PoolTimeoutError,
+    asyncpg.PostgresConnectionError,  # class 08, and a connection closed mid-statement
+    asyncpg.AdminShutdownError,  # 57P01: pg_terminate_backend, a fast shutdown
+    asyncpg.CrashShutdownError,  # 57P02
+    asyncpg.CannotConnectNowError,  # 57P03: starting up or shutting down
+    asyncpg.TooManyConnectionsError,  # 53300
+    # A backend that went away mid-message leaves the protocol in a state no statement can run in.
+    asyncpg.InternalClientError,
+    asyncpg.InterfaceError,
+    ConnectionError,
+    OSError,
+)
+_REQUEST_FAULTS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions._base.DataError,  # a parameter the codec cannot encode
+    asyncpg.exceptions._base.ClientConfigurationError,
+    asyncpg.exceptions._base.UnsupportedClientFeatureError,
+    asyncpg.exceptions._base.UnsupportedServerFeatureError,
+)
+
+
+def connection_failed(exc: BaseException) -> bool:
+    """Whether exc says the database connection failed (the call may be retried), not the request."""
+    return isinstance(exc, _CONNECTION_FAILURES) and not isinstance(exc, _REQUEST_FAULTS)
+
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 # `:name` parameters; `::type` casts are not parameters.
@@ -130,29 +165,69 @@ class BaseStore:
         query = self.queries[name]
         return query.sql, query.args(args, named)
 
-    def _on(self, conn: Connection | None) -> Connection | asyncpg.Pool:
-        return conn if conn is not None else self.pool
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection, waited for no longer than the call's deadline (or DB_TIMEOUT).
+
+        A connection that failed is closed rather than given back: the next call gets a sound
+        one, and no reset is tried on a protocol the lost backend left midway."""
+        try:
+            conn = await self.pool.acquire(timeout=self.timeout())
+        except TimeoutError:
+            raise PoolTimeoutError("no database connection became free in time") from None
+        try:
+            yield conn
+        except BaseException as exc:
+            if connection_failed(exc):
+                # InterfaceError: asyncpg saw the loss first and has given the connection back.
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    conn.terminate()
+            raise
+        finally:
+            await self._release(conn)
+
+    async def _release(self, conn: Connection) -> None:
+        try:
+            await self.pool.release(conn)  # type: ignore[arg-type]
+        except Exception as exc:
+            # The backend went away after the statement: asyncpg closed the connection when its
+            # reset failed, and the statement's own outcome (done, or its error) is the answer.
+            if not connection_failed(exc):
+                raise
+
+    @asynccontextmanager
+    async def _on(self, conn: Connection | None) -> AsyncIterator[Connection]:
+        """The caller's connection when given, else one of the pool's for one statement."""
+        if conn is not None:
+            yield conn
+        else:
+            async with self.connection() as own:
+                yield own
 
     async def fetch(self, name: str, *args: Any, conn: Connection | None = None, **named: Any) -> list[asyncpg.Record]:
         sql, values = self._prepare(name, args, named)
-        return await self._on(conn).fetch(sql, *values, timeout=self.timeout())
+        async with self._on(conn) as on:
+            return await on.fetch(sql, *values, timeout=self.timeout())
 
     async def fetchrow(
         self, name: str, *args: Any, conn: Connection | None = None, **named: Any
     ) -> asyncpg.Record | None:
         sql, values = self._prepare(name, args, named)
-        return await self._on(conn).fetchrow(sql, *values, timeout=self.timeout())
+        async with self._on(conn) as on:
+            return await on.fetchrow(sql, *values, timeout=self.timeout())
 
     async def fetchval(self, name: str, *args: Any, conn: Connection | None = None, **named: Any) -> Any:
         sql, values = self._prepare(name, args, named)
-        return await self._on(conn).fetchval(sql, *values, timeout=self.timeout())
+        async with self._on(conn) as on:
+            return await on.fetchval(sql, *values, timeout=self.timeout())
 
     async def execute(self, name: str, *args: Any, conn: Connection | None = None, **named: Any) -> str:
         sql, values = self._prepare(name, args, named)
-        return await self._on(conn).execute(sql, *values, timeout=self.timeout())
+        async with self._on(conn) as on:
+            return await on.execute(sql, *values, timeout=self.timeout())
 
     @asynccontextmanager
     async def transaction(self, **options: Any) -> AsyncIterator[Connection]:
         """A pooled connection in a transaction: committed on exit, rolled back on an exception."""
-        async with self.pool.acquire(timeout=self.timeout()) as conn, conn.transaction(**options):
+        async with self.connection() as conn, conn.transaction(**options):
             yield conn

@@ -19,6 +19,8 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from blumpo_common import db
+
 
 @dataclass
 class ServiceError(Exception):
@@ -86,34 +88,55 @@ def detail_of(error: grpc.aio.AioRpcError, kind: type[D]) -> D | None:
     return None
 
 
-_UNAVAILABLE = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.InterfaceError,
-    ConnectionError,
-    OSError,
-)
+# How long a caller should wait before trying again (google.rpc.RetryInfo).
+RETRY_AFTER_COLLISION_SECONDS = 0
+RETRY_AFTER_OUTAGE_SECONDS = 1
+
+
+def database_unavailable() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "DATABASE_UNAVAILABLE",
+        "the database is unreachable; retry later",
+        retry_delay_seconds=RETRY_AFTER_OUTAGE_SECONDS,
+    )
+
+
+def overloaded(max_concurrent_calls: int) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "OVERLOADED",
+        f"the service is serving its maximum of {max_concurrent_calls} calls; retry later",
+        {"max_concurrent_calls": str(max_concurrent_calls)},
+        retry_delay_seconds=RETRY_AFTER_OUTAGE_SECONDS,
+    )
+
+
+def shutting_down() -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        "SHUTTING_DOWN",
+        "the server is shutting down; retry, another one will answer",
+        retry_delay_seconds=RETRY_AFTER_OUTAGE_SECONDS,
+    )
 
 
 def from_exception(exc: BaseException) -> ServiceError | None:
-    """Maps a failure below the domain (database, network) to a retryable status."""
+    """Maps a failure below the domain (database, network) to a retryable status; None for a bug."""
     if isinstance(exc, (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)):
         return ServiceError(
             grpc.StatusCode.ABORTED,
             "CONCURRENT_UPDATE",
             "the operation collided with a concurrent one; retry it",
+            retry_delay_seconds=RETRY_AFTER_COLLISION_SECONDS,
         )
     if isinstance(exc, (asyncpg.QueryCanceledError, asyncio.TimeoutError)):
         return ServiceError(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             "DATABASE_TIMEOUT",
             "the database did not answer in time; retry later",
+            retry_delay_seconds=RETRY_AFTER_OUTAGE_SECONDS,
         )
-    if isinstance(exc, _UNAVAILABLE):
-        return ServiceError(
-            grpc.StatusCode.UNAVAILABLE,
-            "DATABASE_UNAVAILABLE",
-            "the database is unreachable; retry later",
-        )
+    if db.connection_failed(exc):
+        return database_unavailable()
     return None

@@ -7,6 +7,7 @@ database failure) into a status with details, logs the call and counts it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -25,7 +26,8 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from blumpo_common import db, logs
-from blumpo_common.config import ConfigError, ServerConfig, exit_on
+from blumpo_common.admission import Admission
+from blumpo_common.config import DEFAULT_MAX_CONCURRENT_CALLS, ConfigError, ServerConfig, exit_on
 from blumpo_common.errors import ServiceError, from_exception, to_status
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,11 @@ HANDLED = prometheus_client.Counter(
 LATENCY = prometheus_client.Histogram("grpc_server_handling_seconds", "Time to complete an RPC, by method.", ["method"])
 HEALTH_PROBE_SECONDS = 2.0
 MAX_REQUEST_ID = 128
+# Health answers whatever the load and through a drain: it is how others learn of both.
+HEALTH_METHODS = "/grpc.health."
+# After the last call in flight returned, how long gRPC may take to write the answers out at
+# shutdown; streams still open then (watchers) are ended with UNAVAILABLE.
+ANSWER_FLUSH_SECONDS = 1.0
 
 
 @dataclass
@@ -61,10 +68,12 @@ class Service:
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Maps errors to statuses, sets the request id and deadline, logs and counts each call."""
+    """Maps errors to statuses, sets the request id and deadline, logs and counts each call, and
+    admits it: unary calls up to the admission's bound, none while draining."""
 
-    def __init__(self, error_domain: str) -> None:
+    def __init__(self, error_domain: str, admission: Admission) -> None:
         self.error_domain = error_domain
+        self.admission = admission
 
     async def intercept_service(
         self,
@@ -76,12 +85,14 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or method.startswith("/grpc.reflection."):
             return handler
         deserialize = _tolerant(handler.request_deserializer)
+        admission = None if method.startswith(HEALTH_METHODS) else self.admission
         if handler.unary_unary:
             unary: Any = handler.unary_unary
 
             async def unary_call(request: Any, context: Context) -> Any:
                 async with self._call(method, context):
-                    return await unary(_decoded(request), context)
+                    with admission.admit() if admission is not None else contextlib.nullcontext():
+                        return await unary(_decoded(request), context)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_call,
@@ -91,8 +102,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler.unary_stream:
             stream: Any = handler.unary_stream
 
+            # Streams (watchers) hold no connection while they wait, so they do not count
+            # against the bound; they have their own (MAX_WATCHERS).
             async def stream_call(request: Any, context: Context) -> AsyncIterator[Any]:
                 async with self._call(method, context):
+                    if admission is not None:
+                        admission.check_open()
                     async for response in stream(_decoded(request), context):
                         yield response
 
@@ -228,15 +243,25 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     health: HealthServicer
+    admission: Admission
     tasks: list[asyncio.Task[None]]
     on_shutdown: Sequence[Callable[[], None]] = ()
 
     async def stop(self, grace_seconds: float) -> None:
-        """Refuses new calls, lets calls in flight finish, then stops background work."""
+        """Drains, then stops: health says NOT_SERVING first; new calls are refused with
+        UNAVAILABLE while the calls in flight get grace_seconds to finish; then the server stops
+        listening (cutting what still runs) and background work is stopped."""
+        started = time.monotonic()
         await self.health.enter_graceful_shutdown()
+        # Streams that would otherwise run on (watchers) end now, so the drain waits only for calls.
         for hook in self.on_shutdown:
             hook()
-        await self.server.stop(grace_seconds)
+        if not await self.admission.drain(grace_seconds):
+            log.warning(
+                "calls still in flight after the grace period are cut", extra={"calls": self.admission.in_flight}
+            )
+        left = max(0.0, grace_seconds - (time.monotonic() - started))
+        await self.server.stop(min(left, ANSWER_FLUSH_SECONDS))
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -253,9 +278,15 @@ def _check_bindable(address: str) -> None:
         sock.bind(sockaddr)
 
 
-async def start(service: Service, pool: asyncpg.Pool, listen_addr: str) -> RunningServer:
+async def start(
+    service: Service,
+    pool: asyncpg.Pool,
+    listen_addr: str,
+    max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS,
+) -> RunningServer:
     """Serves the service on listen_addr; OSError when that address cannot be used."""
-    server = grpc.aio.server(interceptors=[CallInterceptor(service.error_domain)])
+    admission = Admission(max_concurrent_calls)
+    server = grpc.aio.server(interceptors=[CallInterceptor(service.error_domain, admission)])
     service.register(server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -268,7 +299,7 @@ async def start(service: Service, pool: asyncpg.Pool, listen_addr: str) -> Runni
     await server.start()
     tasks = [asyncio.create_task(watch_database(pool, health_servicer, names))]
     tasks += [asyncio.create_task(job()) for job in service.background]
-    return RunningServer(server, port, health_servicer, tasks, service.on_shutdown)
+    return RunningServer(server, port, health_servicer, admission, tasks, service.on_shutdown)
 
 
 async def serve(service: Service, pool: asyncpg.Pool, config: ServerConfig) -> None:
@@ -281,7 +312,7 @@ async def serve(service: Service, pool: asyncpg.Pool, config: ServerConfig) -> N
     except OSError as exc:
         exit_on(service.name, ConfigError(f"{config.metrics_setting} {config.metrics_addr} cannot be used: {exc}"))
     try:
-        running = await start(service, pool, config.listen_addr)
+        running = await start(service, pool, config.listen_addr, config.max_concurrent_calls)
     except OSError as exc:
         exit_on(service.name, ConfigError(f"{config.listen_setting} {config.listen_addr} cannot be used: {exc}"))
     log.info("serving", extra={"grpc_service": service.full_name, "listen": config.listen_addr, "port": running.port})

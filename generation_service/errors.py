@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import grpc
 
-from blumpo_common.errors import ServiceError, not_found
+from blumpo_common.errors import RETRY_AFTER_OUTAGE_SECONDS, ServiceError, not_found
 from generation_service.model import JobState, VariantKind
 from generation_service.token_client import Outcome
 
@@ -84,13 +84,15 @@ def job_id_reused(job_id: uuid.UUID) -> ServiceError:
 
 
 def charge_unconfirmed(job_id: uuid.UUID, outcome: Outcome) -> ServiceError:
-    return _error(
+    error = _error(
         grpc.StatusCode.UNAVAILABLE,
         "TOKEN_SERVICE_UNAVAILABLE",
         f"the token service did not confirm the charge of job {job_id} ({outcome.code.name}); "
         "retry with the same job_id, it will not be charged twice",
         job_id=job_id,
     )
+    error.retry_delay_seconds = RETRY_AFTER_OUTAGE_SECONDS
+    return error
 
 
 def charge_in_progress(job_id: uuid.UUID) -> ServiceError:
@@ -101,7 +103,7 @@ def charge_in_progress(job_id: uuid.UUID) -> ServiceError:
         "it will not be charged twice",
         job_id=job_id,
     )
-    error.retry_delay_seconds = 1
+    error.retry_delay_seconds = RETRY_AFTER_OUTAGE_SECONDS
     return error
 
 

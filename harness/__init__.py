@@ -1,4 +1,5 @@
-"""What the tests and the benchmarks share: scratch databases and services run as processes."""
+"""What the tests and the benchmarks share: scratch databases, services run as processes, a private
+PostgreSQL server to restart and a proxy to make the database slow or silent."""
 
 from pathlib import Path
 

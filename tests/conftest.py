@@ -56,6 +56,11 @@ async def admin(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
+# The race tests fire a few hundred calls at one server at once, past the default bound on
+# concurrent calls; the overload tests run servers of their own with a low one.
+MAX_CONCURRENT_CALLS = 1000
+
+
 def database_config(url: str, role: str, search_path: str) -> DatabaseConfig:
     return DatabaseConfig(url=url, pool_size=20, timeout_ms=30000, role=role, search_path=search_path)
 
@@ -63,7 +68,7 @@ def database_config(url: str, role: str, search_path: str) -> DatabaseConfig:
 @pytest.fixture(scope="module")
 async def token_address(database_url: str) -> AsyncIterator[str]:
     pool = await create_pool(database_config(database_url, "token_service", "token"))
-    running = await server.start(token_service(TokenStore(pool, 30.0)), pool, "127.0.0.1:0")
+    running = await server.start(token_service(TokenStore(pool, 30.0)), pool, "127.0.0.1:0", MAX_CONCURRENT_CALLS)
     yield f"127.0.0.1:{running.port}"
     await running.stop(1)
     await pool.close()
@@ -92,7 +97,9 @@ async def generation_parts(database_url: str, token_address: str) -> AsyncIterat
 
 @pytest.fixture(scope="module")
 async def generation_address(generation_parts: GenerationParts) -> AsyncIterator[str]:
-    running = await server.start(generation_service(generation_parts), generation_parts.store.pool, "127.0.0.1:0")
+    running = await server.start(
+        generation_service(generation_parts), generation_parts.store.pool, "127.0.0.1:0", MAX_CONCURRENT_CALLS
+    )
     yield f"127.0.0.1:{running.port}"
     await running.stop(1)
 

@@ -77,3 +77,37 @@ async def drain_queue(generation: GenerationStub, limit: int = 10_000) -> int:
         if not claim.HasField("job"):
             return drained
     raise AssertionError("the queue did not drain")
+
+
+async def ledger_matches_jobs(admin: asyncpg.Connection, token: TokenStub, users: list[str]) -> None:
+    """Each job of the users has exactly the debit and refund its state calls for, every generation
+    entry has its job, and each balance agrees with the ledger."""
+    jobs = await admin.fetch(
+        "SELECT id::text AS id, status, tokens_cost FROM generation.generation_job WHERE user_id = ANY($1::uuid[])",
+        [uuid.UUID(u) for u in users],
+    )
+    entries = await admin.fetch(
+        "SELECT reference_id, delta, reason FROM token.token_ledger"
+        " WHERE user_id = ANY($1::uuid[]) AND reason LIKE 'GENERATION%'",
+        [uuid.UUID(u) for u in users],
+    )
+    by_ref: dict[str, list[asyncpg.Record]] = {}
+    for entry in entries:
+        by_ref.setdefault(entry["reference_id"], []).append(entry)
+    job_ids = {j["id"] for j in jobs}
+    for job in jobs:
+        debits = by_ref.get(job["id"], [])
+        refunds = by_ref.get(f"{job['id']}:refund", [])
+        if job["status"] == "REJECTED":
+            assert (debits, refunds) == ([], []), job
+        elif job["status"] == "FAILED":
+            assert [d["delta"] for d in debits] == [-job["tokens_cost"]], job
+            assert [r["delta"] for r in refunds] == [job["tokens_cost"]], job
+        else:
+            assert job["status"] in ("QUEUED", "RUNNING", "SUCCEEDED"), job
+            assert [d["delta"] for d in debits] == [-job["tokens_cost"]], job
+            assert refunds == [], job
+    for reference in by_ref:
+        assert reference.removesuffix(":refund") in job_ids, f"ledger entry {reference} has no job"
+    for user_id in users:
+        await no_mismatches(token, user_id)

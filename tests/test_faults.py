@@ -29,7 +29,7 @@ from blumpo.generation.v1 import generation_pb2_grpc
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
 from harness import databases
-from harness.postgres import PrivateServer
+from harness.cluster import PrivateCluster
 from harness.processes import ServiceProcess, free_port
 from tests.support import GenerationStub, TokenStub
 
@@ -117,9 +117,8 @@ class Services:
 
 
 @pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[tuple[PrivateServer, str, Services]]:
-    server = PrivateServer(free_port())
-    server.init()
+async def world(tmp_path: Path) -> AsyncIterator[tuple[PrivateCluster, str, Services]]:
+    server = PrivateCluster()
     server.start()
     url = server.url("blumpo_faults")
     databases.dbmate(url, "up")
@@ -131,7 +130,7 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[PrivateServer, str, Servi
     finally:
         services.generation.stop()
         services.token.stop()
-        server.stop()
+        server.destroy()
 
 
 async def restart(process: ServiceProcess) -> None:
@@ -140,7 +139,7 @@ async def restart(process: ServiceProcess) -> None:
     await process.start()
 
 
-async def inject_faults(server: PrivateServer, url: str, services: Services, history: History, until: float) -> None:
+async def inject_faults(server: PrivateCluster, url: str, services: Services, history: History, until: float) -> None:
     """Kills, cuts and restarts on a random beat; PostgreSQL is restarted once, mid-run."""
     kinds = ["kill token", "kill generation", "cut backends"]
     restarted = False
@@ -289,7 +288,7 @@ async def violations(url: str, history: History) -> dict[str, list[Any]]:
 
 
 async def test_money_and_acknowledged_writes_survive_kills_cuts_and_a_restart(
-    world: tuple[PrivateServer, str, Services],
+    world: tuple[PrivateCluster, str, Services],
 ) -> None:
     server, url, services = world
     history = History()

@@ -26,7 +26,15 @@ from generation_service.server import parts, service
 from harness.processes import ServiceProcess, free_port
 from tests import support
 from tests.conftest import database_config
-from tests.generation_support import GenerationStub, TokenStub, balance, job_request, no_mismatches, references
+from tests.generation_support import (
+    GenerationStub,
+    TokenStub,
+    balance,
+    job_request,
+    ledger_matches_jobs,
+    no_mismatches,
+    references,
+)
 
 pytestmark = pytest.mark.slow
 WAIT_SECONDS = 20.0
@@ -192,7 +200,7 @@ async def test_generation_service_killed_mid_burst(
     finally:
         process.stop()
     assert outcomes["ok"] > 0 and outcomes["failed"] > 0, outcomes
-    await _check_ledger_matches_jobs(admin, token, users)
+    await ledger_matches_jobs(admin, token, users)
 
 
 async def _unfinished(admin: asyncpg.Connection, users: list[str]) -> dict[str, int]:
@@ -237,35 +245,3 @@ async def _burst_then_kill(generation: GenerationStub, users: list[str], process
     process.kill(signal.SIGKILL)
     await asyncio.wait_for(asyncio.gather(*tasks), WAIT_SECONDS)
     return outcomes
-
-
-async def _check_ledger_matches_jobs(admin: asyncpg.Connection, token: TokenStub, users: list[str]) -> None:
-    jobs = await admin.fetch(
-        "SELECT id::text AS id, status, tokens_cost FROM generation.generation_job WHERE user_id = ANY($1::uuid[])",
-        [uuid.UUID(u) for u in users],
-    )
-    entries = await admin.fetch(
-        "SELECT reference_id, delta, reason FROM token.token_ledger"
-        " WHERE user_id = ANY($1::uuid[]) AND reason LIKE 'GENERATION%'",
-        [uuid.UUID(u) for u in users],
-    )
-    by_ref: dict[str, list[asyncpg.Record]] = {}
-    for entry in entries:
-        by_ref.setdefault(entry["reference_id"], []).append(entry)
-    job_ids = {j["id"] for j in jobs}
-    for job in jobs:
-        debits = by_ref.get(job["id"], [])
-        refunds = by_ref.get(f"{job['id']}:refund", [])
-        if job["status"] == "REJECTED":
-            assert (debits, refunds) == ([], []), job
-        elif job["status"] == "FAILED":
-            assert [d["delta"] for d in debits] == [-job["tokens_cost"]], job
-            assert [r["delta"] for r in refunds] == [job["tokens_cost"]], job
-        else:
-            assert job["status"] in ("QUEUED", "RUNNING", "SUCCEEDED"), job
-            assert [d["delta"] for d in debits] == [-job["tokens_cost"]], job
-            assert refunds == [], job
-    for reference in by_ref:
-        assert reference.removesuffix(":refund") in job_ids, f"ledger entry {reference} has no job"
-    for user_id in users:
-        await no_mismatches(token, user_id)

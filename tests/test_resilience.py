@@ -20,6 +20,7 @@ from blumpo.generation.v1 import generation_pb2_grpc
 from blumpo.token.v1 import token_pb2 as tpb
 from harness import ROOT
 from harness.processes import ServiceProcess, free_port
+from harness.tcp_proxy import TcpProxy
 from tests import support
 from tests.generation_support import GenerationStub, TokenStub, create_job, job_request
 
@@ -137,48 +138,6 @@ async def test_malformed_setting_is_one_line_exit_2(database_url: str, setting: 
     assert len(lines) == 1, stderr[-1500:]
 
 
-class _Proxy:
-    """A TCP forwarder to PostgreSQL that can be started late and cut: the database 'down'."""
-
-    def __init__(self, port: int, target_port: int) -> None:
-        self.port = port
-        self.target_port = target_port
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-        # Set: bytes are swallowed, nothing answers (a database host that went silent).
-        self.frozen = False
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self.writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    if self.frozen:
-                        continue
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            for w in self.writers:
-                w.close()
-            self.writers.clear()
-            await self.server.wait_closed()
-            self.server = None
-
-
 async def _health(address: str) -> int | None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -193,14 +152,10 @@ async def _health(address: str) -> int | None:
 async def test_sigterm_while_database_silent_exits_within_grace(
     database_url: str, token_address: str, token: TokenStub, tmp_path: Path
 ) -> None:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(database_url)
-    proxy = _Proxy(free_port(), parts.port or 5432)
+    proxy = TcpProxy(free_port(), database_url)
     await proxy.start()
-    proxied = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
     port = free_port()
-    env = _gen_env(proxied, token_address, port, SHUTDOWN_GRACE_SECONDS="1", LOG_LEVEL="INFO")
+    env = _gen_env(proxy.url, token_address, port, SHUTDOWN_GRACE_SECONDS="1", LOG_LEVEL="INFO")
     process = ServiceProcess("generation_service", env, port, tmp_path / "g.log")
     await process.start()
     loop = asyncio.get_running_loop()
@@ -252,17 +207,13 @@ async def test_health_is_not_serving_before_the_database_answered(
 ) -> None:
     """With the database host silent from the start, Health/Check never says SERVING (gRPC's
     HealthServicer would start with "" = SERVING)."""
-    from urllib.parse import urlsplit, urlunsplit
-
     from grpc_health.v1 import health_pb2
 
-    parts = urlsplit(database_url)
-    proxy = _Proxy(free_port(), parts.port or 5432)
+    proxy = TcpProxy(free_port(), database_url)
     proxy.frozen = True
     await proxy.start()
-    proxied = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
     port = free_port()
-    process = ServiceProcess("generation_service", _gen_env(proxied, token_address, port), port, tmp_path / "g.log")
+    process = ServiceProcess("generation_service", _gen_env(proxy.url, token_address, port), port, tmp_path / "g.log")
     process.spawn()
     loop = asyncio.get_running_loop()
     seen: list[int | None] = []

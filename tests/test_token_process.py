@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
+from blumpo_common.errors import detail_of
 from harness import ROOT
 from harness.processes import PROMPT_RECONNECT, ServiceProcess, free_port
 from tests import support
+from tests.mixed_load import acknowledged_entries_kept
 
 
 def read_metrics(port: int) -> str:
@@ -47,6 +54,7 @@ def token_process(tmp_path: Path, database_url: str) -> tuple[ServiceProcess, in
         ({"DB_TIMEOUT": "0"}, "DB_TIMEOUT must be between"),
         ({"TOKEN_LISTEN_ADDR": "nowhere"}, "TOKEN_LISTEN_ADDR must be host:port"),
         ({"LOG_LEVEL": "chatty"}, "LOG_LEVEL must be"),
+        ({"MAX_CONCURRENT_CALLS": "0"}, "MAX_CONCURRENT_CALLS must be between 1 and"),
     ],
 )
 def test_bad_setting_stops_start_up_with_one_clear_line(database_url: str, env: dict[str, str], complaint: str) -> None:
@@ -136,3 +144,132 @@ async def test_reports_not_serving_while_the_database_is_unreachable(tmp_path: P
             )
     finally:
         service.stop()
+
+
+HELD_CALLS = 5
+LOAD_CLIENTS = 16
+
+
+@dataclass
+class _Appends:
+    # Entries a client was told were written, by reference.
+    acknowledged: dict[str, int] = field(default_factory=dict)
+    # Answers by code name, and SHUTTING_DOWN for the refusals of a draining server.
+    codes: Counter[str] = field(default_factory=Counter)
+    broken: list[str] = field(default_factory=list)
+
+
+async def _append_until(stub: token_pb2_grpc.TokenServiceAsyncStub, users: list[str], stop: asyncio.Event) -> _Appends:
+    """Clients appending credits until stop. Each answer is OK or UNAVAILABLE: SHUTTING_DOWN with
+    RetryInfo while the server drains, without details once it no longer listens."""
+    seen = _Appends()
+
+    async def client(n: int) -> None:
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            reference = f"load-{n}-{i}"
+            request = tpb.AppendLedgerEntryRequest(
+                user_id=users[n % len(users)], delta=1, reason=tpb.LEDGER_REASON_ADJUSTMENT, reference_id=reference
+            )
+            try:
+                await stub.AppendLedgerEntry(request, timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                info = detail_of(exc, error_details_pb2.ErrorInfo)
+                seen.codes[info.reason if info else exc.code().name] += 1
+                refusal = info is None or (
+                    info.reason == "SHUTTING_DOWN" and detail_of(exc, error_details_pb2.RetryInfo) is not None
+                )
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or not refusal:
+                    seen.broken.append(f"{exc.code().name}: {exc.details()}")
+                await asyncio.sleep(0.05)
+            else:
+                seen.codes["OK"] += 1
+                seen.acknowledged[reference] = 1
+
+    await asyncio.gather(*(client(n) for n in range(LOAD_CLIENTS)))
+    return seen
+
+
+async def _health_seen(address: str, stop: asyncio.Event) -> list[int | None]:
+    """Health/Check answers every 20 ms until stop; None when it did not answer."""
+    seen: list[int | None] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while not stop.is_set():
+            try:
+                seen.append((await health.Check(health_pb2.HealthCheckRequest(), timeout=1)).status)
+            except grpc.aio.AioRpcError:
+                seen.append(None)
+            await asyncio.sleep(0.02)
+    return seen
+
+
+@pytest.mark.slow
+async def test_sigterm_under_load_drains_and_loses_nothing_acknowledged(
+    database_url: str, tmp_path: Path, admin: asyncpg.Connection, token: token_pb2_grpc.TokenServiceAsyncStub
+) -> None:
+    """SIGTERM while 16 clients append: health says NOT_SERVING and never SERVING again, new calls
+    are refused with UNAVAILABLE (SHUTTING_DOWN, RetryInfo), the calls in flight finish, the process
+    exits 0 within the grace period, and every entry a client was told of is in the ledger."""
+    service, _ = token_process(tmp_path, database_url)
+    service.env |= {"SHUTDOWN_GRACE_SECONDS": "10", "LOG_LEVEL": "WARNING"}
+    await service.start()
+    assert service.process is not None
+    try:
+        async with grpc.aio.insecure_channel(service.address) as channel:
+            stub = token_pb2_grpc.TokenServiceStub(channel)
+            users = [await support.user_with_balance(stub, 1_000_000) for _ in range(4)]
+            # Debits of a locked account: in flight, waiting, when SIGTERM arrives.
+            blocker = await asyncpg.connect(database_url)
+            locked = blocker.transaction()
+            await locked.start()
+            await blocker.execute(
+                "SELECT 1 FROM token.token_account WHERE user_id = $1 FOR UPDATE", uuid.UUID(users[0])
+            )
+            held = [
+                asyncio.ensure_future(
+                    stub.AppendLedgerEntry(
+                        tpb.AppendLedgerEntryRequest(
+                            user_id=users[0], delta=-1, reason=tpb.LEDGER_REASON_GENERATION, reference_id=f"held-{n}"
+                        ),
+                        timeout=20,
+                    )
+                )
+                for n in range(HELD_CALLS)
+            ]
+            stop = asyncio.Event()
+            health = asyncio.create_task(_health_seen(service.address, stop))
+            appending = asyncio.create_task(_append_until(stub, users[1:], stop))
+            await asyncio.sleep(1)
+            signalled = time.monotonic()
+            service.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1)
+            refused = await support.expect_error(
+                stub.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=users[1]), timeout=5),
+                grpc.StatusCode.UNAVAILABLE,
+                "SHUTTING_DOWN",
+            )
+            assert support.retry_delay_seconds(refused) >= 0
+            assert not any(call.done() for call in held)
+            await locked.rollback()
+            await blocker.close()
+            held_entries = [(await call).entry for call in held]
+            code = await asyncio.to_thread(service.process.wait, 20)
+            drained_in = time.monotonic() - signalled
+            stop.set()
+            seen = await health
+            load = await appending
+        assert code == 0 and drained_in < 10, (code, drained_in, service.logs())
+        service.process = None
+    finally:
+        service.stop()
+    assert [e.delta for e in held_entries] == [-1] * HELD_CALLS
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in seen, seen
+    after = seen[seen.index(health_pb2.HealthCheckResponse.NOT_SERVING) :]
+    assert health_pb2.HealthCheckResponse.SERVING not in after, seen
+    assert load.broken == [], load.broken[:10]
+    assert load.codes["OK"] > 0 and load.codes["SHUTTING_DOWN"] > 0, load.codes
+    await acknowledged_entries_kept(admin, load.acknowledged | {f"held-{n}": -1 for n in range(HELD_CALLS)})
+    for user_id in users:
+        assert list((await token.CheckBalances(tpb.CheckBalancesRequest(user_id=user_id))).mismatches) == []

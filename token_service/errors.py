@@ -11,7 +11,13 @@ from datetime import timedelta
 
 import grpc
 
-from blumpo_common.errors import ServiceError, invalid_argument, not_found
+from blumpo_common.errors import (
+    RETRY_AFTER_COLLISION_SECONDS,
+    RETRY_AFTER_OUTAGE_SECONDS,
+    ServiceError,
+    invalid_argument,
+    not_found,
+)
 from token_service.model import LedgerEntry
 
 
@@ -96,6 +102,7 @@ def otp_delivery_failed() -> ServiceError:
         grpc.StatusCode.UNAVAILABLE,
         "OTP_DELIVERY_FAILED",
         "the login code could not be sent; retry in a moment",
+        retry_delay_seconds=RETRY_AFTER_OUTAGE_SECONDS,
     )
 
 
@@ -105,4 +112,5 @@ def concurrent_signup() -> ServiceError:
         grpc.StatusCode.ABORTED,
         "CONCURRENT_UPDATE",
         "the user was created by a concurrent call; retry the verification",
+        retry_delay_seconds=RETRY_AFTER_COLLISION_SECONDS,
     )
