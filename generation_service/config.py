@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from blumpo_common.config import (
     ConfigError,
     DatabaseConfig,
+    PageTokenConfig,
     ServerConfig,
     address,
     integer,
+    is_development,
     load_database,
+    load_page_tokens,
     load_server,
 )
 from blumpo_common.retry import RetryPolicy
@@ -28,6 +31,7 @@ class Config:
     token_service_target: str
     token_retry: RetryPolicy
     reconciler: ReconcilerSettings
+    page_tokens: PageTokenConfig
 
 
 def load(env: Mapping[str, str]) -> Config:
@@ -52,4 +56,5 @@ def load(env: Mapping[str, str]) -> Config:
         token_service_target=address(env, "TOKEN_SERVICE_TARGET", "localhost:50051"),
         token_retry=token_retry,
         reconciler=reconciler,
+        page_tokens=load_page_tokens(env, is_development(env)),
     )

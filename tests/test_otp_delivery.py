@@ -68,8 +68,11 @@ async def until(condition_met: Callable[[], Awaitable[bool]], what: str, seconds
         await asyncio.sleep(0.02)
 
 
+SilentServer = tuple[support.TokenStub, SilentSmtp]
+
+
 @pytest.fixture
-async def silent_token_server(database_url: str) -> AsyncIterator[tuple[token_pb2_grpc.TokenServiceAsyncStub, SilentSmtp]]:
+async def silent_token_server(database_url: str) -> AsyncIterator[SilentServer]:
     """A token server (pool of 20) whose login codes go to a mail server that never answers."""
     pool = await create_pool(database_config(database_url, "token_service", "token"))
     store = TokenStore(pool, 30.0)
@@ -86,7 +89,7 @@ async def silent_token_server(database_url: str) -> AsyncIterator[tuple[token_pb
 
 
 async def test_a_mail_server_that_never_answers_leaves_other_calls_unaffected(
-    silent_token_server: tuple[token_pb2_grpc.TokenServiceAsyncStub, SilentSmtp], admin: asyncpg.Connection
+    silent_token_server: SilentServer, admin: asyncpg.Connection
 ) -> None:
     """30 RequestOtp calls wait on a mail server that accepts and never answers, more than the
     pool's 20 connections. Their challenges are committed before the mail goes out, so while

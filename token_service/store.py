@@ -133,9 +133,7 @@ class Store(db.BaseStore):
         was_active: bool | None = await self.fetchval("withdraw_otp", challenge_id, conn=conn)
         return bool(was_active)
 
-    async def reinstate_newest_otp(
-        self, email: str, max_attempts: int, *, conn: db.Connection | None = None
-    ) -> None:
+    async def reinstate_newest_otp(self, email: str, max_attempts: int, *, conn: db.Connection | None = None) -> None:
         await self.execute("reinstate_newest_otp", email, max_attempts, conn=conn)
 
     async def insert_otp(
