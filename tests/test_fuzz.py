@@ -71,7 +71,7 @@ TOKENS = settings(FUZZ, max_examples=40)
 
 # A refused call of these writes by design, so for them only INVALID_ARGUMENT must write nothing:
 # a wrong login code counts an attempt; a job the token service refuses is kept as REJECTED
-# (its job id stays taken).
+# (nothing charged or listed: docs/charging.md).
 RECORDED_REFUSALS = {"VerifyOtp", "CreateGenerationJob"}
 # A call cut short by its deadline may have written just before; it says nothing either way.
 NO_VERDICT = {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
