@@ -46,7 +46,8 @@ migrate-status: $(INSTALLED)
 schema: $(INSTALLED)
 	DATABASE_URL='$(DB_URL)' scripts/dump-schema
 
-# Development mode unless BLUMPO_ENV says otherwise: a fixed OTP secret and login codes in the log.
+# Development mode unless BLUMPO_ENV says otherwise: a fixed OTP secret, a page-token secret made up
+# per process, and login codes in the log.
 run: $(GENERATED)
 	@url='$(DB_URL)'; DATABASE_URL="$$url" $(DBMATE) --no-dump-schema up && \
 	  BLUMPO_ENV="$${BLUMPO_ENV:-development}" DATABASE_URL="$$url" scripts/run-services

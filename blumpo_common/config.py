@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import secrets
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 T = TypeVar("T")
+
+DEVELOPMENT = "development"
+MIN_SECRET_LENGTH = 32
+GENERATED_SECRET_BYTES = 32
 
 
 class ConfigError(Exception):
@@ -128,3 +133,37 @@ def load_server(env: Mapping[str, str], prefix: str, port: int, metrics_port: in
         listen_setting=listen_setting,
         metrics_setting=metrics_setting,
     )
+
+
+def is_development(env: Mapping[str, str]) -> bool:
+    """BLUMPO_ENV=development: development stand-ins (secrets, the log sender) are allowed."""
+    return env.get("BLUMPO_ENV", "").strip().lower() == DEVELOPMENT
+
+
+@dataclass(frozen=True)
+class PageTokenConfig:
+    secret: bytes = field(repr=False)
+    # True when PAGE_TOKEN_SECRET was not set (development only) and this process made one up:
+    # its page tokens do not survive a restart and no other replica accepts them.
+    generated: bool = False
+
+
+# Logged at start-up when load_page_tokens made the secret up.
+PAGE_TOKEN_SECRET_MADE_UP = (
+    "PAGE_TOKEN_SECRET is not set: page tokens are signed with a secret made up at start-up, so they "
+    "do not survive a restart and no other replica accepts them (BLUMPO_ENV=development only)"
+)
+
+
+def load_page_tokens(env: Mapping[str, str], development: bool) -> PageTokenConfig:
+    secret = env.get("PAGE_TOKEN_SECRET", "")
+    if not secret:
+        if not development:
+            raise ConfigError(
+                "PAGE_TOKEN_SECRET is not set (at least 32 random characters, the same for every replica "
+                "of the service; required outside development)"
+            )
+        return PageTokenConfig(secrets.token_bytes(GENERATED_SECRET_BYTES), generated=True)
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"PAGE_TOKEN_SECRET must be at least {MIN_SECRET_LENGTH} characters, got {len(secret)}")
+    return PageTokenConfig(secret.encode())

@@ -13,9 +13,9 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from blumpo.generation.v1 import generation_pb2 as pb
 from blumpo.generation.v1 import generation_pb2_grpc
-from blumpo_common import pagination
 from blumpo_common.callers import caller_of
 from blumpo_common.enums import ProtoEnum
+from blumpo_common.pagination import PageTokens, uuid_tiebreak
 from blumpo_common.server import Context
 from blumpo_common.timestamps import from_proto, to_proto
 from blumpo_common.validation import Checker
@@ -177,10 +177,11 @@ def asset_message(asset: Asset) -> pb.Asset:
 
 
 class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, store: Store, charger: Charger, hub: Hub) -> None:
+    def __init__(self, store: Store, charger: Charger, hub: Hub, pages: PageTokens) -> None:
         self.store = store
         self.charger = charger
         self.hub = hub
+        self.pages = pages
 
     async def CreateGenerationJob(
         self, request: pb.CreateGenerationJobRequest, context: Context
@@ -222,9 +223,9 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         page_size = check.page_size("page_size", request.page_size, default=50)
         check.done()
         scope = f"jobs:{user_id}:{','.join(statuses)}"
-        after = pagination.decode_after(scope, request.page_token, uuid.UUID)
+        after = self.pages.decode(scope, request.page_token, uuid_tiebreak)
         found = await self.store.list_jobs(user_id, statuses or sorted(rules.VISIBLE), after, page_size + 1)
-        jobs, token = pagination.page(scope, found, page_size, job_message, lambda j: (j.created_at, str(j.id)))
+        jobs, token = self.pages.page(scope, found, page_size, job_message, lambda j: (j.created_at, str(j.id)))
         return pb.ListGenerationJobsResponse(jobs=jobs, next_page_token=token)
 
     async def UpdateGenerationJobStatus(
@@ -327,9 +328,9 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         page_size = check.page_size("page_size", request.page_size, default=20)
         check.done()
         scope = f"assets:{user_id}"
-        after = pagination.decode_after(scope, request.page_token, uuid.UUID)
+        after = self.pages.decode(scope, request.page_token, uuid_tiebreak)
         found = await self.store.assets_for_user(user_id, after, page_size + 1)
-        assets, token = pagination.page(scope, found, page_size, asset_message, lambda a: (a.created_at, str(a.id)))
+        assets, token = self.pages.page(scope, found, page_size, asset_message, lambda a: (a.created_at, str(a.id)))
         return pb.GetAssetsForUserResponse(assets=assets, next_page_token=token)
 
     async def ArchiveCompletedJobs(

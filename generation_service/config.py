@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from blumpo_common.config import (
     ConfigError,
     DatabaseConfig,
+    PageTokenConfig,
     ServerConfig,
     address,
     integer,
+    is_development,
     load_database,
+    load_page_tokens,
     load_server,
 )
 from blumpo_common.retry import RetryPolicy
@@ -30,6 +33,7 @@ class Config:
     token_retry: RetryPolicy
     reconciler: ReconcilerSettings
     watch: WatchSettings
+    page_tokens: PageTokenConfig
 
 
 def load(env: Mapping[str, str]) -> Config:
@@ -61,4 +65,5 @@ def load(env: Mapping[str, str]) -> Config:
         token_retry=token_retry,
         reconciler=reconciler,
         watch=watch,
+        page_tokens=load_page_tokens(env, is_development(env)),
     )

@@ -13,7 +13,8 @@ import grpc
 from blumpo.generation.v1 import generation_pb2, generation_pb2_grpc
 from blumpo.token.v1 import token_pb2_grpc
 from blumpo_common import db, logs, retry, server
-from blumpo_common.config import DatabaseConfig, load_or_exit
+from blumpo_common.config import PAGE_TOKEN_SECRET_MADE_UP, DatabaseConfig, load_or_exit
+from blumpo_common.pagination import PageTokens
 from blumpo_common.retry import RetryPolicy
 from generation_service import config as generation_config
 from generation_service import errors
@@ -32,6 +33,7 @@ class Parts:
     charger: Charger
     reconciler: Reconciler
     hub: Hub
+    pages: PageTokens
 
 
 def parts(
@@ -40,17 +42,26 @@ def parts(
     token_channel: grpc.aio.Channel,
     policy: RetryPolicy,
     settings: ReconcilerSettings,
+    *,
     watch: WatchSettings | None = None,
+    pages: PageTokens | None = None,
 ) -> Parts:
+    """The service's parts; without pages, page tokens are signed with a secret made up for them."""
     store = Store(pool, database.timeout_ms / 1000, settings.claim_seconds)
     charger = Charger(store, TokenClient(token_pb2_grpc.TokenServiceStub(token_channel), policy))
-    return Parts(store, charger, Reconciler(charger, settings), Hub(database, store.get_job, watch or WatchSettings()))
+    return Parts(
+        store,
+        charger,
+        Reconciler(charger, settings),
+        Hub(database, store.get_job, watch or WatchSettings()),
+        pages or PageTokens.generated(),
+    )
 
 
 def service(p: Parts) -> server.Service:
     def register(grpc_server: grpc.aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GenerationApi(p.store, p.charger, p.hub), grpc_server
+            GenerationApi(p.store, p.charger, p.hub, p.pages), grpc_server
         )
 
     return server.Service(
@@ -66,12 +77,24 @@ def service(p: Parts) -> server.Service:
 async def run(config: generation_config.Config) -> None:
     pool = await db.create_pool(config.database)
     async with grpc.aio.insecure_channel(config.token_service_target, options=retry.CHANNEL_OPTIONS) as channel:
-        wired = parts(pool, config.database, channel, config.token_retry, config.reconciler, config.watch)
+        pages = PageTokens(config.page_tokens.secret)
+        wired = parts(
+            pool,
+            config.database,
+            channel,
+            config.token_retry,
+            config.reconciler,
+            watch=config.watch,
+            pages=pages,
+        )
         await server.serve(service(wired), pool, config.server)
 
 
 def main() -> None:
     config = load_or_exit("generation_service", generation_config.load, os.environ)
     logs.configure("generation_service", config.server.log_level)
-    logging.getLogger(__name__).info("starting", extra={"token_service": config.token_service_target})
+    log = logging.getLogger(__name__)
+    if config.page_tokens.generated:
+        log.warning(PAGE_TOKEN_SECRET_MADE_UP)
+    log.info("starting", extra={"token_service": config.token_service_target})
     asyncio.run(run(config))

@@ -15,6 +15,7 @@ from blumpo.token.v1 import token_pb2_grpc
 from blumpo_common import server
 from blumpo_common.config import DatabaseConfig
 from blumpo_common.db import create_pool
+from blumpo_common.pagination import PageTokens
 from blumpo_common.retry import RetryPolicy
 from generation_service.charging import ReconcilerSettings
 from generation_service.server import Parts as GenerationParts
@@ -65,10 +66,15 @@ def database_config(url: str, role: str, search_path: str) -> DatabaseConfig:
     return DatabaseConfig(url=url, pool_size=20, timeout_ms=30000, role=role, search_path=search_path)
 
 
+# The secret both services sign page tokens with in tests, so a test can sign one too.
+TEST_PAGE_TOKENS = PageTokens(b"page-token-test-secret-0123456789abcdef")
+
+
 @pytest.fixture(scope="module")
 async def token_address(database_url: str) -> AsyncIterator[str]:
     pool = await create_pool(database_config(database_url, "token_service", "token"))
-    running = await server.start(token_service(TokenStore(pool, 30.0)), pool, "127.0.0.1:0", MAX_CONCURRENT_CALLS)
+    service = token_service(TokenStore(pool, 30.0), pages=TEST_PAGE_TOKENS)
+    running = await server.start(service, pool, "127.0.0.1:0", MAX_CONCURRENT_CALLS)
     yield f"127.0.0.1:{running.port}"
     await running.stop(1)
     await pool.close()
@@ -91,7 +97,7 @@ async def generation_parts(database_url: str, token_address: str) -> AsyncIterat
     config = database_config(database_url, "generation_service", "generation")
     pool = await create_pool(config)
     async with grpc.aio.insecure_channel(token_address) as channel:
-        yield generation_parts_for(pool, config, channel, TEST_RETRY, TEST_RECONCILER)
+        yield generation_parts_for(pool, config, channel, TEST_RETRY, TEST_RECONCILER, pages=TEST_PAGE_TOKENS)
     await pool.close()
 
 

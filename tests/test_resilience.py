@@ -233,14 +233,14 @@ async def test_health_is_not_serving_before_the_database_answered(
 
 
 async def test_well_signed_page_token_with_out_of_range_key_is_invalid_argument(token: TokenStub) -> None:
-    """The page-token key is in the source ("tokens hold no secret"), so a caller can sign any key;
-    one no query can take (a sequence number past int64) is INVALID_ARGUMENT, not INTERNAL."""
+    """Should the page-token secret leak, a caller could sign any key; one no query can take
+    (a sequence number past int64) is INVALID_ARGUMENT, not INTERNAL."""
     from datetime import UTC, datetime
 
-    from blumpo_common import pagination
+    from tests.conftest import TEST_PAGE_TOKENS
 
     user_id = await support.user_with_balance(token, 5)
-    forged = pagination.encode_after(f"ledger:{user_id}", datetime.now(UTC), 2**70)
+    forged = TEST_PAGE_TOKENS.encode(f"ledger:{user_id}", datetime.now(UTC), 2**70)
     await support.expect_error(
         token.ListLedgerEntries(tpb.ListLedgerEntriesRequest(user_id=user_id, page_token=forged)),
         grpc.StatusCode.INVALID_ARGUMENT,

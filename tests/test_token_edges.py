@@ -4,6 +4,7 @@ forged page tokens, blank references, and login codes for internationalised doma
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import asyncpg
@@ -12,10 +13,10 @@ import pytest
 
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
-from blumpo_common import pagination, server
+from blumpo_common import server
 from blumpo_common.db import create_pool
 from tests import support
-from tests.conftest import OTP_TEST_SECRET, database_config
+from tests.conftest import OTP_TEST_SECRET, TEST_PAGE_TOKENS, database_config
 from tests.support import FakeClock, TokenStub
 from tests.test_otp import SmtpSink
 from token_service.config import SmtpConfig
@@ -74,12 +75,12 @@ async def test_a_debit_is_applied_while_a_refund_keeps_the_balance_above_the_cap
 async def test_a_forged_page_token_the_query_cannot_take_is_invalid_argument(
     token: TokenStub, key: list[object]
 ) -> None:
-    """Anyone can sign a page token (the digest holds no secret). A token whose instant
-    lies outside what an aware datetime can hold in UTC, or whose seq is not a finite
-    number, is INVALID_ARGUMENT naming page_token, like every other token the query
+    """A token signed with the service's secret (as a leaked secret would let anyone sign one)
+    whose instant lies outside what an aware datetime can hold in UTC, or whose seq is not
+    an integer, is INVALID_ARGUMENT naming page_token, like every other token the query
     cannot take."""
     user_id = await support.user_with_balance(token, 100)
-    page_token = pagination.encode(f"ledger:{user_id}", key)
+    page_token = TEST_PAGE_TOKENS.sign(f"ledger:{user_id}", json.dumps(key).encode())
 
     failure = await support.expect_error(
         token.ListLedgerEntries(tpb.ListLedgerEntriesRequest(user_id=user_id, page_token=page_token)),

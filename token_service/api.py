@@ -9,9 +9,9 @@ from google.rpc import status_pb2
 
 from blumpo.token.v1 import token_pb2 as pb
 from blumpo.token.v1 import token_pb2_grpc
-from blumpo_common import pagination
 from blumpo_common.enums import ProtoEnum
 from blumpo_common.errors import ServiceError, to_status
+from blumpo_common.pagination import PageTokens, int64_tiebreak
 from blumpo_common.server import Context
 from blumpo_common.timestamps import to_proto
 from blumpo_common.validation import Checker
@@ -119,9 +119,10 @@ def raise_error(outcome: ledger.Outcome) -> LedgerEntry:
 
 
 class TokenApi(token_pb2_grpc.TokenServiceServicer):
-    def __init__(self, store: Store, logins: otp.OtpLogins) -> None:
+    def __init__(self, store: Store, logins: otp.OtpLogins, pages: PageTokens) -> None:
         self.store = store
         self.logins = logins
+        self.pages = pages
 
     async def CreateUser(self, request: pb.CreateUserRequest, context: Context) -> pb.CreateUserResponse:
         check = Checker()
@@ -197,14 +198,14 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         page_size = check.page_size("page_size", request.page_size, default=50)
         check.done()
         scope = f"ledger:{user_id}"
-        after = pagination.decode_after(scope, request.page_token, int)
+        after = self.pages.decode(scope, request.page_token, int64_tiebreak)
         listed = await self.store.list_entries(user_id, after, page_size + 1)
         if not listed and after is None and not await self.store.user_exists(user_id):
             raise errors.user_not_found(user_id)
         positions = [listed_entry.position for listed_entry in listed]
         return pb.ListLedgerEntriesResponse(
             entries=[entry_message(listed_entry.entry) for listed_entry in listed[:page_size]],
-            next_page_token=pagination.next_page_token(scope, positions, page_size),
+            next_page_token=self.pages.next_page_token(scope, positions, page_size),
         )
 
     async def CheckBalances(self, request: pb.CheckBalancesRequest, context: Context) -> pb.CheckBalancesResponse:

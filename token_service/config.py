@@ -6,21 +6,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from blumpo_common.config import (
+    MIN_SECRET_LENGTH,
     ConfigError,
     DatabaseConfig,
+    PageTokenConfig,
     ServerConfig,
     boolean,
     integer,
+    is_development,
     load_database,
+    load_page_tokens,
     load_server,
 )
 
 PORT = 50051
 METRICS_PORT = 9151
-DEVELOPMENT = "development"
 # Used only when BLUMPO_ENV=development; its name says what it is in any log or dump.
 DEVELOPMENT_OTP_SECRET = "insecure-development-only-otp-secret-never-use-in-production"
-MIN_SECRET_LENGTH = 32
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Config:
     database: DatabaseConfig
     server: ServerConfig
     otp: OtpConfig
+    page_tokens: PageTokenConfig
     development: bool
 
 
@@ -96,10 +99,11 @@ def load_otp(env: Mapping[str, str], development: bool) -> OtpConfig:
 
 
 def load(env: Mapping[str, str]) -> Config:
-    development = env.get("BLUMPO_ENV", "").strip().lower() == DEVELOPMENT
+    development = is_development(env)
     return Config(
         database=load_database(env, role="token_service", search_path="token"),
         server=load_server(env, "TOKEN", PORT, METRICS_PORT),
         otp=load_otp(env, development),
+        page_tokens=load_page_tokens(env, development),
         development=development,
     )

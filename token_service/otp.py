@@ -5,7 +5,8 @@ is stored, so a copy of the database does not reveal live codes, and the same co
 in two challenges hashes differently. Per email: one active challenge (a new request
 supersedes it), at most MAX_REQUESTS_PER_WINDOW requests per hour, MAX_ATTEMPTS
 wrong codes before the challenge dies. Every step for one email runs under that
-email's advisory lock, so concurrent calls for it are applied one at a time.
+email's advisory lock, so concurrent calls for it are applied one at a time. The lock, and
+every transaction here, ends before the code is mailed: no network call waits inside one.
 """
 
 from __future__ import annotations
@@ -105,8 +106,24 @@ class OtpLogins:
         self.ttl = timedelta(seconds=ttl_seconds)
 
     async def request(self, email: str) -> Challenge:
-        """Starts a challenge for the email, superseding its active one, and sends the code."""
+        """Starts a challenge for the email, superseding its active one, then sends the code.
+
+        The challenge is committed before the code goes out, so no transaction (and no pooled
+        connection) waits on the mail server; a code that cannot be sent is withdrawn."""
         now = self.clock.now()
+        code = generate_code()
+        challenge = await self._issue(email, code, now)
+        try:
+            await self.sender.send(email, code, challenge.expires_at)
+        except DeliveryError as exc:
+            log.error("login code delivery failed", extra={"email": email, "error": str(exc)})
+            await self._withdraw(email, challenge)
+            raise errors.otp_delivery_failed() from None
+        # A cancelled call (the caller gave up) withdraws nothing: the mail may still go out.
+        return challenge
+
+    async def _issue(self, email: str, code: str, now: datetime) -> Challenge:
+        """The new challenge, committed, superseding the active one."""
         async with self.store.transaction() as conn:
             await self.store.lock_email(email, conn=conn)
             recent = await self.store.otp_requests_since(email, now - RATE_WINDOW, conn=conn)
@@ -115,7 +132,6 @@ class OtpLogins:
                 wait = (recent.oldest + RATE_WINDOW - now).total_seconds()
                 raise errors.otp_rate_limited(max(1, math.ceil(wait)), MAX_REQUESTS_PER_WINDOW, RATE_WINDOW)
             challenge = Challenge(uuid.uuid4(), now + self.ttl)
-            code = generate_code()
             await self.store.supersede_otps(email, now, conn=conn)
             await self.store.insert_otp(
                 challenge_id=challenge.id,
@@ -125,14 +141,21 @@ class OtpLogins:
                 expires_at=challenge.expires_at,
                 conn=conn,
             )
-            # Sent inside the transaction: if delivery fails the call writes nothing
-            # and the previous challenge stays active.
-            try:
-                await self.sender.send(email, code, challenge.expires_at)
-            except DeliveryError as exc:
-                log.error("login code delivery failed", extra={"email": email, "error": str(exc)})
-                raise errors.otp_delivery_failed() from None
         return challenge
+
+    async def _withdraw(self, email: str, challenge: Challenge) -> None:
+        """Deletes a challenge whose code was not sent (so it does not count against the rate
+        limit) and, if it was the active one, makes the email's newest remaining challenge
+        active again when it was only superseded: the code mailed before works again."""
+        try:
+            async with self.store.transaction() as conn:
+                await self.store.lock_email(email, conn=conn)
+                if await self.store.withdraw_otp(challenge.id, conn=conn):
+                    await self.store.reinstate_newest_otp(email, MAX_ATTEMPTS, conn=conn)
+        except Exception:
+            # The caller learns of the failed delivery either way; an unsent challenge left
+            # active only means the previous code stopped working, as a lost mail would.
+            log.exception("could not withdraw an unsent login challenge", extra={"email": email})
 
     async def verify(self, email: str, code: str) -> Login:
         """Checks the code against the email's active challenge; logs in (or signs up) on success."""

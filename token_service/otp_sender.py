@@ -9,6 +9,7 @@ import asyncio
 import logging
 import smtplib
 import ssl
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from email.message import EmailMessage
 from typing import Protocol
@@ -16,6 +17,9 @@ from typing import Protocol
 from token_service.config import OtpConfig, SmtpConfig
 
 log = logging.getLogger(__name__)
+
+# SMTP sessions run at once; more requests wait for a free one (holding no database connection).
+MAX_CONCURRENT_SENDS = 32
 
 
 class DeliveryError(Exception):
@@ -52,6 +56,9 @@ class SmtpSender:
 
     def __init__(self, config: SmtpConfig) -> None:
         self.config = config
+        # Its own threads: a mail server that hangs must not fill the loop's default executor,
+        # which asyncio also resolves host names with (asyncpg's new connections among them).
+        self.threads = ThreadPoolExecutor(MAX_CONCURRENT_SENDS, thread_name_prefix="smtp")
 
     def message(self, email: str, code: str, expires_at: datetime) -> EmailMessage:
         message = EmailMessage()
@@ -77,7 +84,8 @@ class SmtpSender:
     async def send(self, email: str, code: str, expires_at: datetime) -> None:
         try:
             # smtplib blocks: keep it off the event loop.
-            await asyncio.to_thread(self._send, self.message(email, code, expires_at))
+            message = self.message(email, code, expires_at)
+            await asyncio.get_running_loop().run_in_executor(self.threads, self._send, message)
         except (OSError, smtplib.SMTPException) as exc:
             # The exception text never holds the code; the message body is not in it.
             raise DeliveryError(f"{type(exc).__name__}: {exc}") from None

@@ -104,6 +104,19 @@ WHERE email = $1 AND consumed_at IS NULL AND invalidated_at IS NULL;
 INSERT INTO auth_otp (id, email, code_hash, created_at, expires_at)
 VALUES (:id, :email, :code_hash, :created_at, :expires_at);
 
+-- name: withdraw_otp
+-- A challenge whose code could not be sent; whether it was still the active one.
+DELETE FROM auth_otp
+WHERE id = $1 AND consumed_at IS NULL
+RETURNING invalidated_at IS NULL AS was_active;
+
+-- name: reinstate_newest_otp
+-- The email's newest challenge is active again if it was only superseded: not used, and
+-- fewer than $2 (the most allowed) wrong codes. An older one stays dead.
+UPDATE auth_otp SET invalidated_at = NULL
+WHERE id = (SELECT id FROM auth_otp WHERE email = $1 ORDER BY created_at DESC, id DESC LIMIT 1)
+  AND consumed_at IS NULL AND invalidated_at IS NOT NULL AND attempts < $2;
+
 -- name: newest_otp_for_update
 -- The active challenge if there is one, else the newest other (to tell exhausted apart).
 SELECT id, code_hash, expires_at, attempts, consumed_at, invalidated_at

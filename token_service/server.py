@@ -10,7 +10,8 @@ import grpc
 
 from blumpo.token.v1 import token_pb2, token_pb2_grpc
 from blumpo_common import db, logs, server
-from blumpo_common.config import load_or_exit
+from blumpo_common.config import PAGE_TOKEN_SECRET_MADE_UP, load_or_exit
+from blumpo_common.pagination import PageTokens
 from token_service import config as token_config
 from token_service import otp, otp_sender
 from token_service.api import ERROR_DOMAIN, TokenApi
@@ -33,9 +34,10 @@ def development_logins(store: Store) -> otp.OtpLogins:
     )
 
 
-def service(store: Store, logins: otp.OtpLogins | None = None) -> server.Service:
-    """The service to serve; without logins, OTP login runs with the development settings."""
-    api = TokenApi(store, logins or development_logins(store))
+def service(store: Store, logins: otp.OtpLogins | None = None, pages: PageTokens | None = None) -> server.Service:
+    """The service to serve; without logins, OTP login runs with the development settings, and
+    without pages, page tokens are signed with a secret made up for this server."""
+    api = TokenApi(store, logins or development_logins(store), pages or PageTokens.generated())
 
     def register(grpc_server: grpc.aio.Server) -> None:
         token_pb2_grpc.add_TokenServiceServicer_to_server(api, grpc_server)
@@ -49,7 +51,7 @@ async def run(config: token_config.Config) -> None:
     logins = otp.OtpLogins(
         store, otp_sender.from_config(config.otp), otp.SystemClock(), config.otp.secret, config.otp.ttl_seconds
     )
-    await server.serve(service(store, logins), pool, config.server)
+    await server.serve(service(store, logins, PageTokens(config.page_tokens.secret)), pool, config.server)
 
 
 def main() -> None:
@@ -57,6 +59,8 @@ def main() -> None:
     logs.configure("token_service", config.server.log_level)
     if config.otp.development_secret:
         log.warning("OTP_SECRET is not set: using the fixed development secret (BLUMPO_ENV=development only)")
+    if config.page_tokens.generated:
+        log.warning(PAGE_TOKEN_SECRET_MADE_UP)
     if config.otp.smtp is None:
         log.warning("login codes are written to this log (development sender); set OTP_SMTP_HOST to mail them")
     log.info("starting", extra={"development": config.development, "otp_ttl_seconds": config.otp.ttl_seconds})

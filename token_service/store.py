@@ -128,6 +128,14 @@ class Store(db.BaseStore):
     async def supersede_otps(self, email: str, now: datetime, *, conn: db.Connection | None = None) -> None:
         await self.execute("supersede_otps", email, now, conn=conn)
 
+    async def withdraw_otp(self, challenge_id: uuid.UUID, *, conn: db.Connection | None = None) -> bool:
+        """Deletes an unused challenge; whether it was its email's active one."""
+        was_active: bool | None = await self.fetchval("withdraw_otp", challenge_id, conn=conn)
+        return bool(was_active)
+
+    async def reinstate_newest_otp(self, email: str, max_attempts: int, *, conn: db.Connection | None = None) -> None:
+        await self.execute("reinstate_newest_otp", email, max_attempts, conn=conn)
+
     async def insert_otp(
         self,
         *,
