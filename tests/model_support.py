@@ -9,15 +9,17 @@ goes over the fixtures' real channels to the real servers.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from hypothesis.errors import Flaky
 from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
 
 from tests import support
@@ -65,6 +67,8 @@ class World:
     steps: int = 0
     # What happened how often over all examples, so a run shows what it covered.
     seen: Counter[str] = field(default_factory=Counter)
+    # Failures of steps whose outcome depends on timing (see `recorded`).
+    failures: list[str] = field(default_factory=list)
 
     def run(self, call: Callable[[], Awaitable[T]]) -> T:
         """Makes the call on the test's loop and waits for its answer (a grpc.aio call must be
@@ -78,6 +82,26 @@ class World:
     def report(self, name: str) -> str:
         tally = ", ".join(f"{what} {count}" for what, count in sorted(self.seen.items()))
         return f"{name}: {self.examples} examples, {self.steps} steps; {tally}"
+
+
+class InWorld(Protocol):
+    world: World
+
+
+def recorded(step: Callable[..., None]) -> Callable[..., None]:
+    """Keeps a failure of the step in its world. A step whose outcome depends on timing (concurrent
+    calls) may fail once and pass when Hypothesis replays it; Hypothesis then reports only that it
+    is flaky, and run_machine shows the failure kept here."""
+
+    @functools.wraps(step)
+    def run(machine: InWorld, *args: Any, **kwargs: Any) -> None:
+        try:
+            step(machine, *args, **kwargs)
+        except Exception as error:
+            machine.world.failures.append(f"{step.__name__}: {error}")
+            raise
+
+    return run
 
 
 def now_and_then(usual: st.SearchStrategy[T], rare: st.SearchStrategy[T], one_in: int) -> st.SearchStrategy[T]:
@@ -99,8 +123,15 @@ def machine_settings(max_examples: int, steps: int) -> settings:
     )
 
 
-async def run_machine(factory: Callable[[], RuleBasedStateMachine], chosen: settings) -> None:
+async def run_machine(world: World, factory: Callable[[], RuleBasedStateMachine], chosen: settings) -> None:
     """Runs the machine's examples in a worker thread while this loop serves its calls."""
     # Documented to take any callable that returns a machine, though typed as taking a class.
     machine = cast(type[RuleBasedStateMachine], factory)
-    await asyncio.to_thread(run_state_machine_as_test, machine, settings=chosen)
+    try:
+        await asyncio.to_thread(run_state_machine_as_test, machine, settings=chosen)
+    except Flaky as flaky:
+        if not world.failures:
+            raise
+        raise AssertionError(
+            f"a step failed, but not each time Hypothesis replayed it (a race?); the first failure: {world.failures[0]}"
+        ) from flaky

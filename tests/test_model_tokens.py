@@ -29,6 +29,7 @@ from tests.model_support import (
     answer,
     machine_settings,
     now_and_then,
+    recorded,
     refusal_of_status,
     run_machine,
 )
@@ -272,6 +273,7 @@ class TokenMachine(RuleBasedStateMachine):
         user=users,
         moves=st.lists(st.tuples(SMALL_DELTAS, st.sampled_from(REASONS)), min_size=2, max_size=12),
     )
+    @recorded
     def concurrent_burst(self, user: str, moves: list[tuple[int, tpb.LedgerReason.ValueType]]) -> None:
         """K appends with distinct references at once on one account. The model cannot know the
         order: the service's ledger tells it, and must be a serial order from the balance before
@@ -314,6 +316,7 @@ class TokenMachine(RuleBasedStateMachine):
         self.world.seen["burst refusal"] += len(asked) - len(written)
 
     @rule(user=users, delta=SMALL_DELTAS, reason=st.sampled_from(REASONS), copies=st.integers(2, 8))
+    @recorded
     def concurrent_same_reference(self, user: str, delta: int, reason: tpb.LedgerReason.ValueType, copies: int) -> None:
         """One request sent several times at once: one entry at most; the others replay it."""
         self.references += 1
@@ -339,12 +342,31 @@ class TokenMachine(RuleBasedStateMachine):
     @rule(user=users)
     def fill_near_the_cap(self, user: str) -> None:
         """One batch of up to 1000 credits of 10^12 brings the balance within 10^12 of the cap,
-        where the largest credits are refused and refunds still pass."""
+        where the largest purchase is refused and the largest refund still passes."""
         count = min(1000, (CAP - self.ledger.balances[user]) // MAX_DELTA)
         self.filled = True
         if count > 0:
             self._batch([request(user, MAX_DELTA, tpb.LEDGER_REASON_PURCHASE, f"fill-{i}") for i in range(count)])
             self.world.seen["filled near the cap"] += 1
+        for reason in (tpb.LEDGER_REASON_PURCHASE, tpb.LEDGER_REASON_GENERATION_REFUND):
+            self._append(request(user, MAX_DELTA, reason, self._reference(None)))
+
+    def _near_the_cap(self) -> list[str]:
+        return [user for user, balance in self.ledger.balances.items() if balance > CAP - MAX_DELTA]
+
+    @precondition(lambda self: self._near_the_cap())
+    @rule(
+        data=st.data(),
+        reason=st.sampled_from([tpb.LEDGER_REASON_PURCHASE, tpb.LEDGER_REASON_GENERATION_REFUND]),
+        past=st.sampled_from([0, 1, MAX_DELTA]),
+    )
+    def credit_at_the_cap(self, data: st.DataObject, reason: tpb.LedgerReason.ValueType, past: int) -> None:
+        """A credit that takes the balance to the cap (past 0) or past it: a purchase past it is
+        refused, a refund (it gives back a debit) is not."""
+        near = self._near_the_cap()
+        user = near[data.draw(st.integers(0, 2**16)) % len(near)]
+        delta = min(MAX_DELTA, max(1, CAP - self.ledger.balances[user] + past))
+        self._append(request(user, delta, reason, self._reference(None)))
 
     @rule(user=accounts, page_size=st.sampled_from([0, 1, 2, 3, 7, 500]))
     def walk_pages(self, user: str, page_size: int) -> None:
@@ -375,6 +397,7 @@ class TokenMachine(RuleBasedStateMachine):
         self.world.seen["page walk"] += 1
 
     @invariant()
+    @recorded
     def balances_match(self) -> None:
         """After every step: each balance is the model's, and the ledger adds up to it."""
         self.world.steps += 1
@@ -397,7 +420,7 @@ async def test_the_model_predicts_every_reply_of_the_token_service(token: TokenS
     }
     assert grants["free"] == 100  # the contract's free plan
     world = World(asyncio.get_running_loop())
-    await run_machine(lambda: TokenMachine(world, token, grants), machine_settings(max_examples=30, steps=30))
+    await run_machine(world, lambda: TokenMachine(world, token, grants), machine_settings(max_examples=30, steps=30))
     print(world.report("token model"))
     assert world.steps >= world.examples * 2
     everything = await token.CheckBalances(tpb.CheckBalancesRequest())
