@@ -58,6 +58,7 @@ PARAMS = gpb.GenerationParams(width=1024, height=768, steps=30, seed=42, model="
 PARAMS.extra.update({"style": "watercolor"})
 PROMPTS = st.sampled_from(["a lighthouse at dusk", "a storm over wheat fields"])
 COSTS = st.integers(1, 60)
+OLD = st.sampled_from([2, 10, 100])  # days ago a completed job is made to have completed
 
 
 def status_name(status: gpb.JobStatus.ValueType) -> str:
@@ -428,9 +429,8 @@ class JobsMachine(RuleBasedStateMachine):
     def _completed(self) -> list[ModelJob]:
         return [job for job in self.model.jobs.values() if job.status in (SUCCEEDED, FAILED)]
 
-    @precondition(lambda self: self._completed())
-    @rule(data=st.data(), days=st.sampled_from([2, 10, 100]))
-    def completed_long_ago(self, data: st.DataObject, days: int) -> None:
+    def _make_old(self, data: st.DataObject, days: int) -> None:
+        """One completed job completed days ago."""
         completed = self._completed()
         job = completed[data.draw(st.integers(0, 2**16)) % len(completed)]
         changed = self.world.run(
@@ -443,9 +443,17 @@ class JobsMachine(RuleBasedStateMachine):
         assert changed == "UPDATE 1"
         job.completed_days_ago = days
 
-    @rule(older_than_days=st.sampled_from([0, 1, 7]))
-    def archive(self, older_than_days: int) -> None:
-        """SUCCEEDED and FAILED jobs completed before then (0: the default, 90 days)."""
+    @precondition(lambda self: self._completed())
+    @rule(data=st.data(), days=OLD)
+    def completed_long_ago(self, data: st.DataObject, days: int) -> None:
+        self._make_old(data, days)
+
+    @rule(data=st.data(), older_than_days=st.sampled_from([0, 1, 7]), first_make_old=st.one_of(st.none(), OLD))
+    def archive(self, data: st.DataObject, older_than_days: int, first_make_old: int | None) -> None:
+        """SUCCEEDED and FAILED jobs completed before then (0: the default, 90 days); first, now and
+        then, one more job made old (else old jobs are rare: a job must complete, then be made old)."""
+        if first_make_old is not None and self._completed():
+            self._make_old(data, first_make_old)
         days = older_than_days or 90
         taken = [job for job in self._completed() if job.completed_days_ago > days]
         for job in taken:
