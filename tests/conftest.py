@@ -93,11 +93,19 @@ TEST_RECONCILER = ReconcilerSettings(claim_seconds=3.0, interval_seconds=0.2)
 
 
 @pytest.fixture(scope="module")
-async def generation_parts(database_url: str, token_address: str) -> AsyncIterator[GenerationParts]:
+def reconciler_settings() -> ReconcilerSettings:
+    """The generation service's reconciler settings; a module may override this fixture."""
+    return TEST_RECONCILER
+
+
+@pytest.fixture(scope="module")
+async def generation_parts(
+    database_url: str, token_address: str, reconciler_settings: ReconcilerSettings
+) -> AsyncIterator[GenerationParts]:
     config = database_config(database_url, "generation_service", "generation")
     pool = await create_pool(config)
     async with grpc.aio.insecure_channel(token_address) as channel:
-        yield generation_parts_for(pool, config, channel, TEST_RETRY, TEST_RECONCILER, pages=TEST_PAGE_TOKENS)
+        yield generation_parts_for(pool, config, channel, TEST_RETRY, reconciler_settings, pages=TEST_PAGE_TOKENS)
     await pool.close()
 
 
