@@ -49,6 +49,7 @@ schema: $(INSTALLED)
 # Development mode unless BLUMPO_ENV says otherwise: a fixed OTP secret and login codes in the log.
 run: $(GENERATED)
 	@url='$(DB_URL)'; DATABASE_URL="$$url" $(DBMATE) --no-dump-schema up && \
+	  DATABASE_URL="$$url" $(PY) -m scripts.development_logins && \
 	  BLUMPO_ENV="$${BLUMPO_ENV:-development}" DATABASE_URL="$$url" scripts/run-services
 
 stop:
@@ -77,6 +78,7 @@ node_modules/.installed: package.json package-lock.json
 # Development data through the services' own RPCs; starts them for the while if they are not running.
 seed: $(GENERATED)
 	@url='$(DB_URL)'; DATABASE_URL="$$url" $(DBMATE) --no-dump-schema up >/dev/null && mkdir -p .data && \
+	  DATABASE_URL="$$url" $(PY) -m scripts.development_logins && \
 	  DATABASE_URL="$$url" BLUMPO_ENV="$${BLUMPO_ENV:-development}" scripts/with-services $(PY) -m scripts.seed
 
 bench: $(GENERATED)

@@ -47,7 +47,8 @@ $$;
 --
 
 CREATE FUNCTION token.append_entries(p_user_ids uuid[], p_deltas bigint[], p_reasons text[], p_references text[], p_max_balance bigint) RETURNS TABLE(outcome text, entry_id uuid, user_id uuid, delta bigint, reason text, reference_id text, balance_after bigint, occurred_at timestamp with time zone, balance bigint)
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 #variable_conflict use_column
 DECLARE
@@ -95,6 +96,35 @@ BEGIN
     RETURN QUERY SELECT 'APPLIED', entry.id, entry.user_id, entry.delta, entry.reason, entry.reference_id,
       entry.balance_after, entry.occurred_at, current_balance;
   END LOOP;
+END
+$$;
+
+
+--
+-- Name: create_user(text, text, bigint); Type: FUNCTION; Schema: token; Owner: -
+--
+
+CREATE FUNCTION token.create_user(p_email text, p_plan text, p_max_balance bigint) RETURNS TABLE(id uuid, email text, created_at timestamp with time zone, user_id uuid, balance bigint, plan_code text, updated_at timestamp with time zone)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+#variable_conflict use_column
+DECLARE
+  chosen token.plan;
+  new_id uuid;
+BEGIN
+  SELECT * INTO chosen FROM token.plan p WHERE p.code = p_plan;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  INSERT INTO token.app_user (email) VALUES (p_email) RETURNING token.app_user.id INTO new_id;
+  INSERT INTO token.token_account (user_id, plan_code) VALUES (new_id, chosen.code);
+  IF chosen.signup_grant > 0 THEN
+    PERFORM token.append_entries(ARRAY[new_id], ARRAY[chosen.signup_grant], ARRAY['SIGNUP_BONUS'],
+      ARRAY['signup'], p_max_balance);
+  END IF;
+  RETURN QUERY SELECT u.id, u.email, u.created_at, a.user_id, a.balance, a.plan_code, a.updated_at
+  FROM token.app_user u JOIN token.token_account a ON a.user_id = u.id WHERE u.id = new_id;
 END
 $$;
 
@@ -584,4 +614,5 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261125000001'),
     ('20261125000002'),
     ('20261125000003'),
-    ('20261126000001');
+    ('20261126000001'),
+    ('20261126100001');

@@ -127,7 +127,7 @@ async def test_a_login_code_reaches_an_idn_domain_through_a_relay_without_smtput
     form). The domain has an ASCII form (IDNA), so the code is mailed to that address and
     reaches it through a relay that does not offer SMTPUTF8, instead of failing every time
     with UNAVAILABLE / OTP_DELIVERY_FAILED ("retry in a moment")."""
-    pool = await create_pool(database_config(database_url, "token_service", "token"))
+    pool = await create_pool(database_config(database_url, "token_service"))
     store = TokenStore(pool, 30.0)
     try:
         async with SmtpSink() as sink:
