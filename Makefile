@@ -11,10 +11,10 @@ GENERATED := blumpo/.generated
 DB_URL = $(shell scripts/database-url)
 DBMATE = $(VENV)/bin/dbmate --migrations-dir db/migrations --schema-file db/schema.sql --wait
 
-.PHONY: help install proto migrate rollback migrate-status schema run stop test test-faults lint seed bench clean
+.PHONY: help install proto migrate rollback migrate-status schema run stop test test-faults test-pooler lint seed bench clean
 
 help:
-	@echo "make run | stop | test | test-faults | lint | migrate | rollback | migrate-status | schema | seed | bench | proto | clean"
+	@echo "make run | stop | test | test-faults | test-pooler | lint | migrate | rollback | migrate-status | schema | seed | bench | proto | clean"
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -64,6 +64,12 @@ test: $(GENERATED)
 # Kills, cuts and a database restart under load, on a private PostgreSQL of its own.
 test-faults: $(GENERATED)
 	$(PY) -m pytest -m faults -s $(PYTEST_ARGS) tests/test_faults.py
+
+# The token, generation and charging tests with the services behind PgBouncer in transaction mode.
+POOLER_TESTS := tests/test_pooler.py tests/test_token_api.py tests/test_ledger_batch.py tests/test_token_concurrency.py \
+  tests/test_generation_jobs.py tests/test_generation_watch.py tests/test_charging_saga.py tests/test_charge_races.py
+test-pooler: $(GENERATED)
+	DATABASE_URL='$(DB_URL)' scripts/with-pgbouncer $(PY) -m pytest $(PYTEST_ARGS) $(POOLER_TESTS)
 
 lint: $(GENERATED) node_modules/.installed
 	$(VENV)/bin/ruff check .
