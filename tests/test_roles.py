@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
 from blumpo_common.config import login_url
+from scripts import development_logins
 from tests import support
 from tests.support import TokenStub
 
@@ -172,3 +174,27 @@ async def test_the_owner_is_stopped_by_the_append_only_trigger(token: TokenStub,
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         await admin.execute("TRUNCATE token.token_ledger CASCADE")
     assert await admin.fetchval("SELECT count(*) FROM token.token_ledger WHERE user_id = $1", user_id) == 2
+
+
+async def test_development_logins_take_the_password_of_database_url(
+    database_url: str, admin: asyncpg.Connection
+) -> None:
+    """The one password question of development: the services' roles get DATABASE_URL's."""
+    parts = urlsplit(database_url)
+    host = f"{parts.hostname}:{parts.port}"
+    assert not await development_logins.set_passwords(parts._replace(netloc=f"{parts.username}@{host}").geturl())
+    # The same password the tests already log in with when DATABASE_URL has one, so nothing
+    # else changes; a server that trusts the tests ignores it.
+    password = parts.password or "development-password"
+    with_password = parts._replace(netloc=f"{parts.username}:{password}@{host}").geturl()
+    assert await development_logins.set_passwords(with_password)
+    rows = await admin.fetch(
+        "SELECT rolname, rolpassword IS NOT NULL AS has_password FROM pg_authid WHERE rolname = ANY($1) ORDER BY 1",
+        list(development_logins.SERVICE_ROLES),
+    )
+    assert [tuple(r) for r in rows] == [("generation_service", True), ("token_service", True)]
+    conn = await asyncpg.connect(login_url(with_password, "token_service"))
+    try:
+        assert await conn.fetchval("SELECT current_user") == "token_service"
+    finally:
+        await conn.close()
