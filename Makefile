@@ -11,10 +11,10 @@ GENERATED := blumpo/.generated
 DB_URL = $(shell scripts/database-url)
 DBMATE = $(VENV)/bin/dbmate --migrations-dir db/migrations --schema-file db/schema.sql --wait
 
-.PHONY: help install proto migrate rollback migrate-status schema run stop test test-faults lint seed bench clean
+.PHONY: help install proto migrate rollback migrate-status schema run stop test test-faults test-pooler lint seed bench clean
 
 help:
-	@echo "make run | stop | test | test-faults | lint | migrate | rollback | migrate-status | schema | seed | bench | proto | clean"
+	@echo "make run | stop | test | test-faults | test-pooler | lint | migrate | rollback | migrate-status | schema | seed | bench | proto | clean"
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -50,6 +50,7 @@ schema: $(INSTALLED)
 # per process, and login codes in the log.
 run: $(GENERATED)
 	@url='$(DB_URL)'; DATABASE_URL="$$url" $(DBMATE) --no-dump-schema up && \
+	  DATABASE_URL="$$url" $(PY) -m scripts.development_logins && \
 	  BLUMPO_ENV="$${BLUMPO_ENV:-development}" DATABASE_URL="$$url" scripts/run-services
 
 stop:
@@ -65,6 +66,12 @@ test: $(GENERATED)
 test-faults: $(GENERATED)
 	$(PY) -m pytest -m faults -s $(PYTEST_ARGS) tests/test_faults.py
 
+# The token, generation and charging tests with the services behind PgBouncer in transaction mode.
+POOLER_TESTS := tests/test_pooler.py tests/test_token_api.py tests/test_ledger_batch.py tests/test_token_concurrency.py \
+  tests/test_generation_jobs.py tests/test_generation_watch.py tests/test_charging_saga.py tests/test_charge_races.py
+test-pooler: $(GENERATED)
+	DATABASE_URL='$(DB_URL)' scripts/with-pgbouncer $(PY) -m pytest $(PYTEST_ARGS) $(POOLER_TESTS)
+
 lint: $(GENERATED) node_modules/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -78,6 +85,7 @@ node_modules/.installed: package.json package-lock.json
 # Development data through the services' own RPCs; starts them for the while if they are not running.
 seed: $(GENERATED)
 	@url='$(DB_URL)'; DATABASE_URL="$$url" $(DBMATE) --no-dump-schema up >/dev/null && mkdir -p .data && \
+	  DATABASE_URL="$$url" $(PY) -m scripts.development_logins && \
 	  DATABASE_URL="$$url" BLUMPO_ENV="$${BLUMPO_ENV:-development}" scripts/with-services $(PY) -m scripts.seed
 
 bench: $(GENERATED)

@@ -23,7 +23,7 @@ from bench import common
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
 from blumpo_common import server
-from blumpo_common.config import DatabaseConfig
+from blumpo_common.config import DatabaseConfig, login_url
 from blumpo_common.db import create_pool
 from token_service import ledger
 from token_service import refill as refill_job
@@ -119,7 +119,7 @@ async def bench(url: str, accounts: int, batch_size: int) -> list[str]:
         assert written == accounts, f"the baseline wrote {written} entries, expected {accounts}"
 
         await admin.execute("CHECKPOINT")
-        config = DatabaseConfig(url=url, pool_size=4, timeout_ms=600_000, role="token_service", search_path="token")
+        config = DatabaseConfig(url=login_url(url, "token_service"), pool_size=4, timeout_ms=600_000)
         pool = await create_pool(config)
         running = await server.start(service(Store(pool, 600.0)), pool, "127.0.0.1:0")
         try:

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NoReturn, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 T = TypeVar("T")
 
@@ -33,14 +33,27 @@ def exit_on(service: str, error: ConfigError) -> NoReturn:
     sys.exit(2)
 
 
+DEVELOPMENT = "development"
+# What sits between the services and PostgreSQL (DB_POOLER). Behind a transaction pooler a
+# statement prepared on one server connection is gone on the next: no statement cache then.
+POOLERS = ("none", "session", "transaction")
+
+
 @dataclass(frozen=True)
 class DatabaseConfig:
-    url: str
+    # The service's own login (its role; search_path is set on the role, not by the session).
+    url: str = field(repr=False)
     pool_size: int
     timeout_ms: int
-    # Role the connections act as (SET ROLE); empty keeps the login role.
-    role: str
-    search_path: str
+    pooler: str = "none"
+    # A direct connection of its own for LISTEN, which a transaction pooler cannot carry;
+    # empty: url.
+    listen_url: str = field(default="", repr=False)
+
+    @property
+    def statement_cache_size(self) -> int:
+        """asyncpg's default (100) unless a transaction pooler would lose the statements."""
+        return 0 if self.pooler == "transaction" else 100
 
 
 # Calls one server runs at once (MAX_CONCURRENT_CALLS): five per pooled connection at the
@@ -60,21 +73,52 @@ class ServerConfig:
     metrics_setting: str
 
 
-def database_url(env: Mapping[str, str]) -> str:
-    url = env.get("DATABASE_URL") or env.get("POSTGRES_URL") or ""
-    if not url:
-        raise ConfigError("DATABASE_URL (or POSTGRES_URL) is not set")
+def development(env: Mapping[str, str]) -> bool:
+    return env.get("BLUMPO_ENV", "").strip().lower() == DEVELOPMENT
+
+
+def checked_url(url: str, name: str) -> str:
+    """url, if it names a PostgreSQL database; the error names the setting, never the password."""
     parts = urlsplit(url)
     if parts.scheme not in ("postgres", "postgresql") or not parts.path.strip("/"):
         raise ConfigError(
-            "DATABASE_URL must look like postgresql://user@host:port/dbname, got scheme "
+            f"{name} must look like postgresql://user@host:port/dbname, got scheme "
             f"{parts.scheme!r} and database {parts.path.strip('/')!r}"
         )
     try:
         parts.port  # noqa: B018 - parsing the port is the check
     except ValueError:
-        raise ConfigError(f"DATABASE_URL has a malformed port in {parts.netloc.rpartition('@')[2]!r}") from None
+        raise ConfigError(f"{name} has a malformed port in {parts.netloc.rpartition('@')[2]!r}") from None
     return url
+
+
+def database_url(env: Mapping[str, str]) -> str:
+    url = env.get("DATABASE_URL") or env.get("POSTGRES_URL") or ""
+    if not url:
+        raise ConfigError("DATABASE_URL (or POSTGRES_URL) is not set")
+    return checked_url(url, "DATABASE_URL")
+
+
+def login_url(url: str, role: str) -> str:
+    """url with role as its user: same password, host, port, database and options."""
+    parts = urlsplit(url)
+    password = f":{parts.password}" if parts.password is not None else ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{quote(role, safe='')}{password}@{host}"))
+
+
+def service_database_url(env: Mapping[str, str], setting: str, role: str) -> str:
+    """The service's own login: `setting` (TOKEN_DATABASE_URL, ...); in development, when that
+    is unset, DATABASE_URL (the migrations' login) with the service's role as its user."""
+    own = env.get(setting, "")
+    if own:
+        return checked_url(own, setting)
+    if development(env):
+        return login_url(database_url(env), role)
+    raise ConfigError(
+        f"{setting} is not set: outside development each service logs in as its own role ({role}), "
+        "never as the migrations' DATABASE_URL"
+    )
 
 
 def integer(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -109,13 +153,19 @@ def address(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
-def load_database(env: Mapping[str, str], role: str, search_path: str) -> DatabaseConfig:
+def load_database(env: Mapping[str, str], setting: str, role: str) -> DatabaseConfig:
+    """The service's database settings; `setting` names its own URL (TOKEN_DATABASE_URL, ...)."""
+    pooler = env.get("DB_POOLER", "").strip().lower() or "none"
+    if pooler not in POOLERS:
+        raise ConfigError(f"DB_POOLER must be one of {', '.join(POOLERS)}, got {pooler!r}")
+    url = service_database_url(env, setting, role)
+    listen_url = env.get("DATABASE_LISTEN_URL", "")
     return DatabaseConfig(
-        url=database_url(env),
+        url=url,
         pool_size=integer(env, "DB_POOL_SIZE", 20, 1, 500),
         timeout_ms=integer(env, "DB_TIMEOUT", 30000, 100, 3_600_000),
-        role=env.get("DB_ROLE", role),
-        search_path=search_path,
+        pooler=pooler,
+        listen_url=checked_url(listen_url, "DATABASE_LISTEN_URL") if listen_url else url,
     )
 
 

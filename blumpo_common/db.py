@@ -113,21 +113,15 @@ def record(cls: type[R], row: asyncpg.Record, **converted: Any) -> R:
     return cls(**{name: row[name] for name in names}, **converted)
 
 
-def server_settings(config: DatabaseConfig) -> dict[str, str]:
-    """Every connection's schema and role: the service sees its own schema with its own rights."""
-    settings = {"search_path": config.search_path}
-    if config.role:
-        settings["role"] = config.role
-    return settings
-
-
 async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
-    """A pool that connects lazily, so the server can start while the database is down."""
+    """A pool that connects lazily, so the server can start while the database is down. No
+    startup parameter and no session state: the login role carries the search_path, so a
+    transaction pooler may hand each transaction to any server connection."""
     pool = await asyncpg.create_pool(
         config.url,
         min_size=0,
         max_size=config.pool_size,
-        server_settings=server_settings(config),
+        statement_cache_size=config.statement_cache_size,
         timeout=min(config.timeout_ms / 1000, 10.0),
         command_timeout=config.timeout_ms / 1000,
     )

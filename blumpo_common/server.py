@@ -65,6 +65,9 @@ class Service:
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=tuple)
     # Told that shutdown started, before calls in flight are waited for (e.g. to end open streams).
     on_shutdown: Sequence[Callable[[], None]] = field(default_factory=tuple)
+    # The health probe (its queries.sql's `health_probe`): true when the service's schema and
+    # functions are there for its login, so health is NOT_SERVING after a rollback too.
+    probe: str = "SELECT true"
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -218,14 +221,17 @@ class _Call:
         db.call_deadline.reset(self.tokens[1])
 
 
-async def watch_database(pool: asyncpg.Pool, health_servicer: HealthServicer, names: Sequence[str]) -> None:
-    """Reports NOT_SERVING while the database is unreachable."""
+async def watch_database(
+    pool: asyncpg.Pool, health_servicer: HealthServicer, names: Sequence[str], probe: str = "SELECT true"
+) -> None:
+    """Reports NOT_SERVING while the database is unreachable or the probe finds the schema missing."""
     serving: bool | None = None
     while True:
         try:
             async with pool.acquire(timeout=HEALTH_PROBE_SECONDS) as conn:
-                await conn.fetchval("SELECT 1", timeout=HEALTH_PROBE_SECONDS)
-            now = True
+                now = bool(await conn.fetchval(probe, timeout=HEALTH_PROBE_SECONDS))
+            if not now and serving is not False:
+                log.warning("database answers, but the service's schema or functions are missing")
         except Exception as exc:  # any failure to answer means not serving
             if serving is not False:
                 log.warning("database unreachable: %s", exc)
@@ -297,7 +303,7 @@ async def start(
     _check_bindable(listen_addr)
     port = server.add_insecure_port(listen_addr)
     await server.start()
-    tasks = [asyncio.create_task(watch_database(pool, health_servicer, names))]
+    tasks = [asyncio.create_task(watch_database(pool, health_servicer, names, service.probe))]
     tasks += [asyncio.create_task(job()) for job in service.background]
     return RunningServer(server, port, health_servicer, admission, tasks, service.on_shutdown)
 

@@ -47,7 +47,8 @@ $$;
 --
 
 CREATE FUNCTION token.append_entries(p_user_ids uuid[], p_deltas bigint[], p_reasons text[], p_references text[], p_max_balance bigint) RETURNS TABLE(outcome text, entry_id uuid, user_id uuid, delta bigint, reason text, reference_id text, balance_after bigint, occurred_at timestamp with time zone, balance bigint)
-    LANGUAGE plpgsql
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
 #variable_conflict use_column
 DECLARE
@@ -55,10 +56,18 @@ DECLARE
   current_balance bigint;
   new_balance numeric;
   entry token.token_ledger;
+  debit token.token_ledger;
 BEGIN
   -- Every account involved, locked in user_id order so concurrent calls cannot deadlock.
   PERFORM 1 FROM token.token_account a WHERE a.user_id = ANY (p_user_ids) ORDER BY a.user_id FOR UPDATE;
   FOR i IN 1 .. coalesce(array_length(p_user_ids, 1), 0) LOOP
+    -- A reason has a sign: judged before anything is looked up, as a malformed request.
+    IF (p_reasons[i] = 'GENERATION' AND p_deltas[i] > 0)
+       OR (p_reasons[i] IN ('GENERATION_REFUND', 'MONTHLY_REFILL', 'PURCHASE', 'SIGNUP_BONUS') AND p_deltas[i] < 0) THEN
+      RETURN QUERY SELECT 'WRONG_SIGN', NULL::uuid, p_user_ids[i], p_deltas[i], p_reasons[i], p_references[i],
+        NULL::bigint, NULL::timestamptz, NULL::bigint;
+      CONTINUE;
+    END IF;
     -- Each statement from here on sees what was committed before the locks were granted,
     -- and what earlier entries of this call wrote.
     SELECT a.balance INTO current_balance FROM token.token_account a WHERE a.user_id = p_user_ids[i];
@@ -75,6 +84,18 @@ BEGIN
         entry.id, entry.user_id, entry.delta, entry.reason, entry.reference_id, entry.balance_after,
         entry.occurred_at, current_balance;
       CONTINUE;
+    END IF;
+    -- A refund gives back a debit: `<x>:refund` of a GENERATION debit `<x>` of this user, and
+    -- never more than it (one refund per debit: the reference is unique per user).
+    IF p_reasons[i] = 'GENERATION_REFUND' THEN
+      SELECT * INTO debit FROM token.token_ledger l
+      WHERE l.user_id = p_user_ids[i] AND right(p_references[i], 7) = ':refund'
+        AND l.reference_id = left(p_references[i], -7) AND l.reason = 'GENERATION';
+      IF NOT FOUND OR p_deltas[i] > -debit.delta THEN
+        RETURN QUERY SELECT 'REFUND_UNMATCHED', NULL::uuid, p_user_ids[i], p_deltas[i], p_reasons[i],
+          p_references[i], NULL::bigint, NULL::timestamptz, -debit.delta;
+        CONTINUE;
+      END IF;
     END IF;
     -- In numeric, so no balance, however it got there, can overflow bigint here.
     new_balance := current_balance::numeric + p_deltas[i];
@@ -95,6 +116,35 @@ BEGIN
     RETURN QUERY SELECT 'APPLIED', entry.id, entry.user_id, entry.delta, entry.reason, entry.reference_id,
       entry.balance_after, entry.occurred_at, current_balance;
   END LOOP;
+END
+$$;
+
+
+--
+-- Name: create_user(text, text, bigint); Type: FUNCTION; Schema: token; Owner: -
+--
+
+CREATE FUNCTION token.create_user(p_email text, p_plan text, p_max_balance bigint) RETURNS TABLE(id uuid, email text, created_at timestamp with time zone, user_id uuid, balance bigint, plan_code text, updated_at timestamp with time zone)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+#variable_conflict use_column
+DECLARE
+  chosen token.plan;
+  new_id uuid;
+BEGIN
+  SELECT * INTO chosen FROM token.plan p WHERE p.code = p_plan;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  INSERT INTO token.app_user (email) VALUES (p_email) RETURNING token.app_user.id INTO new_id;
+  INSERT INTO token.token_account (user_id, plan_code) VALUES (new_id, chosen.code);
+  IF chosen.signup_grant > 0 THEN
+    PERFORM token.append_entries(ARRAY[new_id], ARRAY[chosen.signup_grant], ARRAY['SIGNUP_BONUS'],
+      ARRAY['signup'], p_max_balance);
+  END IF;
+  RETURN QUERY SELECT u.id, u.email, u.created_at, a.user_id, a.balance, a.plan_code, a.updated_at
+  FROM token.app_user u JOIN token.token_account a ON a.user_id = u.id WHERE u.id = new_id;
 END
 $$;
 
@@ -584,4 +634,6 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261125000001'),
     ('20261125000002'),
     ('20261125000003'),
-    ('20261126000001');
+    ('20261126000001'),
+    ('20261126100001'),
+    ('20261126100002');

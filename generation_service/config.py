@@ -22,6 +22,8 @@ from generation_service.charging import UNANSWERED_HOLD_SECONDS, ReconcilerSetti
 from generation_service.watch import WatchSettings
 
 PORT = 50052
+# The login role (migration 20261126100001).
+ROLE = "generation_service"
 METRICS_PORT = 9152
 
 
@@ -59,7 +61,7 @@ def load(env: Mapping[str, str]) -> Config:
         idle_seconds=integer(env, "WATCH_IDLE_SECONDS", int(default.idle_seconds), 1, 86_400),
     )
     return Config(
-        database=load_database(env, role="generation_service", search_path="generation"),
+        database=load_database(env, "GENERATION_DATABASE_URL", ROLE),
         server=load_server(env, "GENERATION", PORT, METRICS_PORT),
         token_service_target=address(env, "TOKEN_SERVICE_TARGET", "localhost:50051"),
         token_retry=token_retry,

@@ -278,3 +278,10 @@ WITH batch AS (
   RETURNING j.status
 )
 SELECT count(*) AS touched, count(*) FILTER (WHERE status = 'QUEUED') AS done FROM changed;
+
+-- name: health_probe
+-- Serving needs the tables, with the newest columns the statements use, reachable by its
+-- login's search_path (a rollback or a wrong role makes this false, or fail).
+SELECT to_regclass('asset_image_variant') IS NOT NULL
+  AND EXISTS (SELECT FROM pg_attribute
+              WHERE attrelid = to_regclass('generation_job') AND attname = 'claims' AND NOT attisdropped);

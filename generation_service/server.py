@@ -71,6 +71,7 @@ def service(p: Parts) -> server.Service:
         register=register,
         background=(p.hub.run, p.hub.poll, p.reconciler.run),
         on_shutdown=(p.hub.close,),
+        probe=p.store.queries["health_probe"].sql,
     )
 
 

@@ -28,7 +28,6 @@ from typing import Any
 import asyncpg
 import prometheus_client
 
-from blumpo_common import db
 from blumpo_common.config import DatabaseConfig
 from generation_service import rules
 from generation_service.model import Job
@@ -137,10 +136,9 @@ class Hub:
         while True:
             conn: asyncpg.Connection | None = None
             try:
+                # A session of its own, straight to PostgreSQL: LISTEN outlives any transaction.
                 conn = await asyncpg.connect(
-                    self.config.url,
-                    timeout=min(self.config.timeout_ms / 1000, 10.0),
-                    server_settings=db.server_settings(self.config),
+                    self.config.listen_url or self.config.url, timeout=min(self.config.timeout_ms / 1000, 10.0)
                 )
                 lost = asyncio.Event()
                 conn.add_termination_listener(_setter(lost))

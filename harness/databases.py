@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from harness import ROOT
+from scripts import development_logins
 
 DBMATE = Path(sys.executable).with_name("dbmate")
 # PostgreSQL cuts identifiers at 63 bytes; the label gets what the prefix and suffix leave.
@@ -61,6 +62,7 @@ async def create_template(base: str) -> str:
     a template with a session open on it."""
     url = scratch_database_url(base, "template")
     await asyncio.to_thread(dbmate, url, "up")
+    await development_logins.set_passwords(url)
     await _on_server(url, f'ALTER DATABASE "{database_name(url)}" WITH ALLOW_CONNECTIONS false')
     return url
 

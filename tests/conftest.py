@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import asyncpg
 import grpc
@@ -13,7 +14,7 @@ import pytest
 from blumpo.generation.v1 import generation_pb2_grpc
 from blumpo.token.v1 import token_pb2_grpc
 from blumpo_common import server
-from blumpo_common.config import DatabaseConfig
+from blumpo_common.config import DatabaseConfig, login_url
 from blumpo_common.db import create_pool
 from blumpo_common.pagination import PageTokens
 from blumpo_common.retry import RetryPolicy
@@ -62,8 +63,18 @@ async def admin(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 MAX_CONCURRENT_CALLS = 1000
 
 
-def database_config(url: str, role: str, search_path: str) -> DatabaseConfig:
-    return DatabaseConfig(url=url, pool_size=20, timeout_ms=30000, role=role, search_path=search_path)
+# `make test-pooler` puts a PgBouncer in transaction mode here: the services' pools go through
+# it, their LISTEN and the tests' own checks go straight to PostgreSQL.
+POOLER_ADDR = os.environ.get("BLUMPO_TEST_POOLER_ADDR", "")
+
+
+def database_config(url: str, role: str) -> DatabaseConfig:
+    """The service's settings as deployed: its own login role on the module's database."""
+    own = login_url(url, role)
+    if not POOLER_ADDR:
+        return DatabaseConfig(url=own, pool_size=20, timeout_ms=30000)
+    pooled = urlsplit(own)._replace(netloc=f"{role}@{POOLER_ADDR}").geturl()
+    return DatabaseConfig(url=pooled, pool_size=20, timeout_ms=30000, pooler="transaction", listen_url=own)
 
 
 # The secret both services sign page tokens with in tests, so a test can sign one too.
@@ -72,7 +83,7 @@ TEST_PAGE_TOKENS = PageTokens(b"page-token-test-secret-0123456789abcdef")
 
 @pytest.fixture(scope="module")
 async def token_address(database_url: str) -> AsyncIterator[str]:
-    pool = await create_pool(database_config(database_url, "token_service", "token"))
+    pool = await create_pool(database_config(database_url, "token_service"))
     service = token_service(TokenStore(pool, 30.0), pages=TEST_PAGE_TOKENS)
     running = await server.start(service, pool, "127.0.0.1:0", MAX_CONCURRENT_CALLS)
     yield f"127.0.0.1:{running.port}"
@@ -102,7 +113,7 @@ def reconciler_settings() -> ReconcilerSettings:
 async def generation_parts(
     database_url: str, token_address: str, reconciler_settings: ReconcilerSettings
 ) -> AsyncIterator[GenerationParts]:
-    config = database_config(database_url, "generation_service", "generation")
+    config = database_config(database_url, "generation_service")
     pool = await create_pool(config)
     async with grpc.aio.insecure_channel(token_address) as channel:
         yield generation_parts_for(pool, config, channel, TEST_RETRY, reconciler_settings, pages=TEST_PAGE_TOKENS)
@@ -127,7 +138,7 @@ async def generation(generation_address: str) -> AsyncIterator[generation_pb2_gr
 @pytest.fixture(scope="module")
 async def token_store(database_url: str) -> AsyncIterator[TokenStore]:
     """The token service's store on its own pool, for driving the refill step by step."""
-    pool = await create_pool(database_config(database_url, "token_service", "token"))
+    pool = await create_pool(database_config(database_url, "token_service"))
     yield TokenStore(pool, 30.0)
     await pool.close()
 
@@ -138,7 +149,7 @@ OTP_TEST_SECRET = b"otp-test-secret-0123456789abcdef0123456789"
 @pytest.fixture(scope="module")
 async def otp(database_url: str) -> AsyncIterator[support.OtpHarness]:
     """A second token server whose OTP login uses a fake clock and a capturing sender."""
-    pool = await create_pool(database_config(database_url, "token_service", "token"))
+    pool = await create_pool(database_config(database_url, "token_service"))
     store = TokenStore(pool, 30.0)
     clock = support.FakeClock()
     sender = support.CapturingSender()

@@ -62,7 +62,7 @@ class FakeLedger:
 
 @pytest.fixture(scope="module")
 async def store(database_url: str) -> AsyncIterator[Store]:
-    pool = await create_pool(database_config(database_url, "generation_service", "generation"))
+    pool = await create_pool(database_config(database_url, "generation_service"))
     yield Store(pool, 30.0, claim_seconds=CLAIM_SECONDS)
     await pool.close()
 

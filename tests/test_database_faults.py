@@ -92,7 +92,7 @@ async def test_no_free_connection_in_time_is_unavailable_and_the_next_call_works
     """A call that finds the pool taken waits for a connection no longer than its timeout (here
     DB_TIMEOUT, 0.3 s), and is then UNAVAILABLE with RetryInfo, not left waiting."""
     user_id = await support.user_with_balance(token, 5)
-    pool = await create_pool(replace(database_config(database_url, "token_service", "token"), pool_size=1))
+    pool = await create_pool(replace(database_config(database_url, "token_service"), pool_size=1))
     running = await server.start(token_service(TokenStore(pool, 0.3)), pool, "127.0.0.1:0")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:

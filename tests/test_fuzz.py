@@ -84,7 +84,7 @@ answers: Counter[str] = Counter()
 async def generation_parts(database_url: str, token_address: str) -> AsyncIterator[GenerationParts]:
     """As conftest's, with the reconciler idle after its first pass, so that nothing but the
     call under test writes while a call is checked."""
-    config = database_config(database_url, "generation_service", "generation")
+    config = database_config(database_url, "generation_service")
     pool = await create_pool(config)
     quiet = ReconcilerSettings(claim_seconds=3.0, interval_seconds=3600.0)
     async with grpc.aio.insecure_channel(token_address) as channel:

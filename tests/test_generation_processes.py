@@ -75,7 +75,7 @@ async def _status(admin: asyncpg.Connection, job_id: str) -> str | None:
 async def test_token_service_down_then_back(
     database_url: str, token_process: ServiceProcess, token: TokenStub, admin: asyncpg.Connection
 ) -> None:
-    config = database_config(database_url, "generation_service", "generation")
+    config = database_config(database_url, "generation_service")
     pool = await create_pool(config)
     policy = retry.RetryPolicy(attempt_timeout_seconds=0.5, max_attempts=3, total_timeout_seconds=1.5)
     settings = ReconcilerSettings(claim_seconds=3.0, interval_seconds=0.2)

@@ -356,7 +356,10 @@ def test_peer_host(peer: str, host: str) -> None:
     assert peer_host(peer) == host
 
 
-BASE_ENV = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/blumpo", "PAGE_TOKEN_SECRET": "s" * 32}
+BASE_ENV = {
+    "GENERATION_DATABASE_URL": "postgresql://generation_service@127.0.0.1:5432/blumpo",
+    "PAGE_TOKEN_SECRET": "s" * 32,
+}
 
 
 def test_watch_settings_defaults_and_overrides() -> None:

@@ -17,7 +17,6 @@ from tests.support import TokenStub
 
 OK = grpc.StatusCode.OK.value[0]
 ADJ = tpb.LEDGER_REASON_ADJUSTMENT
-GEN = tpb.LEDGER_REASON_GENERATION
 
 
 def entry(
@@ -65,7 +64,7 @@ def mixed_batch(a: str, b: str, missing: str) -> list[tpb.AppendLedgerEntryReque
         entry(a, 5, "r1"),  # good: 100 -> 105
         entry(a, 5, "r1"),  # the same again in the batch: replayed
         entry(a, 7, "r1"),  # same reference, other delta: IDEMPOTENCY_KEY_REUSED
-        entry(a, 5, "r1", GEN),  # same reference, other reason: IDEMPOTENCY_KEY_REUSED
+        entry(a, 5, "r1", tpb.LEDGER_REASON_PURCHASE),  # same reference, other reason: IDEMPOTENCY_KEY_REUSED
         entry(a, 3, "before"),  # written before the batch: replayed
         entry(b, -50, "d1"),  # 10 - 50: INSUFFICIENT_TOKENS
         entry(b, -10, "d2"),  # good: 10 -> 0

@@ -74,7 +74,7 @@ SilentServer = tuple[support.TokenStub, SilentSmtp]
 @pytest.fixture
 async def silent_token_server(database_url: str) -> AsyncIterator[SilentServer]:
     """A token server (pool of 20) whose login codes go to a mail server that never answers."""
-    pool = await create_pool(database_config(database_url, "token_service", "token"))
+    pool = await create_pool(database_config(database_url, "token_service"))
     store = TokenStore(pool, 30.0)
     async with SilentSmtp() as silent:
         smtp = SmtpConfig("127.0.0.1", silent.port, "login@blumpo.example", "", "", False, SMTP_TIMEOUT)

@@ -206,7 +206,7 @@ async def test_pages_follow_across_replicas_that_share_the_secret(
 
 @asynccontextmanager
 async def replica(database_url: str, pages: PageTokens) -> AsyncIterator[TokenStub]:
-    pool = await create_pool(database_config(database_url, "token_service", "token"))
+    pool = await create_pool(database_config(database_url, "token_service"))
     running = await server.start(token_service(TokenStore(pool, 30.0), pages=pages), pool, "127.0.0.1:0")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:

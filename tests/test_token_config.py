@@ -12,7 +12,7 @@ from blumpo_common.config import ConfigError
 from harness import ROOT
 from token_service import config
 
-BASE = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/blumpo", "PAGE_TOKEN_SECRET": "p" * 32}
+BASE = {"TOKEN_DATABASE_URL": "postgresql://token_service@127.0.0.1:5432/blumpo", "PAGE_TOKEN_SECRET": "p" * 32}
 SECRET = "s" * 32
 SMTP = {"OTP_SMTP_HOST": "smtp.example.com", "OTP_SMTP_FROM": "login@blumpo.example"}
 

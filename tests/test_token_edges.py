@@ -53,6 +53,8 @@ async def test_a_debit_is_applied_while_a_refund_keeps_the_balance_above_the_cap
     """A refund may lift a balance above 10^15 (the cap never withholds it); a debit from
     there lowers the balance, so it must be applied, not refused as INSUFFICIENT_TOKENS."""
     user_id = await user_at_the_cap(token)
+    await token.AppendLedgerEntry(entry(user_id, -50, "job-1", GEN))
+    await token.AppendLedgerEntry(entry(user_id, 50, "back-to-the-cap"))
     refunded = await token.AppendLedgerEntry(entry(user_id, 50, "job-1:refund", REFUND))
     assert refunded.entry.balance_after == MAX_BALANCE + 50
 
@@ -98,17 +100,18 @@ async def test_a_refund_that_would_overflow_int64_is_refused_not_internal(
     writes nothing; it is not an INTERNAL error. (The balance is placed next to int64's
     maximum directly, standing in for the ~9.2 million uncapped refunds that reach it.)"""
     user_id = await support.user_with_balance(token, 100)
+    await token.AppendLedgerEntry(entry(user_id, -50, "job-9", GEN))
     set_balance = "UPDATE token.token_account SET balance = $2 WHERE user_id = $1"
     await admin.execute(set_balance, uuid.UUID(user_id), 2**63 - 10)
     try:
         await support.expect_error(
-            token.AppendLedgerEntry(entry(user_id, MAX_DELTA, "job-9:refund", REFUND)),
+            token.AppendLedgerEntry(entry(user_id, 50, "job-9:refund", REFUND)),
             grpc.StatusCode.FAILED_PRECONDITION,
             "BALANCE_LIMIT_EXCEEDED",
         )
     finally:
         # Back to what the ledger says, so CheckBalances over every account stays clean.
-        await admin.execute(set_balance, uuid.UUID(user_id), 100)
+        await admin.execute(set_balance, uuid.UUID(user_id), 50)
 
 
 async def test_a_blank_reference_id_is_invalid_argument(token: TokenStub) -> None:
@@ -128,7 +131,7 @@ async def test_a_login_code_reaches_an_idn_domain_through_a_relay_without_smtput
     form). The domain has an ASCII form (IDNA), so the code is mailed to that address and
     reaches it through a relay that does not offer SMTPUTF8, instead of failing every time
     with UNAVAILABLE / OTP_DELIVERY_FAILED ("retry in a moment")."""
-    pool = await create_pool(database_config(database_url, "token_service", "token"))
+    pool = await create_pool(database_config(database_url, "token_service"))
     store = TokenStore(pool, 30.0)
     try:
         async with SmtpSink() as sink:

@@ -130,7 +130,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         plan = check_plan(check, "plan", request.plan or DEFAULT_PLAN)
         check.done()
         try:
-            user = await self.store.create_user(email, plan)
+            user = await self.store.create_user(email, plan, ledger.MAX_BALANCE)
         except EmailTaken:
             raise errors.email_taken(email) from None
         except UnknownPlan:

@@ -20,6 +20,8 @@ from blumpo_common.config import (
 )
 
 PORT = 50051
+# The login role (migration 20261126100001).
+ROLE = "token_service"
 METRICS_PORT = 9151
 # Used only when BLUMPO_ENV=development; its name says what it is in any log or dump.
 DEVELOPMENT_OTP_SECRET = "insecure-development-only-otp-secret-never-use-in-production"
@@ -101,7 +103,7 @@ def load_otp(env: Mapping[str, str], development: bool) -> OtpConfig:
 def load(env: Mapping[str, str]) -> Config:
     development = is_development(env)
     return Config(
-        database=load_database(env, role="token_service", search_path="token"),
+        database=load_database(env, "TOKEN_DATABASE_URL", ROLE),
         server=load_server(env, "TOKEN", PORT, METRICS_PORT),
         otp=load_otp(env, development),
         page_tokens=load_page_tokens(env, development),

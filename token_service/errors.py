@@ -58,6 +58,26 @@ def balance_limit_exceeded(balance: int, limit: int) -> ServiceError:
     )
 
 
+def wrong_sign(reason: str, delta: int) -> ServiceError:
+    """The delta's sign does not fit the reason (a credit written as a debit, or the reverse)."""
+    kind, wanted = ("a debit", "below 0") if delta > 0 else ("a credit", "above 0")
+    return invalid_argument([("delta", f"must be {wanted} for {reason} ({kind}), got {delta}")])
+
+
+def refund_unmatched(reference_id: str, debit: int | None, requested: int) -> ServiceError:
+    """debit: the amount of the GENERATION debit the refund names; None when there is none."""
+    metadata = {"reference_id": reference_id, "requested": str(requested)}
+    if debit is None:
+        message = (
+            f"a refund needs the reference '<x>:refund' of a GENERATION debit <x> of this user; "
+            f"{reference_id!r} names none"
+        )
+    else:
+        message = f"the refund of {requested} tokens exceeds the debit it gives back ({debit} tokens)"
+        metadata["debit"] = str(debit)
+    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "REFUND_UNMATCHED", message, metadata)
+
+
 def idempotency_key_reused(earlier: LedgerEntry) -> ServiceError:
     """earlier: the entry already written under the reference."""
     return ServiceError(

@@ -45,6 +45,10 @@ def outcome_of(result: AppendResult) -> Outcome:
             return Outcome(error=errors.balance_limit_exceeded(balance, MAX_BALANCE))
         case AppendOutcome.NO_ACCOUNT, _, _:
             return Outcome(error=errors.account_not_found(result.user_id))
+        case AppendOutcome.WRONG_SIGN, _, _:
+            return Outcome(error=errors.wrong_sign(result.reason, result.delta))
+        case AppendOutcome.REFUND_UNMATCHED, _, debit:
+            return Outcome(error=errors.refund_unmatched(result.reference_id, debit, result.delta))
     raise AssertionError(f"token.append_entries answered {result}")
 
 

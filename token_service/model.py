@@ -37,6 +37,8 @@ class AppendOutcome(enum.StrEnum):
     INSUFFICIENT = "INSUFFICIENT"
     BALANCE_LIMIT = "BALANCE_LIMIT"
     NO_ACCOUNT = "NO_ACCOUNT"
+    WRONG_SIGN = "WRONG_SIGN"
+    REFUND_UNMATCHED = "REFUND_UNMATCHED"
 
 
 class EmailTaken(Exception):
@@ -123,13 +125,16 @@ class AppendResult:
     entry: LedgerEntry | None
     user_id: uuid.UUID
     delta: int
-    # The balance the entry was judged against; None without an account.
+    reason: LedgerReason
+    reference_id: str
+    # The balance the entry was judged against; None without an account. For REFUND_UNMATCHED:
+    # the amount of the debit refunded, None without one.
     balance: int | None
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> AppendResult:
         entry = LedgerEntry.from_row(row) if row["entry_id"] is not None else None
-        return record(cls, row, outcome=AppendOutcome(row["outcome"]), entry=entry)
+        return record(cls, row, outcome=AppendOutcome(row["outcome"]), entry=entry, reason=LedgerReason(row["reason"]))
 
 
 @dataclass(frozen=True)

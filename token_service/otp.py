@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from blumpo_common.db import Connection
-from token_service import errors
+from token_service import errors, ledger
 from token_service.model import EmailTaken, OtpChallenge, UnknownPlan, User
 from token_service.otp_sender import DeliveryError, OtpSender
 from token_service.store import Store
@@ -186,7 +186,7 @@ class OtpLogins:
 
     async def _sign_up(self, email: str, *, conn: Connection) -> User:
         try:
-            return await self.store.create_user(email, SIGNUP_PLAN, conn=conn)
+            return await self.store.create_user(email, SIGNUP_PLAN, ledger.MAX_BALANCE, conn=conn)
         except EmailTaken:
             # A CreateUser for this email committed since the lookup: the code is still
             # unused (this transaction rolls back), so the client can simply retry.

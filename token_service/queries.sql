@@ -1,24 +1,10 @@
--- Every statement of the token service. Connections run with search_path = token.
+-- Every statement of the token service. Its login role has search_path = token (migration 20261126100001).
 
 -- name: create_user
--- The user, their account and the plan's signup grant, in one statement.
--- No row when the plan does not exist.
-WITH chosen_plan AS (
-  SELECT code, signup_grant FROM plan WHERE code = $2
-), new_user AS (
-  INSERT INTO app_user (email) SELECT $1 FROM chosen_plan
-  RETURNING id, email, created_at
-), new_account AS (
-  INSERT INTO token_account (user_id, balance, plan_code)
-  SELECT new_user.id, chosen_plan.signup_grant, chosen_plan.code FROM new_user, chosen_plan
-  RETURNING user_id, balance, plan_code, updated_at
-), grant_entry AS (
-  INSERT INTO token_ledger (user_id, delta, reason, reference_id, balance_after)
-  SELECT new_user.id, chosen_plan.signup_grant, 'SIGNUP_BONUS', 'signup', chosen_plan.signup_grant
-  FROM new_user, chosen_plan WHERE chosen_plan.signup_grant > 0
-)
-SELECT u.id, u.email, u.created_at, a.user_id, a.balance, a.plan_code, a.updated_at
-FROM new_user u JOIN new_account a ON a.user_id = u.id;
+-- The user, their account and the plan's signup grant, in one call to the function
+-- (migration 20261126100001): the grant is written by token.append_entries, the only
+-- writer of the ledger and the balances. No row when the plan does not exist.
+SELECT id, email, created_at, user_id, balance, plan_code, updated_at FROM create_user($1, $2, $3);
 
 -- name: user_by_id
 SELECT u.id, u.email, u.created_at, a.user_id, a.balance, a.plan_code, a.updated_at
@@ -148,3 +134,10 @@ FROM token_account a JOIN plan p ON p.code = a.plan_code
 WHERE a.user_id > $1
 ORDER BY a.user_id
 LIMIT $2;
+
+-- name: health_probe
+-- Serving needs the schema and the functions the service calls, reachable by its login's
+-- search_path (a rollback or a wrong role makes this false, or fail).
+SELECT to_regclass('token_ledger') IS NOT NULL AND to_regclass('token_account') IS NOT NULL
+  AND (SELECT count(DISTINCT proname) = 2 FROM pg_proc
+       WHERE pronamespace = to_regnamespace(current_schema()) AND proname IN ('append_entries', 'create_user'));

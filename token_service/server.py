@@ -42,7 +42,13 @@ def service(store: Store, logins: otp.OtpLogins | None = None, pages: PageTokens
     def register(grpc_server: grpc.aio.Server) -> None:
         token_pb2_grpc.add_TokenServiceServicer_to_server(api, grpc_server)
 
-    return server.Service(name="token_service", full_name=SERVICE_NAME, error_domain=ERROR_DOMAIN, register=register)
+    return server.Service(
+        name="token_service",
+        full_name=SERVICE_NAME,
+        error_domain=ERROR_DOMAIN,
+        register=register,
+        probe=store.queries["health_probe"].sql,
+    )
 
 
 async def run(config: token_config.Config) -> None:

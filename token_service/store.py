@@ -39,10 +39,11 @@ _MAX_SEQ = 2**63 - 1
 class Store(db.BaseStore):
     queries = Q
 
-    async def create_user(self, email: str, plan: str, *, conn: db.Connection | None = None) -> User:
-        """Creates the user, account and signup grant; EmailTaken or UnknownPlan when refused."""
+    async def create_user(self, email: str, plan: str, max_balance: int, *, conn: db.Connection | None = None) -> User:
+        """Creates the user, account and signup grant (credited up to max_balance, as any credit);
+        EmailTaken or UnknownPlan when refused."""
         try:
-            row = await self.fetchrow("create_user", email, plan, conn=conn)
+            row = await self.fetchrow("create_user", email, plan, max_balance, conn=conn)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "app_user_email_key":
                 raise EmailTaken(email) from None
