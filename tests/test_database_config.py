@@ -54,6 +54,7 @@ def test_behind_a_transaction_pooler_no_statement_is_cached_and_listen_goes_dire
             "GENERATION_DATABASE_URL": "postgresql://generation_service@pooler:6432/blumpo",
             "DATABASE_LISTEN_URL": direct,
             "DB_POOLER": "transaction",
+            "PAGE_TOKEN_SECRET": "p" * 32,
         }
     ).database
     assert loaded.statement_cache_size == 0

@@ -55,6 +55,11 @@ SMALL_DELTAS = st.integers(-120, 120).filter(lambda delta: delta != 0)
 # One draw in six is at or past a limit: the largest deltas, and two the contract refuses.
 DELTAS = now_and_then(SMALL_DELTAS, st.sampled_from([MAX_DELTA, -MAX_DELTA, 0, MAX_DELTA + 1]), 6)
 
+# Appends a burst sends at once: signed as their reason wants; no refund (it needs its debit).
+WELL_FORMED_MOVES = st.tuples(SMALL_DELTAS, st.sampled_from(REASONS[2:])).map(
+    lambda move: (move[0] if move[1] == tpb.LEDGER_REASON_ADJUSTMENT else abs(move[0]), move[1])
+) | st.tuples(SMALL_DELTAS.map(lambda delta: -abs(delta)), st.just(tpb.LEDGER_REASON_GENERATION))
+
 Answer = tuple[tpb.LedgerEntry, bool] | Refusal  # (entry, replayed) or the refusal
 
 
@@ -100,7 +105,7 @@ class Ledger:
     def judge(self, asked: tpb.AppendLedgerEntryRequest) -> Prediction:
         """What the service must answer to asked, given every entry so far."""
         user, delta, reference = asked.user_id, asked.delta, asked.reference_id
-        if delta == 0 or abs(delta) > MAX_DELTA:
+        if delta == 0 or abs(delta) > MAX_DELTA or not signed_right(asked.reason, delta):
             return Refusal(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
         if user not in self.balances:
             return Refusal(grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND", {"key": user})
@@ -110,6 +115,10 @@ class Ledger:
                 return Replayed(earlier)
             reused = {"reference_id": reference, "delta": str(earlier.delta), "reason": reason_name(earlier.reason)}
             return Refusal(grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED", reused)
+        if asked.reason == tpb.LEDGER_REASON_GENERATION_REFUND:
+            unmatched = self.unmatched_refund(asked)
+            if unmatched is not None:
+                return unmatched
         balance = self.balances[user]
         if balance + delta < 0:
             held = {"balance": str(balance), "requested": str(-delta)}
@@ -118,6 +127,19 @@ class Ledger:
             held = {"balance": str(balance), "limit": str(CAP)}
             return Refusal(grpc.StatusCode.FAILED_PRECONDITION, "BALANCE_LIMIT_EXCEEDED", held)
         return Applied(balance + delta)
+
+    def unmatched_refund(self, asked: tpb.AppendLedgerEntryRequest) -> Refusal | None:
+        """A refund must name `<x>:refund` of a GENERATION debit <x> of its user, and give back
+        no more than it."""
+        reference = asked.reference_id
+        debit = self.by_reference.get((asked.user_id, reference.removesuffix(":refund")))
+        if not reference.endswith(":refund") or debit is None or debit.reason != tpb.LEDGER_REASON_GENERATION:
+            metadata = {"reference_id": reference, "requested": str(asked.delta)}
+        elif asked.delta > -debit.delta:
+            metadata = {"reference_id": reference, "requested": str(asked.delta), "debit": str(-debit.delta)}
+        else:
+            return None
+        return Refusal(grpc.StatusCode.FAILED_PRECONDITION, "REFUND_UNMATCHED", metadata)
 
     def check(self, asked: tpb.AppendLedgerEntryRequest, got: Answer) -> Prediction:
         """Compares an answer with the prediction, records what it wrote; returns the prediction."""
@@ -134,6 +156,13 @@ class Ledger:
         else:
             assert got == predicted, f"{asked} answered {got}, expected {predicted}"
         return predicted
+
+
+def signed_right(reason: tpb.LedgerReason.ValueType, delta: int) -> bool:
+    """GENERATION is a debit; ADJUSTMENT either; every other reason a credit."""
+    if reason == tpb.LEDGER_REASON_GENERATION:
+        return delta < 0
+    return reason == tpb.LEDGER_REASON_ADJUSTMENT or delta > 0
 
 
 def credit_limit(reason: tpb.LedgerReason.ValueType) -> int:
@@ -249,7 +278,9 @@ class TokenMachine(RuleBasedStateMachine):
             delta += -1 if earlier.delta in (-1, MAX_DELTA) else 1
         reason = earlier.reason
         if change != "delta":
-            reason = REASONS[(REASONS.index(earlier.reason) + 1) % len(REASONS)]
+            # The next reason whose sign fits the delta (a wrong sign is refused before any lookup).
+            later = REASONS[REASONS.index(earlier.reason) + 1 :] + REASONS
+            reason = next(r for r in later if r != earlier.reason and signed_right(r, delta))
         predicted = self._append(request(user, delta, reason, earlier.reference_id))
         assert isinstance(predicted, Refusal) and predicted.reason == "IDEMPOTENCY_KEY_REUSED"
 
@@ -271,7 +302,7 @@ class TokenMachine(RuleBasedStateMachine):
 
     @rule(
         user=users,
-        moves=st.lists(st.tuples(SMALL_DELTAS, st.sampled_from(REASONS)), min_size=2, max_size=12),
+        moves=st.lists(WELL_FORMED_MOVES, min_size=2, max_size=12),
     )
     @recorded
     def concurrent_burst(self, user: str, moves: list[tuple[int, tpb.LedgerReason.ValueType]]) -> None:
@@ -362,7 +393,7 @@ class TokenMachine(RuleBasedStateMachine):
     )
     def credit_at_the_cap(self, data: st.DataObject, reason: tpb.LedgerReason.ValueType, past: int) -> None:
         """A credit that takes the balance to the cap (past 0) or past it: a purchase past it is
-        refused, a refund (it gives back a debit) is not."""
+        refused; a refund that names no debit is refused before the cap is looked at."""
         near = self._near_the_cap()
         user = near[data.draw(st.integers(0, 2**16)) % len(near)]
         delta = min(MAX_DELTA, max(1, CAP - self.ledger.balances[user] + past))

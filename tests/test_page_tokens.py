@@ -218,7 +218,10 @@ async def replica(database_url: str, pages: PageTokens) -> AsyncIterator[TokenSt
 
 # Settings.
 
-BASE = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/blumpo"}
+BASE = {
+    "TOKEN_DATABASE_URL": "postgresql://token_service@127.0.0.1:5432/blumpo",
+    "GENERATION_DATABASE_URL": "postgresql://generation_service@127.0.0.1:5432/blumpo",
+}
 TOKEN_PRODUCTION = {
     **BASE,
     "OTP_SECRET": "o" * 32,
