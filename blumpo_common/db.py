@@ -7,7 +7,7 @@ import contextvars
 import dataclasses
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,11 +106,49 @@ def load_queries(path: Path) -> Mapping[str, Query]:
 R = TypeVar("R")
 
 
-def record(cls: type[R], row: asyncpg.Record, **converted: Any) -> R:
-    """A dataclass built from the row's columns of the same names; `converted` gives the fields
-    that need more than the column's value (enums, decoded JSON, nested records)."""
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in converted]  # type: ignore[arg-type]
-    return cls(**{name: row[name] for name in names}, **converted)
+def _same(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class Converted:
+    """A field from a column (of the field's name unless given), passed through convert."""
+
+    convert: Callable[[Any], Any] = _same
+    column: str | None = None
+
+
+@dataclass(frozen=True)
+class Nested:
+    """A record built from the same row; None when the column unless_null is NULL."""
+
+    build: Callable[[asyncpg.Record], Any]
+    unless_null: str | None = None
+
+
+@dataclass(frozen=True)
+class Many:
+    """Records built from the array of rows in the field's column; none when it is absent."""
+
+    build: Callable[[asyncpg.Record], Any]
+
+
+def record(cls: type[R], row: asyncpg.Record, **special: Converted | Nested | Many) -> R:
+    """A dataclass built from the row's columns of the same names; `special` says how the fields
+    that need more than a column's value are made (enums, decoded JSON, records of their own)."""
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        spec = special.get(field.name)
+        if spec is None:
+            values[field.name] = row[field.name]
+        elif isinstance(spec, Converted):
+            values[field.name] = spec.convert(row[spec.column or field.name])
+        elif isinstance(spec, Nested):
+            skip = spec.unless_null is not None and row[spec.unless_null] is None
+            values[field.name] = None if skip else spec.build(row)
+        else:
+            values[field.name] = tuple(spec.build(r) for r in row.get(field.name) or ())
+    return cls(**values)
 
 
 async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:

@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from blumpo_common.db import record
+from blumpo_common.db import Converted, Many, Nested, record
 
 
 class JobState(enum.StrEnum):
@@ -94,10 +94,10 @@ class Job(NewJob):
         return record(
             cls,
             row,
-            params=json.loads(row["params"]),
-            status=JobState(row["status"]),
-            request_digest=bytes(row["request_digest"]),
-            refund_state=RefundState(row["refund_state"]),
+            params=Converted(json.loads),
+            status=Converted(JobState),
+            request_digest=Converted(bytes),
+            refund_state=Converted(RefundState),
         )
 
 
@@ -114,7 +114,7 @@ class Image:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Image:
-        return record(cls, row, format=ImageFormat(row["format"]))
+        return record(cls, row, format=Converted(ImageFormat))
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ class Variant:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Variant:
-        return record(cls, row, kind=VariantKind(row["kind"]), image=Image.from_row(row))
+        return record(cls, row, kind=Converted(VariantKind), image=Nested(Image.from_row))
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,7 @@ class Asset:
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Asset:
         """From an asset_image row, with its variants when the row has a `variants` array of rows."""
-        variants = tuple(Variant.from_row(v) for v in row.get("variants") or ())
-        return record(cls, row, image=Image.from_row(row), variants=variants)
+        return record(cls, row, image=Nested(Image.from_row), variants=Many(Variant.from_row))
 
     def same_request(self, new: NewAsset) -> bool:
         """Whether this stored asset is what `new` asks for (a retry, not a reuse of the id)."""

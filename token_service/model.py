@@ -14,7 +14,7 @@ from datetime import datetime
 
 import asyncpg
 
-from blumpo_common.db import record
+from blumpo_common.db import Converted, Nested, record
 
 
 class LedgerReason(enum.StrEnum):
@@ -58,7 +58,7 @@ class Account:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Account:
-        return record(cls, row, plan=row["plan_code"])
+        return record(cls, row, plan=Converted(column="plan_code"))
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class User:
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> User:
         """From a row holding the user's columns and their account's."""
-        return record(cls, row, account=Account.from_row(row))
+        return record(cls, row, account=Nested(Account.from_row))
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class LedgerEntry:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> LedgerEntry:
-        return record(cls, row, id=row["entry_id"], reason=LedgerReason(row["reason"]))
+        return record(cls, row, id=Converted(column="entry_id"), reason=Converted(LedgerReason))
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class ListedEntry:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> ListedEntry:
-        return record(cls, row, entry=LedgerEntry.from_row(row))
+        return record(cls, row, entry=Nested(LedgerEntry.from_row))
 
     @property
     def position(self) -> tuple[datetime, int]:
@@ -133,8 +133,13 @@ class AppendResult:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> AppendResult:
-        entry = LedgerEntry.from_row(row) if row["entry_id"] is not None else None
-        return record(cls, row, outcome=AppendOutcome(row["outcome"]), entry=entry, reason=LedgerReason(row["reason"]))
+        return record(
+            cls,
+            row,
+            outcome=Converted(AppendOutcome),
+            entry=Nested(LedgerEntry.from_row, unless_null="entry_id"),
+            reason=Converted(LedgerReason),
+        )
 
 
 @dataclass(frozen=True)
@@ -176,7 +181,7 @@ class OtpRequests:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> OtpRequests:
-        return record(cls, row, count=row["requests"])
+        return record(cls, row, count=Converted(column="requests"))
 
 
 @dataclass(frozen=True)
