@@ -14,8 +14,12 @@ from generation_service.token_client import Outcome
 DOMAIN = "blumpo.generation"
 
 
-def _error(code: grpc.StatusCode, reason: str, message: str, **metadata: object) -> ServiceError:
-    return ServiceError(code, reason, message, {key: str(value) for key, value in metadata.items()})
+def _error(
+    code: grpc.StatusCode, reason: str, message: str, *, retry_after: int | None = None, **metadata: object
+) -> ServiceError:
+    """retry_after: seconds of the google.rpc.RetryInfo the answer carries, if any."""
+    metadata_text = {key: str(value) for key, value in metadata.items()}
+    return ServiceError(code, reason, message, metadata_text, retry_delay_seconds=retry_after)
 
 
 def job_not_found(job_id: uuid.UUID) -> ServiceError:
@@ -84,27 +88,25 @@ def job_id_reused(job_id: uuid.UUID) -> ServiceError:
 
 
 def charge_unconfirmed(job_id: uuid.UUID, outcome: Outcome) -> ServiceError:
-    error = _error(
+    return _error(
         grpc.StatusCode.UNAVAILABLE,
         "TOKEN_SERVICE_UNAVAILABLE",
         f"the token service did not confirm the charge of job {job_id} ({outcome.code.name}); "
         "retry with the same job_id, it will not be charged twice",
         job_id=job_id,
+        retry_after=RETRY_AFTER_OUTAGE_SECONDS,
     )
-    error.retry_delay_seconds = RETRY_AFTER_OUTAGE_SECONDS
-    return error
 
 
 def charge_in_progress(job_id: uuid.UUID) -> ServiceError:
-    error = _error(
+    return _error(
         grpc.StatusCode.UNAVAILABLE,
         "CHARGE_IN_PROGRESS",
         f"job {job_id} is being charged by a concurrent request; retry with the same job_id, "
         "it will not be charged twice",
         job_id=job_id,
+        retry_after=RETRY_AFTER_OUTAGE_SECONDS,
     )
-    error.retry_delay_seconds = RETRY_AFTER_OUTAGE_SECONDS
-    return error
 
 
 def charge_refused(job_id: uuid.UUID, user_id: uuid.UUID, outcome: Outcome) -> ServiceError:
@@ -135,12 +137,11 @@ WATCH_RETRY_SECONDS = 5
 def too_many_watchers(limit: str, allowed: int) -> ServiceError:
     """limit is "caller" (this caller's open streams) or "process" (all callers' together)."""
     whose = "this caller holds" if limit == "caller" else "this server holds"
-    error = _error(
+    return _error(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "TOO_MANY_WATCHERS",
         f"{whose} {allowed} open watch streams, its limit; end one or retry later",
         limit=limit,
         allowed=allowed,
+        retry_after=WATCH_RETRY_SECONDS,
     )
-    error.retry_delay_seconds = WATCH_RETRY_SECONDS
-    return error
