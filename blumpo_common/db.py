@@ -17,6 +17,7 @@ import asyncpg
 import asyncpg.exceptions._base
 import asyncpg.pool
 
+from blumpo_common import metrics
 from blumpo_common.config import DatabaseConfig
 
 # A connection, pooled or not.
@@ -164,6 +165,7 @@ async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
         command_timeout=config.timeout_ms / 1000,
     )
     assert pool is not None
+    metrics.watch_pool(pool)
     return pool
 
 
@@ -203,10 +205,13 @@ class BaseStore:
 
         A connection that failed is closed rather than given back: the next call gets a sound
         one, and no reset is tried on a protocol the lost backend left midway."""
+        metrics.POOL_WAITING.count += 1
         try:
             conn = await self.pool.acquire(timeout=self.timeout())
         except TimeoutError:
             raise PoolTimeoutError("no database connection became free in time") from None
+        finally:
+            metrics.POOL_WAITING.count -= 1
         try:
             yield conn
         except BaseException as exc:

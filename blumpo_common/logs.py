@@ -1,10 +1,13 @@
-"""Structured (JSON lines) logging, with the request id of the call being served."""
+"""Structured (JSON lines) logging, with the request id of the call being served and RFC 3339
+UTC times to the millisecond (2026-11-26T11:02:03.123Z)."""
 
 from __future__ import annotations
 
 import contextvars
 import logging
 import sys
+import time
+from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -19,17 +22,27 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
-def configure(service: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter(
+class _Formatter(JsonFormatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(record.created))}.{int(record.msecs):03d}Z"
+
+
+def handler(service: str, stream: TextIO = sys.stderr) -> logging.Handler:
+    """Writes a service's records to stream as JSON lines."""
+    made = logging.StreamHandler(stream)
+    made.setFormatter(
+        _Formatter(
             "{asctime}{levelname}{name}{message}",
             style="{",
             rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             static_fields={"service": service},
         )
     )
-    handler.addFilter(_RequestIdFilter())
+    made.addFilter(_RequestIdFilter())
+    return made
+
+
+def configure(service: str, level: str) -> None:
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handler(service)]
     root.setLevel(level)

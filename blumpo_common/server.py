@@ -1,7 +1,7 @@
 """The gRPC server both services run: interceptor, health, reflection, shutdown.
 
 Handlers stay thin: they raise ServiceError, and the interceptor here turns it (or a
-database failure) into a status with details, logs the call and counts it.
+database failure) into a status with details, logs the call and counts it (metrics.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from blumpo_common import db, logs
+from blumpo_common import db, logs, metrics, tracing
 from blumpo_common.admission import Admission
 from blumpo_common.config import DEFAULT_MAX_CONCURRENT_CALLS, ConfigError, ServerConfig, exit_on
 from blumpo_common.errors import ServiceError, from_exception, to_status
@@ -37,12 +37,13 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 # grpcio-health-checking's stubs do not describe its asyncio servicer.
 HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
 
-HANDLED = prometheus_client.Counter(
-    "grpc_server_handled_total", "RPCs completed, by method and status code.", ["method", "code"]
-)
-LATENCY = prometheus_client.Histogram("grpc_server_handling_seconds", "Time to complete an RPC, by method.", ["method"])
 HEALTH_PROBE_SECONDS = 2.0
 MAX_REQUEST_ID = 128
+REQUEST_ID = "x-request-id"
+# Failed calls logged as WARNING: the service's own failures, not the caller's.
+SERVER_FAULTS = frozenset(
+    {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS}
+)
 # Health answers whatever the load and through a drain: it is how others learn of both.
 HEALTH_METHODS = "/grpc.health."
 # After the last call in flight returned, how long gRPC may take to write the answers out at
@@ -91,9 +92,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         admission = None if method.startswith(HEALTH_METHODS) else self.admission
         if handler.unary_unary:
             unary: Any = handler.unary_unary
+            observed = metrics.SERVER_METHODS.get(method, metrics.UNARY)
 
             async def unary_call(request: Any, context: Context) -> Any:
-                async with self._call(method, context):
+                async with _Call(self.error_domain, method, context, observed):
                     with admission.admit() if admission is not None else contextlib.nullcontext():
                         return await unary(_decoded(request), context)
 
@@ -107,11 +109,14 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             # Streams (watchers) hold no connection while they wait, so they do not count
             # against the bound; they have their own (MAX_WATCHERS).
+            observed_stream = metrics.SERVER_METHODS.get(method, metrics.SERVER_STREAM)
+
             async def stream_call(request: Any, context: Context) -> AsyncIterator[Any]:
-                async with self._call(method, context):
+                async with _Call(self.error_domain, method, context, observed_stream):
                     if admission is not None:
                         admission.check_open()
                     async for response in stream(_decoded(request), context):
+                        observed_stream.sent.inc()
                         yield response
 
             return grpc.unary_stream_rpc_method_handler(
@@ -120,9 +125,6 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 response_serializer=handler.response_serializer,
             )
         return handler
-
-    def _call(self, method: str, context: Context) -> _Call:
-        return _Call(self.error_domain, method, context)
 
 
 @dataclass(frozen=True)
@@ -158,20 +160,26 @@ def _decoded(request: Any) -> Any:
 class _Call:
     """The scope of one served call (an async context manager)."""
 
-    def __init__(self, error_domain: str, method: str, context: Context) -> None:
+    def __init__(self, error_domain: str, method: str, context: Context, observed: metrics.MethodMetrics) -> None:
         self.error_domain = error_domain
         self.method = method
         self.context = context
+        self.observed = observed
         self.code = grpc.StatusCode.OK
+        self.reason = ""
         self.started = time.monotonic()
         metadata = dict(context.invocation_metadata() or ())
         # A caller's own request id is kept (bounded), so one id follows a request across services.
-        self.request_id = str(metadata.get("x-request-id") or uuid.uuid4())[:MAX_REQUEST_ID]
+        self.request_id = str(metadata.get(REQUEST_ID) or uuid.uuid4())[:MAX_REQUEST_ID]
         remaining = context.time_remaining()
         self.deadline = None if remaining is None else self.started + remaining
 
     async def __aenter__(self) -> None:
+        self.observed.started.inc()
+        self.observed.received.inc()
         self.tokens = (logs.request_id.set(self.request_id), db.call_deadline.set(self.deadline))
+        # The caller learns the id to quote, whatever the outcome.
+        await self.context.send_initial_metadata(((REQUEST_ID, self.request_id),))
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
         try:
@@ -197,7 +205,7 @@ class _Call:
                 else:
                     log.warning("%s: %s", mapped.reason, exc)
                 error = mapped
-            self.code = error.code
+            self.code, self.reason = error.code, error.reason
             status = rpc_status.to_status(to_status(error, self.error_domain))
             await self.context.abort(status.code, status.details, status.trailing_metadata)
             return False  # pragma: no cover - abort always raises
@@ -206,17 +214,18 @@ class _Call:
 
     def _finish(self) -> None:
         elapsed = time.monotonic() - self.started
-        HANDLED.labels(self.method, self.code.name).inc()
-        LATENCY.labels(self.method).observe(elapsed)
-        log.info(
-            "call",
-            extra={
-                "method": self.method,
-                "code": self.code.name,
-                "duration_ms": round(elapsed * 1000, 2),
-                "request_id": self.request_id,
-            },
-        )
+        self.observed.handled(self.code, elapsed)
+        if self.code is grpc.StatusCode.OK and self.observed.grpc_type == metrics.UNARY:
+            self.observed.sent.inc()
+        if self.code in SERVER_FAULTS:
+            level = logging.WARNING
+        else:  # probes come every few seconds from every balancer: not news
+            level = logging.DEBUG if self.method.startswith(HEALTH_METHODS) else logging.INFO
+        if log.isEnabledFor(level):
+            fields = {"method": self.method, "code": self.code.name, "duration_ms": round(elapsed * 1000, 2)}
+            if self.reason:
+                fields["reason"] = self.reason
+            log.log(level, "call", extra=fields)
         logs.request_id.reset(self.tokens[0])
         db.call_deadline.reset(self.tokens[1])
 
@@ -292,7 +301,8 @@ async def start(
 ) -> RunningServer:
     """Serves the service on listen_addr; OSError when that address cannot be used."""
     admission = Admission(max_concurrent_calls)
-    server = grpc.aio.server(interceptors=[CallInterceptor(service.error_domain, admission)])
+    interceptors = [*tracing.server_interceptors(), CallInterceptor(service.error_domain, admission)]
+    server = grpc.aio.server(interceptors=interceptors)
     service.register(server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -174,3 +174,22 @@ class JobRef:
 
     user_id: uuid.UUID
     status: JobState
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What is in flight, as the metrics report it: live jobs by state and the reconciler's work."""
+
+    charging: int
+    queued: int
+    running: int
+    paused: int
+    refunds_owed: int
+    leases_expired: int
+    # None when there is none.
+    oldest_intent_seconds: float | None
+    oldest_refund_seconds: float | None
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Backlog:
+        return record(cls, row)

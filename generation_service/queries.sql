@@ -285,3 +285,20 @@ SELECT count(*) AS touched, count(*) FILTER (WHERE status = 'QUEUED') AS done FR
 SELECT to_regclass('asset_image_variant') IS NOT NULL
   AND EXISTS (SELECT FROM pg_attribute
               WHERE attrelid = to_regclass('generation_job') AND attname = 'claims' AND NOT attisdropped);
+
+-- name: backlog
+-- Jobs in the states a job passes through, and what the reconciler has left to do, for the
+-- metrics at each scrape. Each count reads the partial index of its state, so the cost follows
+-- the live jobs, not the history (finished jobs are not counted).
+SELECT
+  (SELECT count(*) FROM generation_job WHERE status = 'CHARGING') AS charging,
+  (SELECT count(*) FROM generation_job WHERE status = 'QUEUED') AS queued,
+  (SELECT count(*) FROM generation_job WHERE status = 'RUNNING') AS running,
+  (SELECT count(*) FROM generation_job WHERE status = 'PAUSED') AS paused,
+  (SELECT count(*) FROM generation_job WHERE refund_state = 'PENDING') AS refunds_owed,
+  (SELECT count(*) FROM generation_job WHERE status = 'RUNNING' AND lease_expires_at < now()) AS leases_expired,
+  -- An intent's age runs from its insert; an owed refund's from when it was last put back in line.
+  (SELECT extract(epoch FROM now() - min(created_at)) FROM generation_job WHERE status = 'CHARGING')::float8
+    AS oldest_intent_seconds,
+  (SELECT extract(epoch FROM now() - min(updated_at)) FROM generation_job WHERE refund_state = 'PENDING')::float8
+    AS oldest_refund_seconds;

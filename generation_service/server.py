@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import grpc
+import prometheus_client
 
 from blumpo.generation.v1 import generation_pb2, generation_pb2_grpc
 from blumpo.token.v1 import token_pb2_grpc
-from blumpo_common import db, logs, retry, server
+from blumpo_common import db, logs, metrics, retry, server, tracing
 from blumpo_common.config import PAGE_TOKEN_SECRET_MADE_UP, DatabaseConfig, load_or_exit
 from blumpo_common.pagination import PageTokens
 from blumpo_common.retry import RetryPolicy
@@ -20,6 +23,7 @@ from generation_service import config as generation_config
 from generation_service import errors
 from generation_service.api import GenerationApi
 from generation_service.charging import Charger, Reconciler, ReconcilerSettings
+from generation_service.gauges import BacklogCollector
 from generation_service.store import Store
 from generation_service.token_client import TokenClient
 from generation_service.watch import Hub, WatchSettings
@@ -75,9 +79,16 @@ def service(p: Parts) -> server.Service:
     )
 
 
+def token_channel_interceptors() -> list[Any]:
+    """The calls to the token service are traced (when tracing is on) and counted."""
+    return [*tracing.client_interceptors(), metrics.ClientInterceptor()]
+
+
 async def run(config: generation_config.Config) -> None:
     pool = await db.create_pool(config.database)
-    async with grpc.aio.insecure_channel(config.token_service_target, options=retry.CHANNEL_OPTIONS) as channel:
+    async with grpc.aio.insecure_channel(
+        config.token_service_target, options=retry.CHANNEL_OPTIONS, interceptors=token_channel_interceptors()
+    ) as channel:
         pages = PageTokens(config.page_tokens.secret)
         wired = parts(
             pool,
@@ -88,12 +99,14 @@ async def run(config: generation_config.Config) -> None:
             watch=config.watch,
             pages=pages,
         )
+        prometheus_client.REGISTRY.register(BacklogCollector(wired.store, asyncio.get_running_loop()))
         await server.serve(service(wired), pool, config.server)
 
 
 def main() -> None:
     config = load_or_exit("generation_service", generation_config.load, os.environ)
     logs.configure("generation_service", config.server.log_level)
+    load_or_exit("generation_service", functools.partial(tracing.configure, "generation_service"), os.environ)
     log = logging.getLogger(__name__)
     if config.page_tokens.generated:
         log.warning(PAGE_TOKEN_SECRET_MADE_UP)

@@ -19,7 +19,18 @@ import asyncpg
 
 from blumpo_common import db
 from generation_service import rules
-from generation_service.model import Asset, Image, Job, JobRef, JobState, NewAsset, NewJob, Variant, VariantKind
+from generation_service.model import (
+    Asset,
+    Backlog,
+    Image,
+    Job,
+    JobRef,
+    JobState,
+    NewAsset,
+    NewJob,
+    Variant,
+    VariantKind,
+)
 
 Q = db.load_queries(Path(__file__).with_name("queries.sql"))
 # Rows one maintenance statement changes at most, so no statement holds many locks for long.
@@ -160,6 +171,11 @@ class Store(db.BaseStore):
             claim_seconds=self.claim_seconds,
         )
         return [Job.from_row(r) for r in rows]
+
+    async def backlog(self) -> Backlog:
+        row = await self.fetchrow("backlog")
+        assert row is not None  # one row of aggregates
+        return Backlog.from_row(row)
 
     async def claim_next(self, worker_id: str, lease_seconds: int) -> Job | None:
         return _job(await self.fetchrow("claim_next", worker_id, float(lease_seconds)))

@@ -135,6 +135,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
             raise errors.email_taken(email) from None
         except UnknownPlan:
             raise errors.unknown_plan(plan) from None
+        ledger.count_signup(user)
         return pb.CreateUserResponse(user=user_message(user))
 
     async def GetUser(self, request: pb.GetUserRequest, context: Context) -> pb.GetUserResponse:

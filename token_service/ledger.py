@@ -10,16 +10,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import prometheus_client
+
 from blumpo_common.db import Connection
 from blumpo_common.errors import ServiceError
 from token_service import errors
-from token_service.model import AppendOutcome, AppendResult, EntryRequest, LedgerEntry
+from token_service.model import AppendOutcome, AppendResult, EntryRequest, LedgerEntry, LedgerReason, User
 from token_service.store import Store
 
 MAX_DELTA = 10**12
 # The most a credit may bring a balance to (a refund: twice that), far below int64.
 MAX_BALANCE = 10**15
 MAX_REFERENCE_LENGTH = 200
+
+ENTRIES = prometheus_client.Counter("token_ledger_entries_total", "Ledger entries written, by reason.", ["reason"])
+_ENTRIES_BY_REASON = {reason: ENTRIES.labels(reason.value) for reason in LedgerReason}
 
 
 @dataclass(frozen=True)
@@ -57,4 +62,14 @@ async def append(store: Store, requests: Sequence[EntryRequest], *, conn: Connec
     caller's on conn. One outcome per request, in order."""
     if not requests:
         return []
-    return [outcome_of(result) for result in await store.append_entries(requests, MAX_BALANCE, conn=conn)]
+    outcomes = [outcome_of(result) for result in await store.append_entries(requests, MAX_BALANCE, conn=conn)]
+    for outcome in outcomes:
+        if outcome.entry is not None and not outcome.replayed:
+            _ENTRIES_BY_REASON[outcome.entry.reason].inc()
+    return outcomes
+
+
+def count_signup(user: User) -> None:
+    """Counts the signup grant create_user wrote, if the plan has one (its balance is the grant)."""
+    if user.account.balance > 0:
+        _ENTRIES_BY_REASON[LedgerReason.SIGNUP_BONUS].inc()

@@ -186,7 +186,7 @@ class OtpLogins:
 
     async def _sign_up(self, email: str, *, conn: Connection) -> User:
         try:
-            return await self.store.create_user(email, SIGNUP_PLAN, ledger.MAX_BALANCE, conn=conn)
+            user = await self.store.create_user(email, SIGNUP_PLAN, ledger.MAX_BALANCE, conn=conn)
         except EmailTaken:
             # A CreateUser for this email committed since the lookup: the code is still
             # unused (this transaction rolls back), so the client can simply retry.
@@ -194,6 +194,8 @@ class OtpLogins:
         except UnknownPlan:
             # Only if the signup plan left the plan table: answered as CreateUser answers it.
             raise errors.unknown_plan(SIGNUP_PLAN) from None
+        ledger.count_signup(user)
+        return user
 
     async def delete_expired(self, older_than: timedelta) -> int:
         return await self.store.delete_expired_otps(self.clock.now() - older_than)

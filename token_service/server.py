@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 
 import grpc
 
 from blumpo.token.v1 import token_pb2, token_pb2_grpc
-from blumpo_common import db, logs, server
+from blumpo_common import db, logs, server, tracing
 from blumpo_common.config import PAGE_TOKEN_SECRET_MADE_UP, load_or_exit
 from blumpo_common.pagination import PageTokens
 from token_service import config as token_config
@@ -63,6 +64,7 @@ async def run(config: token_config.Config) -> None:
 def main() -> None:
     config = load_or_exit("token_service", token_config.load, os.environ)
     logs.configure("token_service", config.server.log_level)
+    load_or_exit("token_service", functools.partial(tracing.configure, "token_service"), os.environ)
     if config.otp.development_secret:
         log.warning("OTP_SECRET is not set: using the fixed development secret (BLUMPO_ENV=development only)")
     if config.page_tokens.generated:
