@@ -8,7 +8,6 @@ so dashboards and alerts written for them apply. docs/observability.md lists eve
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -155,17 +154,18 @@ class _Waiting:
 
 
 POOL_WAITING = _Waiting()
-_pools: weakref.WeakSet[asyncpg.Pool] = weakref.WeakSet()
+# The process's open pools (pools cannot be weakly referenced: closed ones are dropped here).
+_pools: list[asyncpg.Pool] = []
 
 
 def watch_pool(pool: asyncpg.Pool) -> None:
     """Reports the pool's connections at each scrape (summed over a process's pools)."""
-    _pools.add(pool)
+    _pools[:] = [p for p in _pools if not p.is_closing()] + [pool]
 
 
 class _PoolCollector(Collector):
     def collect(self) -> Iterator[Metric]:
-        pools = list(_pools)
+        pools = [p for p in _pools if not p.is_closing()]
         size = GaugeMetricFamily("db_pool_connections", "Connections the database pool holds open.")
         size.add_metric([], sum(p.get_size() for p in pools))
         in_use = GaugeMetricFamily("db_pool_connections_in_use", "Pooled connections lent out to a call.")

@@ -7,15 +7,20 @@ Off, nothing is wrapped: the calls pay nothing for it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace.span import TraceState
+from opentelemetry.util.types import Attributes
 
 from blumpo_common.config import ConfigError
 
@@ -58,10 +63,41 @@ def configure(service: str, env: Mapping[str, str]) -> None:
     if not requested(env):
         return
     exporter = exporter_for(env)
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service}))
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service}), sampler=sampler())
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     install(provider)
+
+
+class CallsOnly(Sampler):
+    """Leaves out statements run outside any traced call (reconciler passes, listeners): each
+    would be a trace of its own, every few seconds. The rest is up to the inner sampler."""
+
+    def __init__(self, inner: Sampler) -> None:
+        self.inner = inner
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        orphan = not trace.get_current_span(parent_context).get_span_context().is_valid
+        if orphan and kind is SpanKind.CLIENT and attributes and "db.system" in attributes:
+            return SamplingResult(Decision.DROP)
+        return self.inner.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+    def get_description(self) -> str:
+        return f"CallsOnly{{{self.inner.get_description()}}}"
+
+
+def sampler() -> Sampler:
+    """The sampler OTEL_TRACES_SAMPLER (and _ARG) name, within CallsOnly."""
+    return CallsOnly(TracerProvider(shutdown_on_exit=False).sampler)
 
 
 def install(provider: TracerProvider) -> None:

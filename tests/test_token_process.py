@@ -108,9 +108,9 @@ async def test_serves_then_shuts_down_gracefully_on_sigterm(database_url: str, t
             await locked.rollback()
             await blocker.close()
             assert (await debit).entry.balance_after == 95
-        assert 'grpc_server_handled_total{code="OK",method="/blumpo.token.v1.TokenService/CreateUser"} 1.0' in (
-            metrics_text
-        )
+        created = 'grpc_code="OK",grpc_method="CreateUser",grpc_service="blumpo.token.v1.TokenService"'
+        created += ',grpc_type="unary"'
+        assert f"grpc_server_handled_total{{{created}}} 1.0" in metrics_text
         assert await asyncio.to_thread(service.process.wait, 30) == 0
         logs = service.logs()
         assert '"message": "stopped"' in logs
