@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 import socket
@@ -119,12 +120,34 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                         observed_stream.sent.inc()
                         yield response
 
+            # A handler that writes through its context (health's Watch) rather than yields.
+            async def writing_stream_call(request: Any, context: Context) -> None:
+                async with _Call(self.error_domain, method, context, observed_stream):
+                    if admission is not None:
+                        admission.check_open()
+                    await stream(_decoded(request), _CountedWrites(context, observed_stream.sent))
+
             return grpc.unary_stream_rpc_method_handler(
-                stream_call,
+                stream_call if inspect.isasyncgenfunction(stream) else writing_stream_call,
                 request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+class _CountedWrites:
+    """A call's context whose writes are counted as messages sent."""
+
+    def __init__(self, context: Context, sent: Any) -> None:
+        self._context = context
+        self._sent = sent
+
+    async def write(self, message: Any) -> None:
+        self._sent.inc()
+        await self._context.write(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 @dataclass(frozen=True)
