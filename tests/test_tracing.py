@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,8 +18,10 @@ from blumpo.generation.v1 import generation_pb2_grpc
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
 from blumpo_common import server, tracing
+from blumpo_common.config import ConfigError
 from blumpo_common.db import create_pool
 from generation_service.server import parts, service, token_channel_interceptors
+from harness.processes import ServiceProcess, free_port
 from tests import support
 from tests.conftest import TEST_RECONCILER, TEST_RETRY, database_config
 from tests.generation_support import job_request
@@ -119,3 +122,47 @@ async def test_health_probes_are_not_traced(traced: Traced) -> None:
     await traced.health.Check(health_pb2.HealthCheckRequest())
     services = {s.attributes.get("rpc.service") for s in traced.spans.get_finished_spans() if s.attributes}
     assert "blumpo.token.v1.TokenService" in services and "grpc.health.v1.Health" not in services
+
+
+@pytest.mark.parametrize(
+    ("env", "on"),
+    [
+        ({}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4317"}, True),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, False),
+        ({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "console"}, False),
+    ],
+)
+def test_tracing_is_on_only_when_the_environment_asks(env: dict[str, str], on: bool) -> None:
+    assert tracing.requested(env) is on
+
+
+def test_an_unknown_exporter_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError, match="OTEL_TRACES_EXPORTER must be otlp, console or none"):
+        tracing.configure("token_service", {"OTEL_TRACES_EXPORTER": "zipkin"})
+
+
+@pytest.mark.slow
+async def test_a_service_process_exports_its_spans(database_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        "DATABASE_URL": database_url,
+        "TOKEN_LISTEN_ADDR": f"127.0.0.1:{port}",
+        "TOKEN_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+        "OTEL_TRACES_EXPORTER": "console",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    process = ServiceProcess("token_service", env, port, tmp_path / "token.log")
+    await process.start()
+    try:
+        async with grpc.aio.insecure_channel(process.address) as channel:
+            token: TokenStub = token_pb2_grpc.TokenServiceStub(channel)
+            await token.CreateUser(tpb.CreateUserRequest(email=support.new_email()))
+    finally:
+        assert process.stop() == 0
+    printed = process.log_path.read_text()
+    assert '"name": "/blumpo.token.v1.TokenService/CreateUser"' in printed, printed[-5000:]
+    assert '"service.name": "token_service"' in printed
+    assert '"db.system": "postgresql"' in printed
