@@ -245,7 +245,12 @@ class _Call:
         else:  # probes come every few seconds from every balancer: not news
             level = logging.DEBUG if self.method.startswith(HEALTH_METHODS) else logging.INFO
         if log.isEnabledFor(level):
-            fields = {"method": self.method, "code": self.code.name, "duration_ms": round(elapsed * 1000, 2)}
+            fields = {
+                "method": self.method,
+                "code": self.code.name,
+                "duration_ms": round(elapsed * 1000, 2),
+                "request_id": self.request_id,
+            }
             if self.reason:
                 fields["reason"] = self.reason
             log.log(level, "call", extra=fields)
