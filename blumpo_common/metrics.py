@@ -78,8 +78,9 @@ class MethodMetrics:
 
     __slots__ = ("_family", "_handled", "_labels", "grpc_type", "handling", "received", "sent", "started")
 
-    def __init__(self, family: _Family, grpc_type: str, full_method: str) -> None:
-        service, _, method = full_method.lstrip("/").rpartition("/")
+    def __init__(self, family: _Family, grpc_type: str, full_method: str | bytes) -> None:
+        name = full_method.decode() if isinstance(full_method, bytes) else full_method
+        service, _, method = name.lstrip("/").rpartition("/")
         self._family = family
         self.grpc_type = grpc_type
         self._labels = (grpc_type, service, method)
@@ -99,21 +100,37 @@ class MethodMetrics:
 
 
 class MethodTable:
-    """MethodMetrics by (method, type), made on first use."""
+    """MethodMetrics by full method name (a method has one type), made on first use. Clients name
+    methods in bytes, servers in str: either is a key as it comes."""
 
     def __init__(self, family: _Family) -> None:
         self.family = family
-        self._methods: dict[tuple[str, str], MethodMetrics] = {}
+        self._methods: dict[str | bytes, MethodMetrics] = {}
 
-    def get(self, method: str, grpc_type: str) -> MethodMetrics:
-        found = self._methods.get((method, grpc_type))
+    def get(self, method: str | bytes, grpc_type: str) -> MethodMetrics:
+        found = self._methods.get(method)
         if found is None:
-            found = self._methods[(method, grpc_type)] = MethodMetrics(self.family, grpc_type, method)
+            found = self._methods[method] = MethodMetrics(self.family, grpc_type, method)
         return found
 
 
 SERVER_METHODS = MethodTable(SERVER)
 CLIENT_METHODS = MethodTable(CLIENT)
+
+
+class CountedWrites:
+    """A served call's context whose writes (a stream written rather than yielded) are counted."""
+
+    def __init__(self, context: Any, observed: MethodMetrics) -> None:
+        self._context = context
+        self._sent = observed.sent
+
+    async def write(self, message: Any) -> None:
+        self._sent.inc()
+        await self._context.write(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 class ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
@@ -125,8 +142,7 @@ class ClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[t
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        method = client_call_details.method
-        metrics = CLIENT_METHODS.get(method.decode() if isinstance(method, bytes) else method, UNARY)
+        metrics = CLIENT_METHODS.get(client_call_details.method, UNARY)
         metrics.started.inc()
         metrics.sent.inc()
         started = time.monotonic()

@@ -125,7 +125,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 async with _Call(self.error_domain, method, context, observed_stream):
                     if admission is not None:
                         admission.check_open()
-                    await stream(_decoded(request), _CountedWrites(context, observed_stream.sent))
+                    await stream(_decoded(request), metrics.CountedWrites(context, observed_stream))
 
             return grpc.unary_stream_rpc_method_handler(
                 stream_call if inspect.isasyncgenfunction(stream) else writing_stream_call,
@@ -133,21 +133,6 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 response_serializer=handler.response_serializer,
             )
         return handler
-
-
-class _CountedWrites:
-    """A call's context whose writes are counted as messages sent."""
-
-    def __init__(self, context: Context, sent: Any) -> None:
-        self._context = context
-        self._sent = sent
-
-    async def write(self, message: Any) -> None:
-        self._sent.inc()
-        await self._context.write(message)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
 
 
 @dataclass(frozen=True)
