@@ -8,7 +8,7 @@ so dashboards and alerts written for them apply. docs/observability.md lists eve
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -194,13 +194,3 @@ class _PoolCollector(Collector):
 
 
 prometheus_client.REGISTRY.register(_PoolCollector())
-
-
-def gauges(collect: Callable[[], Iterable[Metric]]) -> None:
-    """Adds gauges computed at each scrape (collect runs on the scraper's thread)."""
-
-    class _Scraped(Collector):
-        def collect(self) -> Iterable[Metric]:
-            return collect()
-
-    prometheus_client.REGISTRY.register(_Scraped())
