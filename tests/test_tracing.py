@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -144,25 +147,77 @@ def test_an_unknown_exporter_is_a_configuration_error() -> None:
         tracing.configure("token_service", {"OTEL_TRACES_EXPORTER": "zipkin"})
 
 
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP collector that keeps the spans it is sent, by service name."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, Span]] = []
+
+    async def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: object
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        for resource_spans in request.resource_spans:
+            attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            for scope in resource_spans.scope_spans:
+                self.spans += [(attributes["service.name"], span) for span in scope.spans]
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
 @pytest.mark.slow
-async def test_a_service_process_exports_its_spans(database_url: str, tmp_path: Path) -> None:
-    port = free_port()
-    env = {
+async def test_service_processes_export_one_trace_by_otlp(database_url: str, tmp_path: Path) -> None:
+    collector = Collector()
+    otlp = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, otlp)  # type: ignore[no-untyped-call]
+    otlp_port = otlp.add_insecure_port("127.0.0.1:0")
+    await otlp.start()
+    traced_env = {
         "DATABASE_URL": database_url,
-        "TOKEN_LISTEN_ADDR": f"127.0.0.1:{port}",
-        "TOKEN_METRICS_ADDR": f"127.0.0.1:{free_port()}",
-        "OTEL_TRACES_EXPORTER": "console",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
         "OTEL_BSP_SCHEDULE_DELAY": "50",
+        "SHUTDOWN_GRACE_SECONDS": "1",
     }
-    process = ServiceProcess("token_service", env, port, tmp_path / "token.log")
-    await process.start()
+    token_port, generation_port = free_port(), free_port()
+    token_env = {"TOKEN_LISTEN_ADDR": f"127.0.0.1:{token_port}", "TOKEN_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
+    generation_env = {
+        "GENERATION_LISTEN_ADDR": f"127.0.0.1:{generation_port}",
+        "GENERATION_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+        "TOKEN_SERVICE_TARGET": f"127.0.0.1:{token_port}",
+    }
+    token = ServiceProcess("token_service", traced_env | token_env, token_port, tmp_path / "token.log")
+    generation = ServiceProcess(
+        "generation_service", traced_env | generation_env, generation_port, tmp_path / "generation.log"
+    )
     try:
-        async with grpc.aio.insecure_channel(process.address) as channel:
-            token: TokenStub = token_pb2_grpc.TokenServiceStub(channel)
-            await token.CreateUser(tpb.CreateUserRequest(email=support.new_email()))
+        await asyncio.gather(token.start(), generation.start())
+        async with (
+            grpc.aio.insecure_channel(token.address) as to_token,
+            grpc.aio.insecure_channel(generation.address) as to_generation,
+        ):
+            token_stub: TokenStub = token_pb2_grpc.TokenServiceStub(to_token)
+            user_id = (await token_stub.CreateUser(tpb.CreateUserRequest(email=support.new_email()))).user.user_id
+            generation_stub: GenerationStub = generation_pb2_grpc.GenerationServiceStub(to_generation)
+            await generation_stub.CreateGenerationJob(job_request(user_id))
+        # SIGTERM: each process flushes what it has not exported yet (to the collector served on
+        # this loop, so the wait for the exits runs on a thread).
+        assert list(await asyncio.gather(asyncio.to_thread(token.stop), asyncio.to_thread(generation.stop))) == [0, 0]
     finally:
-        assert process.stop() == 0
-    printed = process.log_path.read_text()
-    assert '"name": "/blumpo.token.v1.TokenService/CreateUser"' in printed, printed[-5000:]
-    assert '"service.name": "token_service"' in printed
-    assert '"db.system": "postgresql"' in printed
+        token.stop()
+        generation.stop()
+        await otlp.stop(None)
+
+    [create] = [span for service, span in collector.spans if span.name.endswith("/CreateGenerationJob")]
+    in_trace = [(service, span) for service, span in collector.spans if span.trace_id == create.trace_id]
+    [append_server] = [
+        span for service, span in in_trace if service == "token_service" and span.kind == Span.SPAN_KIND_SERVER
+    ]
+    [append_client] = [
+        span
+        for service, span in in_trace
+        if service == "generation_service"
+        and span.kind == Span.SPAN_KIND_CLIENT
+        and span.name.endswith("/AppendLedgerEntry")
+    ]
+    assert append_client.parent_span_id == create.span_id
+    assert append_server.parent_span_id == append_client.span_id
+    statements = {service for service, span in in_trace if span.name in ("SELECT", "INSERT", "UPDATE", "WITH")}
+    assert statements == {"token_service", "generation_service"}
