@@ -1,5 +1,5 @@
-"""Structured (JSON lines) logging, with the request id of the call being served and RFC 3339
-UTC times to the millisecond (2026-11-26T11:02:03.123Z)."""
+"""Structured (JSON lines) logging, with the request id of the call being served (and its trace
+id when traced) and RFC 3339 UTC times to the millisecond (2026-11-26T11:02:03.123Z)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,22 @@ import sys
 import time
 from typing import TextIO
 
+from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
-class _RequestIdFilter(logging.Filter):
+class CallFields(logging.Filter):
+    """Adds the request id of the call being served, and its trace id when it is traced."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         rid = request_id.get()
         if rid and not hasattr(record, "request_id"):
             record.request_id = rid
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            record.trace_id = format(span.trace_id, "032x")
         return True
 
 
@@ -38,7 +44,7 @@ def handler(service: str, stream: TextIO = sys.stderr) -> logging.Handler:
             static_fields={"service": service},
         )
     )
-    made.addFilter(_RequestIdFilter())
+    made.addFilter(CallFields())
     return made
 
 

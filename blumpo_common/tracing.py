@@ -44,9 +44,12 @@ def requested(env: Mapping[str, str]) -> bool:
 
 
 def exporter_for(env: Mapping[str, str]) -> SpanExporter:
-    """The exporter OTEL_TRACES_EXPORTER names: otlp (the default; its settings are the
+    """The exporter OTEL_TRACES_EXPORTER names: otlp (the default; over gRPC, its settings the
     OTEL_EXPORTER_OTLP_* variables) or console."""
     name = env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or "otlp"
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+    if name == "otlp" and protocol != "grpc":
+        raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL must be grpc (OTLP over gRPC), not {protocol!r}")
     if name == "otlp":
         # Loaded only when tracing is on: it brings the OTLP protos along.
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from opentelemetry.trace import SpanKind
 from blumpo.generation.v1 import generation_pb2_grpc
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
-from blumpo_common import server, tracing
+from blumpo_common import logs, server, tracing
 from blumpo_common.config import ConfigError
 from blumpo_common.db import create_pool
 from generation_service.server import parts, service, token_channel_interceptors
@@ -85,10 +86,12 @@ def children(spans: list[ReadableSpan], parent: ReadableSpan) -> list[ReadableSp
     return [s for s in spans if s.parent is not None and s.parent.span_id == parent.context.span_id]
 
 
-async def test_create_job_is_one_trace_across_both_services(traced: Traced) -> None:
+async def test_create_job_is_one_trace_across_both_services(traced: Traced, caplog: pytest.LogCaptureFixture) -> None:
     user_id = (await traced.token.CreateUser(tpb.CreateUserRequest(email=support.new_email()))).user.user_id
     traced.spans.clear()
-    await traced.generation.CreateGenerationJob(job_request(user_id))
+    caplog.handler.addFilter(logs.CallFields())
+    with caplog.at_level(logging.INFO, logger="blumpo_common.server"):
+        await traced.generation.CreateGenerationJob(job_request(user_id))
     finished = list(traced.spans.get_finished_spans())
 
     create = rpc_span(finished, SpanKind.SERVER, "CreateGenerationJob")
@@ -112,6 +115,12 @@ async def test_create_job_is_one_trace_across_both_services(traced: Traced) -> N
         ]
 
     assert any("append_entries" in sql for sql in statements(append_server)), statements(append_server)
+    # Each service's log line of its call names the trace.
+    trace_id = format(create.context.trace_id, "032x")
+    assert {(r.message, getattr(r, "method", ""), getattr(r, "trace_id", None)) for r in caplog.records} >= {
+        ("call", "/blumpo.generation.v1.GenerationService/CreateGenerationJob", trace_id),
+        ("call", "/blumpo.token.v1.TokenService/AppendLedgerEntry", trace_id),
+    }
     assert any("INSERT INTO generation_job" in sql for sql in statements(create)), statements(create)
     # Nothing of the call escaped into a trace of its own, and the reconciler's passes (every
     # 0.2 s here) left no traces of lone statements.
@@ -142,9 +151,14 @@ def test_tracing_is_on_only_when_the_environment_asks(env: dict[str, str], on: b
     assert tracing.requested(env) is on
 
 
-def test_an_unknown_exporter_is_a_configuration_error() -> None:
+def test_an_unknown_exporter_or_protocol_is_a_configuration_error() -> None:
     with pytest.raises(ConfigError, match="OTEL_TRACES_EXPORTER must be otlp, console or none"):
         tracing.configure("token_service", {"OTEL_TRACES_EXPORTER": "zipkin"})
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL must be grpc"):
+        tracing.configure(
+            "token_service",
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+        )
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
