@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from blumpo_common import db, logs
+from blumpo_common import authz, callers, db, logs, tls
 from blumpo_common.admission import Admission
 from blumpo_common.config import DEFAULT_MAX_CONCURRENT_CALLS, ConfigError, ServerConfig, exit_on
 from blumpo_common.errors import ServiceError, from_exception, to_status
@@ -70,13 +70,28 @@ class Service:
     probe: str = "SELECT true"
 
 
+@dataclass(frozen=True)
+class Security:
+    """How a server knows its callers: mutual TLS (None: plaintext) and the policy (None:
+    everything allowed); both None only in development."""
+
+    tls: tls.TlsConfig | None = None
+    policy: authz.Policy | None = None
+
+
+def load_security(env: Mapping[str, str]) -> Security:
+    return Security(tls.load(env), authz.load(env))
+
+
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Maps errors to statuses, sets the request id and deadline, logs and counts each call, and
-    admits it: unary calls up to the admission's bound, none while draining."""
+    admits it: only a caller the policy allows the method, unary calls up to the admission's
+    bound, none while draining."""
 
-    def __init__(self, error_domain: str, admission: Admission) -> None:
+    def __init__(self, error_domain: str, admission: Admission, gate: authz.Gate | None = None) -> None:
         self.error_domain = error_domain
         self.admission = admission
+        self.gate = gate or authz.Gate()
 
     async def intercept_service(
         self,
@@ -88,12 +103,14 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or method.startswith("/grpc.reflection."):
             return handler
         deserialize = _tolerant(handler.request_deserializer)
-        admission = None if method.startswith(HEALTH_METHODS) else self.admission
+        health_check = method.startswith(HEALTH_METHODS)
+        admission = None if health_check else self.admission
         if handler.unary_unary:
             unary: Any = handler.unary_unary
 
             async def unary_call(request: Any, context: Context) -> Any:
-                async with self._call(method, context):
+                async with self._call(method, context, health_check) as call:
+                    call.check_allowed()
                     with admission.admit() if admission is not None else contextlib.nullcontext():
                         return await unary(_decoded(request), context)
 
@@ -108,7 +125,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             # Streams (watchers) hold no connection while they wait, so they do not count
             # against the bound; they have their own (MAX_WATCHERS).
             async def stream_call(request: Any, context: Context) -> AsyncIterator[Any]:
-                async with self._call(method, context):
+                async with self._call(method, context, health_check) as call:
+                    call.check_allowed()
                     if admission is not None:
                         admission.check_open()
                     async for response in stream(_decoded(request), context):
@@ -121,8 +139,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             )
         return handler
 
-    def _call(self, method: str, context: Context) -> _Call:
-        return _Call(self.error_domain, method, context)
+    def _call(self, method: str, context: Context, open_to_all: bool) -> _Call:
+        return _Call(self.error_domain, method, context, None if open_to_all else self.gate)
 
 
 @dataclass(frozen=True)
@@ -158,8 +176,11 @@ def _decoded(request: Any) -> Any:
 class _Call:
     """The scope of one served call (an async context manager)."""
 
-    def __init__(self, error_domain: str, method: str, context: Context) -> None:
+    def __init__(self, error_domain: str, method: str, context: Context, gate: authz.Gate | None) -> None:
         self.error_domain = error_domain
+        self.gate = gate
+        self.caller = ""
+        self.refusal: ServiceError | None = None
         self.method = method
         self.context = context
         self.code = grpc.StatusCode.OK
@@ -170,8 +191,24 @@ class _Call:
         remaining = context.time_remaining()
         self.deadline = None if remaining is None else self.started + remaining
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> _Call:
         self.tokens = (logs.request_id.set(self.request_id), db.call_deadline.set(self.deadline))
+        if self.gate is not None:
+            try:
+                self.caller, rights = self.gate.admit(self.context, self.method)
+            except ServiceError as refused:
+                self.caller, rights, self.refusal = refused.metadata["caller"], authz.NOTHING, refused
+            self.scope = (
+                callers.current.set(self.caller),
+                authz.current.set(rights),
+                authz.method_name.set(self.method),
+            )
+        return self
+
+    def check_allowed(self) -> None:
+        """Raises the policy's refusal (in the call's body, so it is answered like any error)."""
+        if self.refusal is not None:
+            raise self.refusal
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
         try:
@@ -212,6 +249,7 @@ class _Call:
             "call",
             extra={
                 "method": self.method,
+                "caller": self.caller,
                 "code": self.code.name,
                 "duration_ms": round(elapsed * 1000, 2),
                 "request_id": self.request_id,
@@ -219,6 +257,10 @@ class _Call:
         )
         logs.request_id.reset(self.tokens[0])
         db.call_deadline.reset(self.tokens[1])
+        if self.gate is not None:
+            callers.current.reset(self.scope[0])
+            authz.current.reset(self.scope[1])
+            authz.method_name.reset(self.scope[2])
 
 
 async def watch_database(
@@ -252,6 +294,8 @@ class RunningServer:
     admission: Admission
     tasks: list[asyncio.Task[None]]
     on_shutdown: Sequence[Callable[[], None]] = ()
+    # None when serving plaintext (development).
+    certificates: tls.ServerCertificates | None = None
 
     async def stop(self, grace_seconds: float) -> None:
         """Drains, then stops: health says NOT_SERVING first; new calls are refused with
@@ -289,10 +333,15 @@ async def start(
     pool: asyncpg.Pool,
     listen_addr: str,
     max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS,
+    security: Security | None = None,
 ) -> RunningServer:
-    """Serves the service on listen_addr; OSError when that address cannot be used."""
+    """Serves the service on listen_addr, with mutual TLS and the policy of security (without:
+    plaintext, everything allowed); OSError when that address cannot be used."""
+    security = security or Security()
+    certificates = None if security.tls is None else tls.ServerCertificates(security.tls)
     admission = Admission(max_concurrent_calls)
-    server = grpc.aio.server(interceptors=[CallInterceptor(service.error_domain, admission)])
+    gate = authz.Gate(security.policy, mutual_tls=certificates is not None)
+    server = grpc.aio.server(interceptors=[CallInterceptor(service.error_domain, admission, gate)])
     service.register(server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -301,15 +350,18 @@ async def start(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     _check_bindable(listen_addr)
-    port = server.add_insecure_port(listen_addr)
+    if certificates is None:
+        port = server.add_insecure_port(listen_addr)
+    else:
+        port = server.add_secure_port(listen_addr, certificates.credentials())
     await server.start()
     tasks = [asyncio.create_task(watch_database(pool, health_servicer, names, service.probe))]
     tasks += [asyncio.create_task(job()) for job in service.background]
-    return RunningServer(server, port, health_servicer, admission, tasks, service.on_shutdown)
+    return RunningServer(server, port, health_servicer, admission, tasks, service.on_shutdown, certificates)
 
 
-async def serve(service: Service, pool: asyncpg.Pool, config: ServerConfig) -> None:
-    """Runs until SIGTERM or SIGINT, then shuts down gracefully.
+async def serve(service: Service, pool: asyncpg.Pool, config: ServerConfig, security: Security) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully; SIGHUP re-reads the certificates.
 
     An address that cannot be used stops start-up with one line naming its setting (exit 2)."""
     host, _, port = config.metrics_addr.rpartition(":")
@@ -318,14 +370,25 @@ async def serve(service: Service, pool: asyncpg.Pool, config: ServerConfig) -> N
     except OSError as exc:
         exit_on(service.name, ConfigError(f"{config.metrics_setting} {config.metrics_addr} cannot be used: {exc}"))
     try:
-        running = await start(service, pool, config.listen_addr, config.max_concurrent_calls)
+        running = await start(service, pool, config.listen_addr, config.max_concurrent_calls, security)
     except OSError as exc:
         exit_on(service.name, ConfigError(f"{config.listen_setting} {config.listen_addr} cannot be used: {exc}"))
-    log.info("serving", extra={"grpc_service": service.full_name, "listen": config.listen_addr, "port": running.port})
+    log.info(
+        "serving",
+        extra={
+            "grpc_service": service.full_name,
+            "listen": config.listen_addr,
+            "port": running.port,
+            "mutual_tls": running.certificates is not None,
+            "policy": security.policy is not None,
+        },
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if running.certificates is not None:
+        loop.add_signal_handler(signal.SIGHUP, running.certificates.reload)
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": config.shutdown_grace_seconds})
     await running.stop(config.shutdown_grace_seconds)

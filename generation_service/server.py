@@ -12,7 +12,7 @@ import grpc
 
 from blumpo.generation.v1 import generation_pb2, generation_pb2_grpc
 from blumpo.token.v1 import token_pb2_grpc
-from blumpo_common import db, logs, retry, server
+from blumpo_common import db, logs, retry, server, tls
 from blumpo_common.config import PAGE_TOKEN_SECRET_MADE_UP, DatabaseConfig, load_or_exit
 from blumpo_common.pagination import PageTokens
 from blumpo_common.retry import RetryPolicy
@@ -75,9 +75,17 @@ def service(p: Parts) -> server.Service:
     )
 
 
+def token_channel(config: generation_config.Config) -> grpc.aio.Channel:
+    """The channel to the token service: mutual TLS with the process's certificate when set."""
+    target, options = config.token_service_target, retry.CHANNEL_OPTIONS
+    if config.security.tls is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, tls.channel_credentials(config.security.tls), options=options)
+
+
 async def run(config: generation_config.Config) -> None:
     pool = await db.create_pool(config.database)
-    async with grpc.aio.insecure_channel(config.token_service_target, options=retry.CHANNEL_OPTIONS) as channel:
+    async with token_channel(config) as channel:
         pages = PageTokens(config.page_tokens.secret)
         wired = parts(
             pool,
@@ -88,7 +96,7 @@ async def run(config: generation_config.Config) -> None:
             watch=config.watch,
             pages=pages,
         )
-        await server.serve(service(wired), pool, config.server)
+        await server.serve(service(wired), pool, config.server, config.security)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from blumpo_common.config import (
     load_page_tokens,
     load_server,
 )
+from blumpo_common.server import Security, load_security
 
 PORT = 50051
 # The login role (migration 20261126100001).
@@ -56,6 +57,7 @@ class Config:
     otp: OtpConfig
     page_tokens: PageTokenConfig
     development: bool
+    security: Security
 
 
 def load_smtp(env: Mapping[str, str], development: bool) -> SmtpConfig | None:
@@ -108,4 +110,5 @@ def load(env: Mapping[str, str]) -> Config:
         otp=load_otp(env, development),
         page_tokens=load_page_tokens(env, development),
         development=development,
+        security=load_security(env),
     )

@@ -57,7 +57,9 @@ async def run(config: token_config.Config) -> None:
     logins = otp.OtpLogins(
         store, otp_sender.from_config(config.otp), otp.SystemClock(), config.otp.secret, config.otp.ttl_seconds
     )
-    await server.serve(service(store, logins, PageTokens(config.page_tokens.secret)), pool, config.server)
+    await server.serve(
+        service(store, logins, PageTokens(config.page_tokens.secret)), pool, config.server, config.security
+    )
 
 
 def main() -> None:

@@ -1,0 +1,186 @@
+"""Who may call what: the policy of AUTHZ_POLICY_FILE, checked for every call.
+
+    [callers.generation]
+    methods = ["blumpo.token.v1.TokenService/AppendLedgerEntry"]   # or ["*"]: all of a server's
+    ledger_reasons = ["GENERATION", "GENERATION_REFUND"]          # or ["*"]; default none
+
+The file is checked at start-up against both services' descriptors (a name no service has
+stops start-up), so a typo cannot silently refuse or allow. The server's interceptor checks
+the method (Gate.check); the token service checks each ledger entry's reason
+(check_reason), so one forbidden entry of a batch fails alone. Health and reflection stay open.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pool
+
+import blumpo.generation.v1.generation_pb2
+import blumpo.token.v1.token_pb2 as tpb
+from blumpo_common import callers
+from blumpo_common.config import ConfigError, is_development
+from blumpo_common.errors import ServiceError
+
+ALL = "*"
+REASON_PREFIX = "LEDGER_REASON_"
+# Every ledger reason a policy may name, without the prefix.
+LEDGER_REASONS = frozenset(
+    value.name.removeprefix(REASON_PREFIX)
+    for value in tpb.DESCRIPTOR.enum_types_by_name["LedgerReason"].values
+    if value.number != 0
+)
+# The services whose methods a policy may name (their modules are imported above).
+SERVICES = (
+    tpb.DESCRIPTOR.services_by_name["TokenService"].full_name,
+    blumpo.generation.v1.generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+)
+REFUSED = "CALLER_NOT_ALLOWED"
+
+audit_log = logging.getLogger("blumpo.audit")
+
+
+@dataclass(frozen=True)
+class Rights:
+    """What one caller may do; None: everything (`"*"`)."""
+
+    methods: frozenset[str] | None
+    ledger_reasons: frozenset[str] | None
+
+    def allows_method(self, method: str) -> bool:
+        """method as gRPC names it: "/blumpo.token.v1.TokenService/AppendLedgerEntry"."""
+        return self.methods is None or method.lstrip("/") in self.methods
+
+    def allows_reason(self, reason: str) -> bool:
+        return self.ledger_reasons is None or reason in self.ledger_reasons
+
+
+EVERYTHING = Rights(None, None)
+NOTHING = Rights(frozenset(), frozenset())
+
+# The rights of the call being served (set by the interceptor; everything outside a call).
+current: contextvars.ContextVar[Rights] = contextvars.ContextVar("rights", default=EVERYTHING)
+
+
+@dataclass(frozen=True)
+class Policy:
+    callers: Mapping[str, Rights]
+
+    def rights(self, caller: str) -> Rights:
+        return self.callers.get(caller, NOTHING)
+
+
+def _method_exists(name: str) -> bool:
+    service, _, method = name.partition("/")
+    if service not in SERVICES or not method:
+        return False
+    try:
+        descriptor_pool.Default().FindMethodByName(f"{service}.{method}")
+    except KeyError:
+        return False
+    return True
+
+
+def _names(table: Mapping[str, Any], key: str, where: str) -> list[str]:
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"AUTHZ_POLICY_FILE: {where}.{key} must be a list of strings")
+    return value
+
+
+def _rights(name: str, table: Any) -> Rights:
+    where = f"callers.{name}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"AUTHZ_POLICY_FILE: {where} must be a table")
+    unknown_keys = set(table) - {"methods", "ledger_reasons"}
+    if unknown_keys:
+        raise ConfigError(f"AUTHZ_POLICY_FILE: {where} has unknown keys {sorted(unknown_keys)}")
+    methods, reasons = _names(table, "methods", where), _names(table, "ledger_reasons", where)
+    for method in methods:
+        if method != ALL and not _method_exists(method):
+            raise ConfigError(f"AUTHZ_POLICY_FILE: {where}.methods names no method of the services: {method!r}")
+    for reason in reasons:
+        if reason != ALL and reason not in LEDGER_REASONS:
+            raise ConfigError(f"AUTHZ_POLICY_FILE: {where}.ledger_reasons names no ledger reason: {reason!r}")
+    return Rights(
+        None if ALL in methods else frozenset(methods),
+        None if ALL in reasons else frozenset(reasons),
+    )
+
+
+def load_policy(path: Path) -> Policy:
+    """The policy in the file; ConfigError naming what is wrong."""
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"AUTHZ_POLICY_FILE {path} cannot be read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"AUTHZ_POLICY_FILE {path} is not valid TOML: {exc}") from None
+    unknown = set(document) - {"callers"}
+    if unknown:
+        raise ConfigError(f"AUTHZ_POLICY_FILE: unknown top-level keys {sorted(unknown)}")
+    table = document.get("callers", {})
+    if not isinstance(table, dict):
+        raise ConfigError("AUTHZ_POLICY_FILE: callers must be a table of [callers.<name>]")
+    return Policy({name: _rights(name, rights) for name, rights in table.items()})
+
+
+def load(env: Mapping[str, str]) -> Policy | None:
+    """The policy of AUTHZ_POLICY_FILE; None (everything allowed) only in development."""
+    path = env.get("AUTHZ_POLICY_FILE", "").strip()
+    if not path:
+        if is_development(env):
+            return None
+        raise ConfigError(
+            "AUTHZ_POLICY_FILE is not set: outside development a policy must say which caller may call what"
+        )
+    return load_policy(Path(path))
+
+
+def refused(caller: str, method: str, reason: str | None = None) -> ServiceError:
+    metadata = {"caller": caller, "method": method.lstrip("/")}
+    what = f"method {metadata['method']}"
+    if reason is not None:
+        metadata["reason"] = reason
+        what = f"ledger reason {reason}"
+    return ServiceError(
+        grpc.StatusCode.PERMISSION_DENIED, REFUSED, f"caller {caller!r} is not allowed {what}", metadata
+    )
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One server's checks: how callers are identified (mutual_tls) and the policy (None:
+    everything allowed, development only)."""
+
+    policy: Policy | None = None
+    mutual_tls: bool = False
+
+    def admit(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> tuple[str, Rights]:
+        """The caller and its rights; CALLER_NOT_ALLOWED when the method is not among them."""
+        caller = callers.identify(context, self.mutual_tls)
+        rights = EVERYTHING if self.policy is None else self.policy.rights(caller)
+        if not rights.allows_method(method):
+            raise refused(caller, method)
+        return caller, rights
+
+
+method_name: contextvars.ContextVar[str] = contextvars.ContextVar("method_name", default="")
+
+
+def check_reason(reason: str) -> None:
+    """CALLER_NOT_ALLOWED unless the call's caller may write entries with reason (no prefix)."""
+    if not current.get().allows_reason(reason):
+        raise refused(callers.current.get() or callers.DEVELOPMENT_CALLER, method_name.get(), reason)
+
+
+def audit(action: str, **fields: object) -> None:
+    """A line in the audit log: a maintenance action, by whom, in which request."""
+    audit_log.info(action, extra={"caller": callers.current.get() or callers.DEVELOPMENT_CALLER, **fields})
