@@ -148,7 +148,7 @@ def refused(caller: str, method: str, reason: str | None = None) -> ServiceError
     metadata = {"caller": caller, "method": method.lstrip("/")}
     what = f"method {metadata['method']}"
     if reason is not None:
-        metadata["reason"] = reason
+        metadata["reason"] = str(reason)
         what = f"ledger reason {reason}"
     return ServiceError(
         grpc.StatusCode.PERMISSION_DENIED, REFUSED, f"caller {caller!r} is not allowed {what}", metadata

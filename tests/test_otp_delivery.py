@@ -158,7 +158,7 @@ class HeldSender:
 
 async def logs_in(logins: OtpLogins, email: str, code: str) -> bool:
     try:
-        await logins.verify(email, code)
+        await logins.verify(email, code, "test")
     except ServiceError:
         return False
     return True

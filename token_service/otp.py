@@ -157,8 +157,9 @@ class OtpLogins:
             # active only means the previous code stopped working, as a lost mail would.
             log.exception("could not withdraw an unsent login challenge", extra={"email": email})
 
-    async def verify(self, email: str, code: str) -> Login:
-        """Checks the code against the email's active challenge; logs in (or signs up) on success."""
+    async def verify(self, email: str, code: str, caller: str) -> Login:
+        """Checks the code against the email's active challenge; logs in (or signs up, the signup
+        grant written by caller) on success."""
         now = self.clock.now()
         async with self.store.transaction() as conn:
             await self.store.lock_email(email, conn=conn)
@@ -170,7 +171,7 @@ class OtpLogins:
                 user = await self.store.user_by_email(email, conn=conn)
                 created = user is None
                 if user is None:
-                    user = await self._sign_up(email, conn=conn)
+                    user = await self._sign_up(email, caller, conn=conn)
                 await self.store.consume_otp(challenge.id, user.id, now, conn=conn)
                 return Login(user, created)
             live = challenge is not None and judge(challenge, now, code_ok=True) is Verdict.ACCEPTED
@@ -184,9 +185,9 @@ class OtpLogins:
         # Out of the transaction block, so the counted attempt is committed first.
         raise errors.otp_attempts_exhausted(MAX_ATTEMPTS) if verdict is Verdict.EXHAUSTED else errors.otp_invalid()
 
-    async def _sign_up(self, email: str, *, conn: Connection) -> User:
+    async def _sign_up(self, email: str, caller: str, *, conn: Connection) -> User:
         try:
-            return await self.store.create_user(email, SIGNUP_PLAN, ledger.MAX_BALANCE, conn=conn)
+            return await self.store.create_user(email, SIGNUP_PLAN, ledger.MAX_BALANCE, caller, conn=conn)
         except EmailTaken:
             # A CreateUser for this email committed since the lookup: the code is still
             # unused (this transaction rolls back), so the client can simply retry.

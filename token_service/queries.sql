@@ -4,7 +4,7 @@
 -- The user, their account and the plan's signup grant, in one call to the function
 -- (migration 20261126100001): the grant is written by token.append_entries, the only
 -- writer of the ledger and the balances. No row when the plan does not exist.
-SELECT id, email, created_at, user_id, balance, plan_code, updated_at FROM create_user($1, $2, $3);
+SELECT id, email, created_at, user_id, balance, plan_code, updated_at FROM create_user($1, $2, $3, $4);
 
 -- name: user_by_id
 SELECT u.id, u.email, u.created_at, a.user_id, a.balance, a.plan_code, a.updated_at
@@ -20,14 +20,16 @@ WHERE u.email = $1;
 SELECT user_id, balance, plan_code, updated_at FROM token_account WHERE user_id = $1;
 
 -- name: append_entries
--- The ledger's rules live in the function (migration 20261125000003): entries applied in
--- order, each judged alone, the accounts locked FOR UPDATE, in one round trip.
-SELECT outcome, entry_id, user_id, delta, reason, reference_id, balance_after, occurred_at, balance
-FROM append_entries(:user_ids::uuid[], :deltas::bigint[], :reasons::text[], :reference_ids::text[], :max_balance::bigint);
+-- The ledger's rules live in the function (migration 20261127100001): entries applied in
+-- order, each judged alone, the accounts locked FOR UPDATE, in one round trip; each entry
+-- written names its writer (created_by).
+SELECT outcome, entry_id, user_id, delta, reason, reference_id, balance_after, occurred_at, balance, created_by
+FROM append_entries(:user_ids::uuid[], :deltas::bigint[], :reasons::text[], :reference_ids::text[], :max_balance::bigint,
+  :created_by::text);
 
 -- name: list_entries
 -- Newest first, after the keyset ($2, $3); the first page passes ('infinity', max bigint).
-SELECT id AS entry_id, user_id, delta, reason, reference_id, balance_after, occurred_at, seq
+SELECT id AS entry_id, user_id, delta, reason, reference_id, balance_after, occurred_at, created_by, seq
 FROM token_ledger
 WHERE user_id = $1 AND (occurred_at, seq) < ($2::timestamptz, $3::bigint)
 ORDER BY occurred_at DESC, seq DESC

@@ -39,11 +39,13 @@ _MAX_SEQ = 2**63 - 1
 class Store(db.BaseStore):
     queries = Q
 
-    async def create_user(self, email: str, plan: str, max_balance: int, *, conn: db.Connection | None = None) -> User:
-        """Creates the user, account and signup grant (credited up to max_balance, as any credit);
-        EmailTaken or UnknownPlan when refused."""
+    async def create_user(
+        self, email: str, plan: str, max_balance: int, created_by: str, *, conn: db.Connection | None = None
+    ) -> User:
+        """Creates the user, account and signup grant (credited up to max_balance, as any credit, and
+        written by created_by); EmailTaken or UnknownPlan when refused."""
         try:
-            row = await self.fetchrow("create_user", email, plan, max_balance, conn=conn)
+            row = await self.fetchrow("create_user", email, plan, max_balance, created_by, conn=conn)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "app_user_email_key":
                 raise EmailTaken(email) from None
@@ -78,9 +80,15 @@ class Store(db.BaseStore):
     # The ledger.
 
     async def append_entries(
-        self, requests: Sequence[EntryRequest], max_balance: int, *, conn: db.Connection | None = None
+        self,
+        requests: Sequence[EntryRequest],
+        max_balance: int,
+        created_by: str,
+        *,
+        conn: db.Connection | None = None,
     ) -> list[AppendResult]:
-        """Applies the requests in order, in one statement; one result per request, in order."""
+        """Applies the requests in order, in one statement, each entry written naming created_by;
+        one result per request, in order."""
         rows = await self.fetch(
             "append_entries",
             user_ids=[r.user_id for r in requests],
@@ -88,6 +96,7 @@ class Store(db.BaseStore):
             reasons=[r.reason for r in requests],
             reference_ids=[r.reference_id for r in requests],
             max_balance=max_balance,
+            created_by=created_by,
             conn=conn,
         )
         assert len(rows) == len(requests), "token.append_entries answers once per entry"
