@@ -249,10 +249,10 @@ class _Call:
             "call",
             extra={
                 "method": self.method,
-                "caller": self.caller,
                 "code": self.code.name,
                 "duration_ms": round(elapsed * 1000, 2),
                 "request_id": self.request_id,
+                "caller": self.caller,
             },
         )
         logs.request_id.reset(self.tokens[0])

@@ -17,6 +17,7 @@ from blumpo_common.config import (
     load_database,
     load_page_tokens,
     load_server,
+    secret,
 )
 from blumpo_common.server import Security, load_security
 
@@ -72,7 +73,7 @@ def load_smtp(env: Mapping[str, str], development: bool) -> SmtpConfig | None:
     sender_address = env.get("OTP_SMTP_FROM", "").strip()
     if "@" not in sender_address:
         raise ConfigError(f"OTP_SMTP_FROM must be the sender's email address, got {sender_address!r}")
-    user, password = env.get("OTP_SMTP_USER", ""), env.get("OTP_SMTP_PASSWORD", "")
+    user, password = env.get("OTP_SMTP_USER", ""), secret(env, "OTP_SMTP_PASSWORD")
     if bool(user) != bool(password):
         raise ConfigError("OTP_SMTP_USER and OTP_SMTP_PASSWORD must be set together")
     return SmtpConfig(
@@ -87,18 +88,21 @@ def load_smtp(env: Mapping[str, str], development: bool) -> SmtpConfig | None:
 
 
 def load_otp(env: Mapping[str, str], development: bool) -> OtpConfig:
-    secret = env.get("OTP_SECRET", "")
-    if not secret:
+    otp_secret = secret(env, "OTP_SECRET")
+    if not otp_secret:
         if not development:
-            raise ConfigError("OTP_SECRET is not set (at least 32 random characters; required outside development)")
-        secret = DEVELOPMENT_OTP_SECRET
-    elif len(secret) < MIN_SECRET_LENGTH:
-        raise ConfigError(f"OTP_SECRET must be at least {MIN_SECRET_LENGTH} characters, got {len(secret)}")
+            raise ConfigError(
+                "OTP_SECRET (or OTP_SECRET_FILE) is not set (at least 32 random characters; required outside "
+                "development)"
+            )
+        otp_secret = DEVELOPMENT_OTP_SECRET
+    elif len(otp_secret) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"OTP_SECRET must be at least {MIN_SECRET_LENGTH} characters, got {len(otp_secret)}")
     return OtpConfig(
-        secret=secret.encode(),
+        secret=otp_secret.encode(),
         ttl_seconds=integer(env, "OTP_TTL_SECONDS", 600, 60, 3600),
         smtp=load_smtp(env, development),
-        development_secret=secret == DEVELOPMENT_OTP_SECRET,
+        development_secret=otp_secret == DEVELOPMENT_OTP_SECRET,
     )
 
 
