@@ -4,17 +4,26 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import trustme
 
+from blumpo_common import authz, server, tls
+from blumpo_common.db import create_pool
+from generation_service.server import parts as generation_parts_for
+from generation_service.server import service as generation_service
 from harness import ROOT
 from scripts.make_certs import LOCAL_HOSTS, issue
+from tests.conftest import TEST_PAGE_TOKENS, TEST_RECONCILER, TEST_RETRY, database_config
+from token_service.server import service as token_service
+from token_service.store import Store as TokenStore
 
 POLICY = ROOT / "deploy" / "policy.toml"
 
@@ -63,3 +72,37 @@ def production_security() -> dict[str, str]:
     directory = Path(tempfile.mkdtemp(prefix="blumpo-certs-"))
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     return {**Authority(directory).server("token").settings(), "AUTHZ_POLICY_FILE": str(POLICY)}
+
+
+@contextlib.asynccontextmanager
+async def secure_token_server(database_url: str, identity: Identity, policy: Path = POLICY) -> AsyncIterator[str]:
+    """The token service in-process with mutual TLS and the policy; yields its address."""
+    pool = await create_pool(database_config(database_url, "token_service"))
+    security = server.Security(tls.TlsConfig(identity.cert, identity.key, identity.ca), authz.load_policy(policy))
+    service = token_service(TokenStore(pool, 30.0), pages=TEST_PAGE_TOKENS)
+    running = await server.start(service, pool, "127.0.0.1:0", security=security)
+    try:
+        yield f"127.0.0.1:{running.port}"
+    finally:
+        await running.stop(1)
+        await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def secure_generation_server(
+    database_url: str, identity: Identity, token_address: str, policy: Path = POLICY
+) -> AsyncIterator[str]:
+    """The generation service in-process with mutual TLS and the policy, charging through the
+    token service at token_address over mutual TLS with its own certificate."""
+    config = database_config(database_url, "generation_service")
+    pool = await create_pool(config)
+    settings = tls.TlsConfig(identity.cert, identity.key, identity.ca)
+    security = server.Security(settings, authz.load_policy(policy))
+    async with grpc.aio.secure_channel(token_address, tls.channel_credentials(settings)) as channel:
+        parts = generation_parts_for(pool, config, channel, TEST_RETRY, TEST_RECONCILER, pages=TEST_PAGE_TOKENS)
+        running = await server.start(generation_service(parts), pool, "127.0.0.1:0", security=security)
+        try:
+            yield f"127.0.0.1:{running.port}"
+        finally:
+            await running.stop(1)
+    await pool.close()
