@@ -285,8 +285,10 @@ CREATE TABLE token.auth_otp (
     attempts integer DEFAULT 0 NOT NULL,
     consumed_at timestamp with time zone,
     invalidated_at timestamp with time zone,
+    client text,
     CONSTRAINT auth_otp_attempts_check CHECK ((attempts >= 0)),
     CONSTRAINT auth_otp_check CHECK ((expires_at > created_at)),
+    CONSTRAINT auth_otp_client_check CHECK ((char_length(client) <= 256)),
     CONSTRAINT auth_otp_code_hash_check CHECK ((octet_length(code_hash) = 32)),
     CONSTRAINT auth_otp_email_check CHECK ((email = lower(btrim(email))))
 );
@@ -518,10 +520,17 @@ CREATE INDEX idx_generation_job_user_time ON generation.generation_job USING btr
 
 
 --
--- Name: idx_auth_otp_email_active; Type: INDEX; Schema: token; Owner: -
+-- Name: idx_auth_otp_client_time; Type: INDEX; Schema: token; Owner: -
 --
 
-CREATE UNIQUE INDEX idx_auth_otp_email_active ON token.auth_otp USING btree (email) WHERE ((consumed_at IS NULL) AND (invalidated_at IS NULL));
+CREATE INDEX idx_auth_otp_client_time ON token.auth_otp USING btree (client, created_at);
+
+
+--
+-- Name: idx_auth_otp_created; Type: INDEX; Schema: token; Owner: -
+--
+
+CREATE INDEX idx_auth_otp_created ON token.auth_otp USING btree (created_at);
 
 
 --
@@ -639,4 +648,5 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261126000001'),
     ('20261126100001'),
     ('20261126100002'),
-    ('20261127100001');
+    ('20261127100001'),
+    ('20261127100002');

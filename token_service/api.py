@@ -10,7 +10,7 @@ from google.rpc import status_pb2
 from blumpo.token.v1 import token_pb2 as pb
 from blumpo.token.v1 import token_pb2_grpc
 from blumpo_common import authz
-from blumpo_common.callers import caller_of
+from blumpo_common.callers import caller_of, metadata_value
 from blumpo_common.enums import ProtoEnum
 from blumpo_common.errors import ServiceError, to_status
 from blumpo_common.pagination import PageTokens, int64_tiebreak
@@ -38,6 +38,9 @@ DEFAULT_OTP_CLEANUP_HOURS = 24
 MAX_OTP_CLEANUP_HOURS = 24 * 366
 
 REASONS = ProtoEnum(pb.LedgerReason, LedgerReason)
+# The end user's address, as the web tier passes it on (for the login-code limit per client).
+FORWARDED_FOR = "x-forwarded-for"
+MAX_FORWARDED_FOR = 256
 
 
 def check_email(check: Checker, field: str, raw: str) -> str:
@@ -251,7 +254,8 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         check = Checker()
         email = check_email(check, "email", request.email)
         check.done()
-        challenge = await self.logins.request(email)
+        client = otp.client_key(caller_of(context), metadata_value(context, FORWARDED_FOR, MAX_FORWARDED_FOR))
+        challenge = await self.logins.request(email, client)
         return pb.RequestOtpResponse(challenge_id=str(challenge.id), expires_at=to_proto(challenge.expires_at))
 
     async def VerifyOtp(self, request: pb.VerifyOtpRequest, context: Context) -> pb.VerifyOtpResponse:

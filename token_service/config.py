@@ -42,6 +42,17 @@ class SmtpConfig:
 
 
 @dataclass(frozen=True)
+class OtpLimits:
+    """How many login codes may be mailed: per email within one code lifetime (so when it is
+    reached, a code mailed to that address still works), per client per hour, and in all per
+    minute (what the mail relay is trusted with). See docs/security.md."""
+
+    per_email: int = 3
+    per_client_per_hour: int = 20
+    mails_per_minute: int = 120
+
+
+@dataclass(frozen=True)
 class OtpConfig:
     secret: bytes = field(repr=False)
     ttl_seconds: int
@@ -49,6 +60,7 @@ class OtpConfig:
     smtp: SmtpConfig | None
     # True when the fixed development secret stands in for OTP_SECRET (start-up warns).
     development_secret: bool = False
+    limits: OtpLimits = field(default_factory=OtpLimits)
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,11 @@ def load_otp(env: Mapping[str, str], development: bool) -> OtpConfig:
         ttl_seconds=integer(env, "OTP_TTL_SECONDS", 600, 60, 3600),
         smtp=load_smtp(env, development),
         development_secret=otp_secret == DEVELOPMENT_OTP_SECRET,
+        limits=OtpLimits(
+            per_email=integer(env, "OTP_MAX_PER_EMAIL", OtpLimits.per_email, 1, 100),
+            per_client_per_hour=integer(env, "OTP_MAX_PER_CLIENT_PER_HOUR", OtpLimits.per_client_per_hour, 1, 100_000),
+            mails_per_minute=integer(env, "OTP_MAX_MAILS_PER_MINUTE", OtpLimits.mails_per_minute, 1, 1_000_000),
+        ),
     )
 
 
