@@ -25,7 +25,7 @@ from google.protobuf import descriptor_pool
 
 import blumpo.generation.v1.generation_pb2
 import blumpo.token.v1.token_pb2 as tpb
-from blumpo_common import callers
+from blumpo_common import callers, logs
 from blumpo_common.config import ConfigError, is_development
 from blumpo_common.errors import ServiceError
 
@@ -183,4 +183,5 @@ def check_reason(reason: str) -> None:
 
 def audit(action: str, **fields: object) -> None:
     """A line in the audit log: a maintenance action, by whom, in which request."""
-    audit_log.info(action, extra={"caller": callers.current.get() or callers.DEVELOPMENT_CALLER, **fields})
+    caller = callers.current.get() or callers.DEVELOPMENT_CALLER
+    audit_log.info(action, extra={"caller": caller, "request_id": logs.request_id.get(), **fields})
