@@ -65,6 +65,8 @@ class Service:
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=tuple)
     # Told that shutdown started, before calls in flight are waited for (e.g. to end open streams).
     on_shutdown: Sequence[Callable[[], None]] = field(default_factory=tuple)
+    # Told to re-read certificates (SIGHUP, with TLS), after the server's own.
+    on_reload: Sequence[Callable[[], object]] = field(default_factory=tuple)
     # The health probe (its queries.sql's `health_probe`): true when the service's schema and
     # functions are there for its login, so health is NOT_SERVING after a rollback too.
     probe: str = "SELECT true"
@@ -388,7 +390,8 @@ async def serve(service: Service, pool: asyncpg.Pool, config: ServerConfig, secu
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if running.certificates is not None:
-        loop.add_signal_handler(signal.SIGHUP, running.certificates.reload)
+        reloads = (running.certificates.reload, *service.on_reload)
+        loop.add_signal_handler(signal.SIGHUP, lambda: [reload() for reload in reloads])
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": config.shutdown_grace_seconds})
     await running.stop(config.shutdown_grace_seconds)

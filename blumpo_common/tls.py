@@ -4,14 +4,16 @@ With TLS_CERT_FILE, TLS_KEY_FILE and TLS_CA_FILE a server accepts only callers w
 certificate chains to the CA bundle, and serves its own certificate; the generation
 service presents the same certificate to the token service and verifies it against the
 bundle. Rotation: SIGHUP re-reads the three files; gRPC's certificate fetcher hands the new
-ones to each connection made from then on, while connections and calls already open go on.
+ones to each connection made from then on, while connections and calls already open go on;
+the generation service's client opens a new channel for calls made from then on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,3 +159,58 @@ def identity(pem: bytes) -> str | None:
         value = common[0].value
         return value if isinstance(value, str) else value.decode()
     return None
+
+
+class RotatingChannel:
+    """A client channel whose certificate is re-read on reload() (grpcio has no dynamic client
+    credentials): calls made after a reload go over a new channel with the new files, calls
+    already made finish on the old one, which is closed drain_seconds later.
+
+    Stubs are built on it once (`Stub(rotating.channel())`); each call looks up the channel
+    in use when it is made."""
+
+    def __init__(self, open_channel: Callable[[], grpc.aio.Channel], drain_seconds: float) -> None:
+        self._open = open_channel
+        self._current = open_channel()
+        self._drain_seconds = drain_seconds
+        self._retired: set[asyncio.Task[None]] = set()
+
+    def channel(self) -> Any:
+        """What a stub is built on (typed Any: it stands in for a grpc.aio.Channel)."""
+        return _Delegate(self)
+
+    def reload(self) -> bool:
+        """Opens a channel with the files as they are now; unreadable ones keep the old channel."""
+        try:
+            fresh = self._open()
+        except ConfigError as exc:
+            log.error("client certificate not reloaded, the one in use stays: %s", exc)
+            return False
+        old, self._current = self._current, fresh
+        task = asyncio.get_running_loop().create_task(self._close_later(old))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+        log.info("client certificate reloaded")
+        return True
+
+    async def _close_later(self, old: grpc.aio.Channel) -> None:
+        await asyncio.sleep(self._drain_seconds)
+        await old.close(None)
+
+    async def close(self) -> None:
+        for task in list(self._retired):
+            task.cancel()
+        await self._current.close(None)
+
+
+class _Delegate:
+    """The channel a stub sees: each call goes to the RotatingChannel's channel of the moment."""
+
+    def __init__(self, rotating: RotatingChannel) -> None:
+        self._rotating = rotating
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Callable[..., Any]:
+        def call(request: Any, **options: Any) -> Any:
+            return self._rotating._current.unary_unary(method, *args, **kwargs)(request, **options)
+
+        return call

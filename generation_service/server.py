@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -58,7 +59,7 @@ def parts(
     )
 
 
-def service(p: Parts) -> server.Service:
+def service(p: Parts, on_reload: Sequence[Callable[[], object]] = ()) -> server.Service:
     def register(grpc_server: grpc.aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationApi(p.store, p.charger, p.hub, p.pages), grpc_server
@@ -71,32 +72,41 @@ def service(p: Parts) -> server.Service:
         register=register,
         background=(p.hub.run, p.hub.poll, p.reconciler.run),
         on_shutdown=(p.hub.close,),
+        on_reload=on_reload,
         probe=p.store.queries["health_probe"].sql,
     )
 
 
-def token_channel(config: generation_config.Config) -> grpc.aio.Channel:
-    """The channel to the token service: mutual TLS with the process's certificate when set."""
-    target, options = config.token_service_target, retry.CHANNEL_OPTIONS
-    if config.security.tls is None:
-        return grpc.aio.insecure_channel(target, options=options)
-    return grpc.aio.secure_channel(target, tls.channel_credentials(config.security.tls), options=options)
+def token_channel(config: generation_config.Config) -> tls.RotatingChannel:
+    """The channel to the token service: mutual TLS with the process's certificate when set, read
+    again on reload (calls in flight finish on the old channel within the call budget)."""
+    target, options, settings = config.token_service_target, retry.CHANNEL_OPTIONS, config.security.tls
+
+    def open_channel() -> grpc.aio.Channel:
+        if settings is None:
+            return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target, tls.channel_credentials(settings), options=options)
+
+    return tls.RotatingChannel(open_channel, drain_seconds=config.token_retry.total_timeout_seconds + 1)
 
 
 async def run(config: generation_config.Config) -> None:
     pool = await db.create_pool(config.database)
-    async with token_channel(config) as channel:
+    channel = token_channel(config)
+    try:
         pages = PageTokens(config.page_tokens.secret)
         wired = parts(
             pool,
             config.database,
-            channel,
+            channel.channel(),
             config.token_retry,
             config.reconciler,
             watch=config.watch,
             pages=pages,
         )
-        await server.serve(service(wired), pool, config.server, config.security)
+        await server.serve(service(wired, on_reload=(channel.reload,)), pool, config.server, config.security)
+    finally:
+        await channel.close()
 
 
 def main() -> None:

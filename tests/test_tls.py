@@ -3,6 +3,7 @@ end with both services and the generation service's client on mutual TLS."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -168,3 +169,58 @@ async def test_generation_charges_a_job_over_mutual_tls_and_cannot_purchase(
             "reason": "PURCHASE",
         }
         assert (await operator.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=user_id))).balance == 30
+
+
+async def test_the_client_certificate_is_read_again_on_reload_while_a_call_is_in_flight(
+    token_address: str, authority: Authority, admin: asyncpg.Connection, tmp_path: Path
+) -> None:
+    live = Identity(tmp_path / "client.pem", tmp_path / "client.key", authority.bundle)
+
+    def present(identity: Identity) -> None:
+        live.cert.write_bytes(identity.cert.read_bytes())
+        live.key.write_bytes(identity.key.read_bytes())
+
+    present(authority.issue("generation"))
+    settings = tls.TlsConfig(live.cert, live.key, live.ca)
+    rotating = tls.RotatingChannel(
+        lambda: grpc.aio.secure_channel(token_address, tls.channel_credentials(settings)), drain_seconds=30
+    )
+    try:
+        client = token_pb2_grpc.TokenServiceStub(rotating.channel())
+        async with stubs(token_address, authority.issue("admin")) as admin_channel:
+            operator = token_pb2_grpc.TokenServiceStub(admin_channel)
+            held_id = await support.user_with_balance(operator, 100)
+            other_id = await support.user_with_balance(operator, 100)
+        async with admin.transaction():
+            await admin.execute("SELECT 1 FROM token.token_account WHERE user_id = $1 FOR UPDATE", uuid.UUID(held_id))
+            in_flight = asyncio.ensure_future(
+                client.AppendLedgerEntry(
+                    tpb.AppendLedgerEntryRequest(
+                        user_id=held_id, delta=-5, reason=tpb.LEDGER_REASON_GENERATION, reference_id="held"
+                    ),
+                    timeout=30,
+                )
+            )
+            await asyncio.sleep(0.3)
+            # Now the files hold another caller's certificate: calls from here on present it.
+            present(authority.issue("billing"))
+            assert rotating.reload()
+            purchase = await client.AppendLedgerEntry(
+                tpb.AppendLedgerEntryRequest(
+                    user_id=other_id, delta=5, reason=tpb.LEDGER_REASON_PURCHASE, reference_id="after"
+                ),
+                timeout=10,
+            )
+            assert purchase.entry.created_by == "billing"
+            assert not in_flight.done()
+        # The call made before the reload finishes on the old channel, as the old caller.
+        assert (await in_flight).entry.created_by == "generation"
+        # Files that are not a certificate keep the channel in use.
+        live.cert.write_text("not a certificate")
+        assert not rotating.reload()
+        again = tpb.AppendLedgerEntryRequest(
+            user_id=other_id, delta=5, reason=tpb.LEDGER_REASON_PURCHASE, reference_id="after-bad-files"
+        )
+        assert (await client.AppendLedgerEntry(again, timeout=10)).entry.created_by == "billing"
+    finally:
+        await rotating.close()
