@@ -18,7 +18,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -65,8 +65,30 @@ class Rights:
 EVERYTHING = Rights(None, None)
 NOTHING = Rights(frozenset(), frozenset())
 
-# The rights of the call being served (set by the interceptor; everything outside a call).
-current: contextvars.ContextVar[Rights] = contextvars.ContextVar("rights", default=EVERYTHING)
+
+@dataclass(frozen=True)
+class Grant:
+    """What the policy makes of one call: its caller, its rights, and its refusal if refused."""
+
+    caller: str
+    method: str
+    rights: Rights
+    refusal: ServiceError | None = None
+
+
+# The grant of the call being served (None outside a call, e.g. in tests: everything allowed).
+current: contextvars.ContextVar[Grant | None] = contextvars.ContextVar("grant", default=None)
+Scope: TypeAlias = tuple[contextvars.Token[str | None], contextvars.Token[Grant | None]]
+
+
+def enter(grant: Grant) -> Scope:
+    """Makes grant the call's, for everything it runs (the caller for callers.caller_of too)."""
+    return callers.current.set(grant.caller), current.set(grant)
+
+
+def leave(scope: Scope) -> None:
+    callers.current.reset(scope[0])
+    current.reset(scope[1])
 
 
 @dataclass(frozen=True)
@@ -163,22 +185,21 @@ class Gate:
     policy: Policy | None = None
     mutual_tls: bool = False
 
-    def admit(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> tuple[str, Rights]:
-        """The caller and its rights; CALLER_NOT_ALLOWED when the method is not among them."""
+    def admit(self, context: grpc.aio.ServicerContext[Any, Any], method: str) -> Grant:
+        """The call's caller and rights, refused (CALLER_NOT_ALLOWED) when the method is not
+        among them."""
         caller = callers.identify(context, self.mutual_tls)
         rights = EVERYTHING if self.policy is None else self.policy.rights(caller)
         if not rights.allows_method(method):
-            raise refused(caller, method)
-        return caller, rights
-
-
-method_name: contextvars.ContextVar[str] = contextvars.ContextVar("method_name", default="")
+            return Grant(caller, method, NOTHING, refused(caller, method))
+        return Grant(caller, method, rights)
 
 
 def check_reason(reason: str) -> None:
     """CALLER_NOT_ALLOWED unless the call's caller may write entries with reason (no prefix)."""
-    if not current.get().allows_reason(reason):
-        raise refused(callers.current.get() or callers.DEVELOPMENT_CALLER, method_name.get(), reason)
+    grant = current.get()
+    if grant is not None and not grant.rights.allows_reason(reason):
+        raise refused(grant.caller, grant.method, reason)
 
 
 def audit(action: str, **fields: object) -> None:

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from blumpo_common import authz, callers, db, logs, tls
+from blumpo_common import authz, db, logs, tls
 from blumpo_common.admission import Admission
 from blumpo_common.config import DEFAULT_MAX_CONCURRENT_CALLS, ConfigError, ServerConfig, exit_on
 from blumpo_common.errors import ServiceError, from_exception, to_status
@@ -180,9 +180,7 @@ class _Call:
 
     def __init__(self, error_domain: str, method: str, context: Context, gate: authz.Gate | None) -> None:
         self.error_domain = error_domain
-        self.gate = gate
-        self.caller = ""
-        self.refusal: ServiceError | None = None
+        self.grant = None if gate is None else gate.admit(context, method)
         self.method = method
         self.context = context
         self.code = grpc.StatusCode.OK
@@ -195,22 +193,13 @@ class _Call:
 
     async def __aenter__(self) -> _Call:
         self.tokens = (logs.request_id.set(self.request_id), db.call_deadline.set(self.deadline))
-        if self.gate is not None:
-            try:
-                self.caller, rights = self.gate.admit(self.context, self.method)
-            except ServiceError as refused:
-                self.caller, rights, self.refusal = refused.metadata["caller"], authz.NOTHING, refused
-            self.scope = (
-                callers.current.set(self.caller),
-                authz.current.set(rights),
-                authz.method_name.set(self.method),
-            )
+        self.scope = None if self.grant is None else authz.enter(self.grant)
         return self
 
     def check_allowed(self) -> None:
         """Raises the policy's refusal (in the call's body, so it is answered like any error)."""
-        if self.refusal is not None:
-            raise self.refusal
+        if self.grant is not None and self.grant.refusal is not None:
+            raise self.grant.refusal
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
         try:
@@ -254,15 +243,13 @@ class _Call:
                 "code": self.code.name,
                 "duration_ms": round(elapsed * 1000, 2),
                 "request_id": self.request_id,
-                "caller": self.caller,
+                "caller": "" if self.grant is None else self.grant.caller,
             },
         )
         logs.request_id.reset(self.tokens[0])
         db.call_deadline.reset(self.tokens[1])
-        if self.gate is not None:
-            callers.current.reset(self.scope[0])
-            authz.current.reset(self.scope[1])
-            authz.method_name.reset(self.scope[2])
+        if self.scope is not None:
+            authz.leave(self.scope)
 
 
 async def watch_database(

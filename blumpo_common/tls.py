@@ -11,6 +11,7 @@ the generation service's client opens a new channel for calls made from then on.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -138,6 +139,7 @@ def channel_credentials(config: TlsConfig) -> grpc.ChannelCredentials:
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def identity(pem: bytes) -> str | None:
     """The caller a certificate names: the last path segment of a `spiffe://<trust domain>/<name>`
     URI SAN, else the first DNS SAN, else the subject CN; None when it names none."""
