@@ -5,9 +5,10 @@
     ledger_reasons = ["GENERATION", "GENERATION_REFUND"]          # or ["*"]; default none
 
 The file is checked at start-up against both services' descriptors (a name no service has
-stops start-up), so a typo cannot silently refuse or allow. The server's interceptor checks
-the method (Gate.check); the token service checks each ledger entry's reason
-(check_reason), so one forbidden entry of a batch fails alone. Health and reflection stay open.
+stops start-up), so a typo cannot silently refuse or allow. The server's interceptor asks the
+Gate for each call's Grant and answers its refusal; the token service checks each ledger
+entry's reason against the call's Grant (check_reason), so one forbidden entry of a batch
+fails alone. Health and reflection stay open.
 """
 
 from __future__ import annotations
