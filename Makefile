@@ -11,10 +11,10 @@ GENERATED := blumpo/.generated
 DB_URL = $(shell scripts/database-url)
 DBMATE = $(VENV)/bin/dbmate --migrations-dir db/migrations --schema-file db/schema.sql --wait
 
-.PHONY: help install proto migrate rollback migrate-status schema run stop test test-faults test-pooler lint seed bench clean
+.PHONY: help install proto migrate rollback migrate-status schema run stop test test-faults test-pooler lint seed bench certs clean
 
 help:
-	@echo "make run | stop | test | test-faults | test-pooler | lint | migrate | rollback | migrate-status | schema | seed | bench | proto | clean"
+	@echo "make run | stop | test | test-faults | test-pooler | lint | migrate | rollback | migrate-status | schema | seed | bench | certs | proto | clean"
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,17 +34,19 @@ $(GENERATED): $(INSTALLED) $(PROTOS)
 proto: $(GENERATED)
 
 migrate: $(INSTALLED)
-	DATABASE_URL='$(DB_URL)' $(DBMATE) --no-dump-schema up
+	@DATABASE_URL='$(DB_URL)' $(DBMATE) --no-dump-schema up
 
 rollback: $(INSTALLED)
-	DATABASE_URL='$(DB_URL)' $(DBMATE) --no-dump-schema rollback
+	@DATABASE_URL='$(DB_URL)' $(DBMATE) --no-dump-schema rollback
 
 migrate-status: $(INSTALLED)
-	DATABASE_URL='$(DB_URL)' $(DBMATE) status
+	@DATABASE_URL='$(DB_URL)' $(DBMATE) status
+
+# Recipes that hold the database URL are not echoed: it may carry a password.
 
 # Regenerates db/schema.sql (after adding a migration) from a scratch database.
 schema: $(INSTALLED)
-	DATABASE_URL='$(DB_URL)' scripts/dump-schema
+	@DATABASE_URL='$(DB_URL)' scripts/dump-schema
 
 # Development mode unless BLUMPO_ENV says otherwise: a fixed OTP secret, a page-token secret made up
 # per process, and login codes in the log.
@@ -60,7 +62,7 @@ stop:
 	  else pg_ctl -D .data/postgres stop; fi; fi
 
 test: $(GENERATED)
-	DATABASE_URL='$(DB_URL)' $(PY) -m pytest $(PYTEST_ARGS)
+	@DATABASE_URL='$(DB_URL)' $(PY) -m pytest $(PYTEST_ARGS)
 
 # Kills, cuts and a database restart under load, on a private PostgreSQL of its own.
 test-faults: $(GENERATED)
@@ -70,7 +72,7 @@ test-faults: $(GENERATED)
 POOLER_TESTS := tests/test_pooler.py tests/test_token_api.py tests/test_ledger_batch.py tests/test_token_concurrency.py \
   tests/test_generation_jobs.py tests/test_generation_watch.py tests/test_charging_saga.py tests/test_charge_races.py
 test-pooler: $(GENERATED)
-	DATABASE_URL='$(DB_URL)' scripts/with-pgbouncer $(PY) -m pytest $(PYTEST_ARGS) $(POOLER_TESTS)
+	@DATABASE_URL='$(DB_URL)' scripts/with-pgbouncer $(PY) -m pytest $(PYTEST_ARGS) $(POOLER_TESTS)
 
 lint: $(GENERATED) node_modules/.installed
 	$(VENV)/bin/ruff check .
@@ -89,7 +91,12 @@ seed: $(GENERATED)
 	  DATABASE_URL="$$url" BLUMPO_ENV="$${BLUMPO_ENV:-development}" scripts/with-services $(PY) -m scripts.seed
 
 bench: $(GENERATED)
-	DATABASE_URL='$(DB_URL)' $(PY) -m bench
+	@DATABASE_URL='$(DB_URL)' $(PY) -m bench
+
+# Development certificates for mutual TLS (`TLS=on make run`): a CA and one certificate per
+# caller of deploy/policy.toml, under .data/certs/.
+certs: $(INSTALLED)
+	$(PY) -m scripts.make_certs --policy deploy/policy.toml --out .data/certs
 
 clean:
 	rm -rf $(VENV) blumpo node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -38,6 +38,7 @@ def pgbench_script() -> str:
             3: "ARRAY['GENERATION']",
             4: "ARRAY[('ref-' || :client_id || '-' || :r)]",
             5: str(ledger.MAX_BALANCE),
+            6: "'bench'",
         },
     )
     return "\n".join(

@@ -56,6 +56,7 @@ def create_script() -> str:
             3: "ARRAY['GENERATION']",
             4: f"ARRAY[{job}::text]",
             5: str(ledger.MAX_BALANCE),
+            6: "'bench'",
         },
     )
     settle = common.one_line(GQ["finish_charged"], {1: job})

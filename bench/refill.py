@@ -67,7 +67,7 @@ def pgbench_script(period: str, batch_size: int) -> str:
     select_batch = common.one_line(Q["refill_batch"], {1: ":after_id::uuid", 2: str(batch_size), 3: end})
     append = common.one_line(
         Q["append_entries"],
-        {1: ":ids", 2: ":allowances", 3: ":reasons", 4: ":refs", 5: str(ledger.MAX_BALANCE)},
+        {1: ":ids", 2: ":allowances", 3: ":reasons", 4: ":refs", 5: str(ledger.MAX_BALANCE), 6: "'bench'"},
     )
     eligible = "FILTER (WHERE monthly_allowance > 0)"
     count = f"count(*) {eligible}"

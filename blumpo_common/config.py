@@ -6,6 +6,7 @@ import secrets
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NoReturn, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -119,6 +120,21 @@ def service_database_url(env: Mapping[str, str], setting: str, role: str) -> str
         f"{setting} is not set: outside development each service logs in as its own role ({role}), "
         "never as the migrations' DATABASE_URL"
     )
+
+
+def secret(env: Mapping[str, str], name: str) -> str:
+    """A secret from `name`, or from the file `<name>_FILE` names (one trailing newline dropped),
+    so it need not sit in the environment; "" when neither is set. Errors never quote it."""
+    value, path = env.get(name, ""), env.get(f"{name}_FILE", "").strip()
+    if value and path:
+        raise ConfigError(f"{name} and {name}_FILE are both set: set one")
+    if not path:
+        return value
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{name}_FILE {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    return text.removesuffix("\n").removesuffix("\r")
 
 
 def integer(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:

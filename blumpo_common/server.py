@@ -14,7 +14,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from blumpo_common import db, logs, metrics, tracing
+from blumpo_common import authz, db, logs, metrics, tls, tracing
 from blumpo_common.admission import Admission
 from blumpo_common.config import DEFAULT_MAX_CONCURRENT_CALLS, ConfigError, ServerConfig, exit_on
 from blumpo_common.errors import ServiceError, from_exception, to_status
@@ -67,18 +67,35 @@ class Service:
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=tuple)
     # Told that shutdown started, before calls in flight are waited for (e.g. to end open streams).
     on_shutdown: Sequence[Callable[[], None]] = field(default_factory=tuple)
+    # Told to re-read certificates (SIGHUP, with TLS), after the server's own.
+    on_reload: Sequence[Callable[[], object]] = field(default_factory=tuple)
     # The health probe (its queries.sql's `health_probe`): true when the service's schema and
     # functions are there for its login, so health is NOT_SERVING after a rollback too.
     probe: str = "SELECT true"
 
 
+@dataclass(frozen=True)
+class Security:
+    """How a server knows its callers: mutual TLS (None: plaintext) and the policy (None:
+    everything allowed); both None only in development."""
+
+    tls: tls.TlsConfig | None = None
+    policy: authz.Policy | None = None
+
+
+def load_security(env: Mapping[str, str]) -> Security:
+    return Security(tls.load(env), authz.load(env))
+
+
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Maps errors to statuses, sets the request id and deadline, logs and counts each call, and
-    admits it: unary calls up to the admission's bound, none while draining."""
+    admits it: only a caller the policy allows the method, unary calls up to the admission's
+    bound, none while draining."""
 
-    def __init__(self, error_domain: str, admission: Admission) -> None:
+    def __init__(self, error_domain: str, admission: Admission, gate: authz.Gate | None = None) -> None:
         self.error_domain = error_domain
         self.admission = admission
+        self.gate = gate or authz.Gate()
 
     async def intercept_service(
         self,
@@ -90,13 +107,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or method.startswith("/grpc.reflection."):
             return handler
         deserialize = _tolerant(handler.request_deserializer)
-        admission = None if method.startswith(HEALTH_METHODS) else self.admission
+        health_check = method.startswith(HEALTH_METHODS)
+        admission = None if health_check else self.admission
         if handler.unary_unary:
             unary: Any = handler.unary_unary
             observed = metrics.SERVER_METHODS.get(method, metrics.UNARY)
 
             async def unary_call(request: Any, context: Context) -> Any:
-                async with _Call(self.error_domain, method, context, observed):
+                async with self._call(method, context, observed, health_check) as call:
+                    call.check_allowed()
                     with admission.admit() if admission is not None else contextlib.nullcontext():
                         return await unary(_decoded(request), context)
 
@@ -113,7 +132,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             observed_stream = metrics.SERVER_METHODS.get(method, metrics.SERVER_STREAM)
 
             async def stream_call(request: Any, context: Context) -> AsyncIterator[Any]:
-                async with _Call(self.error_domain, method, context, observed_stream):
+                async with self._call(method, context, observed_stream, health_check) as call:
+                    call.check_allowed()
                     if admission is not None:
                         admission.check_open()
                     async for response in stream(_decoded(request), context):
@@ -122,7 +142,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             # A handler that writes through its context (health's Watch) rather than yields.
             async def writing_stream_call(request: Any, context: Context) -> None:
-                async with _Call(self.error_domain, method, context, observed_stream):
+                async with self._call(method, context, observed_stream, health_check) as call:
+                    call.check_allowed()
                     if admission is not None:
                         admission.check_open()
                     await stream(_decoded(request), metrics.CountedWrites(context, observed_stream))
@@ -133,6 +154,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+    def _call(self, method: str, context: Context, observed: metrics.MethodMetrics, open_to_all: bool) -> _Call:
+        return _Call(self.error_domain, method, context, observed, None if open_to_all else self.gate)
 
 
 @dataclass(frozen=True)
@@ -168,8 +192,16 @@ def _decoded(request: Any) -> Any:
 class _Call:
     """The scope of one served call (an async context manager)."""
 
-    def __init__(self, error_domain: str, method: str, context: Context, observed: metrics.MethodMetrics) -> None:
+    def __init__(
+        self,
+        error_domain: str,
+        method: str,
+        context: Context,
+        observed: metrics.MethodMetrics,
+        gate: authz.Gate | None,
+    ) -> None:
         self.error_domain = error_domain
+        self.grant = None if gate is None else gate.admit(context, method)
         self.method = method
         self.context = context
         self.observed = observed
@@ -182,12 +214,19 @@ class _Call:
         remaining = context.time_remaining()
         self.deadline = None if remaining is None else self.started + remaining
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> _Call:
         self.observed.started.inc()
         self.observed.received.inc()
         self.tokens = (logs.request_id.set(self.request_id), db.call_deadline.set(self.deadline))
+        self.scope = None if self.grant is None else authz.enter(self.grant)
         # The caller learns the id to quote, whatever the outcome.
         await self.context.send_initial_metadata(((REQUEST_ID, self.request_id),))
+        return self
+
+    def check_allowed(self) -> None:
+        """Raises the policy's refusal (in the call's body, so it is answered like any error)."""
+        if self.grant is not None and self.grant.refusal is not None:
+            raise self.grant.refusal
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
         try:
@@ -235,12 +274,15 @@ class _Call:
                 "code": self.code.name,
                 "duration_ms": round(elapsed * 1000, 2),
                 "request_id": self.request_id,
+                "caller": "" if self.grant is None else self.grant.caller,
             }
             if self.reason:
                 fields["reason"] = self.reason
             log.log(level, "call", extra=fields)
         logs.request_id.reset(self.tokens[0])
         db.call_deadline.reset(self.tokens[1])
+        if self.scope is not None:
+            authz.leave(self.scope)
 
 
 async def watch_database(
@@ -274,6 +316,8 @@ class RunningServer:
     admission: Admission
     tasks: list[asyncio.Task[None]]
     on_shutdown: Sequence[Callable[[], None]] = ()
+    # None when serving plaintext (development).
+    certificates: tls.ServerCertificates | None = None
 
     async def stop(self, grace_seconds: float) -> None:
         """Drains, then stops: health says NOT_SERVING first; new calls are refused with
@@ -311,10 +355,15 @@ async def start(
     pool: asyncpg.Pool,
     listen_addr: str,
     max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS,
+    security: Security | None = None,
 ) -> RunningServer:
-    """Serves the service on listen_addr; OSError when that address cannot be used."""
+    """Serves the service on listen_addr, with mutual TLS and the policy of security (without:
+    plaintext, everything allowed); OSError when that address cannot be used."""
+    security = security or Security()
+    certificates = None if security.tls is None else tls.ServerCertificates(security.tls)
     admission = Admission(max_concurrent_calls)
-    interceptors = [*tracing.server_interceptors(), CallInterceptor(service.error_domain, admission)]
+    gate = authz.Gate(security.policy, mutual_tls=certificates is not None)
+    interceptors = [*tracing.server_interceptors(), CallInterceptor(service.error_domain, admission, gate)]
     server = grpc.aio.server(interceptors=interceptors)
     service.register(server)
     health_servicer = HealthServicer()
@@ -324,15 +373,18 @@ async def start(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     _check_bindable(listen_addr)
-    port = server.add_insecure_port(listen_addr)
+    if certificates is None:
+        port = server.add_insecure_port(listen_addr)
+    else:
+        port = server.add_secure_port(listen_addr, certificates.credentials())
     await server.start()
     tasks = [asyncio.create_task(watch_database(pool, health_servicer, names, service.probe))]
     tasks += [asyncio.create_task(job()) for job in service.background]
-    return RunningServer(server, port, health_servicer, admission, tasks, service.on_shutdown)
+    return RunningServer(server, port, health_servicer, admission, tasks, service.on_shutdown, certificates)
 
 
-async def serve(service: Service, pool: asyncpg.Pool, config: ServerConfig) -> None:
-    """Runs until SIGTERM or SIGINT, then shuts down gracefully.
+async def serve(service: Service, pool: asyncpg.Pool, config: ServerConfig, security: Security) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully; SIGHUP re-reads the certificates.
 
     An address that cannot be used stops start-up with one line naming its setting (exit 2)."""
     host, _, port = config.metrics_addr.rpartition(":")
@@ -341,14 +393,26 @@ async def serve(service: Service, pool: asyncpg.Pool, config: ServerConfig) -> N
     except OSError as exc:
         exit_on(service.name, ConfigError(f"{config.metrics_setting} {config.metrics_addr} cannot be used: {exc}"))
     try:
-        running = await start(service, pool, config.listen_addr, config.max_concurrent_calls)
+        running = await start(service, pool, config.listen_addr, config.max_concurrent_calls, security)
     except OSError as exc:
         exit_on(service.name, ConfigError(f"{config.listen_setting} {config.listen_addr} cannot be used: {exc}"))
-    log.info("serving", extra={"grpc_service": service.full_name, "listen": config.listen_addr, "port": running.port})
+    log.info(
+        "serving",
+        extra={
+            "grpc_service": service.full_name,
+            "listen": config.listen_addr,
+            "port": running.port,
+            "mutual_tls": running.certificates is not None,
+            "policy": security.policy is not None,
+        },
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if running.certificates is not None:
+        reloads = (running.certificates.reload, *service.on_reload)
+        loop.add_signal_handler(signal.SIGHUP, lambda: [reload() for reload in reloads])
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": config.shutdown_grace_seconds})
     await running.stop(config.shutdown_grace_seconds)

@@ -43,10 +43,10 @@ $$;
 
 
 --
--- Name: append_entries(uuid[], bigint[], text[], text[], bigint); Type: FUNCTION; Schema: token; Owner: -
+-- Name: append_entries(uuid[], bigint[], text[], text[], bigint, text); Type: FUNCTION; Schema: token; Owner: -
 --
 
-CREATE FUNCTION token.append_entries(p_user_ids uuid[], p_deltas bigint[], p_reasons text[], p_references text[], p_max_balance bigint) RETURNS TABLE(outcome text, entry_id uuid, user_id uuid, delta bigint, reason text, reference_id text, balance_after bigint, occurred_at timestamp with time zone, balance bigint)
+CREATE FUNCTION token.append_entries(p_user_ids uuid[], p_deltas bigint[], p_reasons text[], p_references text[], p_max_balance bigint, p_created_by text) RETURNS TABLE(outcome text, entry_id uuid, user_id uuid, delta bigint, reason text, reference_id text, balance_after bigint, occurred_at timestamp with time zone, balance bigint, created_by text)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -65,7 +65,7 @@ BEGIN
     IF (p_reasons[i] = 'GENERATION' AND p_deltas[i] > 0)
        OR (p_reasons[i] IN ('GENERATION_REFUND', 'MONTHLY_REFILL', 'PURCHASE', 'SIGNUP_BONUS') AND p_deltas[i] < 0) THEN
       RETURN QUERY SELECT 'WRONG_SIGN', NULL::uuid, p_user_ids[i], p_deltas[i], p_reasons[i], p_references[i],
-        NULL::bigint, NULL::timestamptz, NULL::bigint;
+        NULL::bigint, NULL::timestamptz, NULL::bigint, NULL::text;
       CONTINUE;
     END IF;
     -- Each statement from here on sees what was committed before the locks were granted,
@@ -73,7 +73,7 @@ BEGIN
     SELECT a.balance INTO current_balance FROM token.token_account a WHERE a.user_id = p_user_ids[i];
     IF NOT FOUND THEN
       RETURN QUERY SELECT 'NO_ACCOUNT', NULL::uuid, p_user_ids[i], p_deltas[i], p_reasons[i], p_references[i],
-        NULL::bigint, NULL::timestamptz, NULL::bigint;
+        NULL::bigint, NULL::timestamptz, NULL::bigint, NULL::text;
       CONTINUE;
     END IF;
     SELECT * INTO entry FROM token.token_ledger l
@@ -82,7 +82,7 @@ BEGIN
       RETURN QUERY SELECT
         CASE WHEN entry.delta = p_deltas[i] AND entry.reason = p_reasons[i] THEN 'REPLAYED' ELSE 'REUSED' END,
         entry.id, entry.user_id, entry.delta, entry.reason, entry.reference_id, entry.balance_after,
-        entry.occurred_at, current_balance;
+        entry.occurred_at, current_balance, entry.created_by;
       CONTINUE;
     END IF;
     -- A refund gives back a debit: `<x>:refund` of a GENERATION debit `<x>` of this user, and
@@ -93,7 +93,7 @@ BEGIN
         AND l.reference_id = left(p_references[i], -7) AND l.reason = 'GENERATION';
       IF NOT FOUND OR p_deltas[i] > -debit.delta THEN
         RETURN QUERY SELECT 'REFUND_UNMATCHED', NULL::uuid, p_user_ids[i], p_deltas[i], p_reasons[i],
-          p_references[i], NULL::bigint, NULL::timestamptz, -debit.delta;
+          p_references[i], NULL::bigint, NULL::timestamptz, -debit.delta, NULL::text;
         CONTINUE;
       END IF;
     END IF;
@@ -105,26 +105,26 @@ BEGIN
          WHEN p_reasons[i] = 'GENERATION_REFUND' THEN 2 * p_max_balance::numeric ELSE p_max_balance END) THEN
       RETURN QUERY SELECT CASE WHEN p_deltas[i] < 0 THEN 'INSUFFICIENT' ELSE 'BALANCE_LIMIT' END,
         NULL::uuid, p_user_ids[i], p_deltas[i], p_reasons[i], p_references[i], NULL::bigint, NULL::timestamptz,
-        current_balance;
+        current_balance, NULL::text;
       CONTINUE;
     END IF;
-    INSERT INTO token.token_ledger (user_id, delta, reason, reference_id, balance_after)
-    VALUES (p_user_ids[i], p_deltas[i], p_reasons[i], p_references[i], new_balance::bigint)
+    INSERT INTO token.token_ledger (user_id, delta, reason, reference_id, balance_after, created_by)
+    VALUES (p_user_ids[i], p_deltas[i], p_reasons[i], p_references[i], new_balance::bigint, p_created_by)
     RETURNING * INTO entry;
     UPDATE token.token_account a SET balance = entry.balance_after, updated_at = now()
     WHERE a.user_id = p_user_ids[i];
     RETURN QUERY SELECT 'APPLIED', entry.id, entry.user_id, entry.delta, entry.reason, entry.reference_id,
-      entry.balance_after, entry.occurred_at, current_balance;
+      entry.balance_after, entry.occurred_at, current_balance, entry.created_by;
   END LOOP;
 END
 $$;
 
 
 --
--- Name: create_user(text, text, bigint); Type: FUNCTION; Schema: token; Owner: -
+-- Name: create_user(text, text, bigint, text); Type: FUNCTION; Schema: token; Owner: -
 --
 
-CREATE FUNCTION token.create_user(p_email text, p_plan text, p_max_balance bigint) RETURNS TABLE(id uuid, email text, created_at timestamp with time zone, user_id uuid, balance bigint, plan_code text, updated_at timestamp with time zone)
+CREATE FUNCTION token.create_user(p_email text, p_plan text, p_max_balance bigint, p_created_by text) RETURNS TABLE(id uuid, email text, created_at timestamp with time zone, user_id uuid, balance bigint, plan_code text, updated_at timestamp with time zone)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path TO 'pg_catalog', 'pg_temp'
     AS $$
@@ -141,7 +141,7 @@ BEGIN
   INSERT INTO token.token_account (user_id, plan_code) VALUES (new_id, chosen.code);
   IF chosen.signup_grant > 0 THEN
     PERFORM token.append_entries(ARRAY[new_id], ARRAY[chosen.signup_grant], ARRAY['SIGNUP_BONUS'],
-      ARRAY['signup'], p_max_balance);
+      ARRAY['signup'], p_max_balance, p_created_by);
   END IF;
   RETURN QUERY SELECT u.id, u.email, u.created_at, a.user_id, a.balance, a.plan_code, a.updated_at
   FROM token.app_user u JOIN token.token_account a ON a.user_id = u.id WHERE u.id = new_id;
@@ -285,8 +285,10 @@ CREATE TABLE token.auth_otp (
     attempts integer DEFAULT 0 NOT NULL,
     consumed_at timestamp with time zone,
     invalidated_at timestamp with time zone,
+    client text,
     CONSTRAINT auth_otp_attempts_check CHECK ((attempts >= 0)),
     CONSTRAINT auth_otp_check CHECK ((expires_at > created_at)),
+    CONSTRAINT auth_otp_client_check CHECK ((char_length(client) <= 256)),
     CONSTRAINT auth_otp_code_hash_check CHECK ((octet_length(code_hash) = 32)),
     CONSTRAINT auth_otp_email_check CHECK ((email = lower(btrim(email))))
 );
@@ -335,7 +337,9 @@ CREATE TABLE token.token_ledger (
     reference_id text NOT NULL,
     balance_after bigint NOT NULL,
     occurred_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    created_by text NOT NULL,
     CONSTRAINT token_ledger_balance_after_check CHECK ((balance_after >= 0)),
+    CONSTRAINT token_ledger_created_by_check CHECK (((char_length(created_by) >= 1) AND (char_length(created_by) <= 128))),
     CONSTRAINT token_ledger_delta_check CHECK (((delta <> 0) AND (abs(delta) <= '1000000000000'::bigint))),
     CONSTRAINT token_ledger_reason_check CHECK ((reason = ANY (ARRAY['GENERATION'::text, 'GENERATION_REFUND'::text, 'MONTHLY_REFILL'::text, 'PURCHASE'::text, 'SIGNUP_BONUS'::text, 'ADJUSTMENT'::text]))),
     CONSTRAINT token_ledger_reference_id_check CHECK (((char_length(reference_id) >= 1) AND (char_length(reference_id) <= 200)))
@@ -516,10 +520,17 @@ CREATE INDEX idx_generation_job_user_time ON generation.generation_job USING btr
 
 
 --
--- Name: idx_auth_otp_email_active; Type: INDEX; Schema: token; Owner: -
+-- Name: idx_auth_otp_client_time; Type: INDEX; Schema: token; Owner: -
 --
 
-CREATE UNIQUE INDEX idx_auth_otp_email_active ON token.auth_otp USING btree (email) WHERE ((consumed_at IS NULL) AND (invalidated_at IS NULL));
+CREATE INDEX idx_auth_otp_client_time ON token.auth_otp USING btree (client, created_at);
+
+
+--
+-- Name: idx_auth_otp_created; Type: INDEX; Schema: token; Owner: -
+--
+
+CREATE INDEX idx_auth_otp_created ON token.auth_otp USING btree (created_at);
 
 
 --
@@ -636,4 +647,6 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261125000003'),
     ('20261126000001'),
     ('20261126100001'),
-    ('20261126100002');
+    ('20261126100002'),
+    ('20261127100001'),
+    ('20261127100002');

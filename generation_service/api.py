@@ -13,6 +13,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from blumpo.generation.v1 import generation_pb2 as pb
 from blumpo.generation.v1 import generation_pb2_grpc
+from blumpo_common import authz
 from blumpo_common.callers import caller_of
 from blumpo_common.enums import ProtoEnum
 from blumpo_common.pagination import PageTokens, uuid_tiebreak
@@ -340,7 +341,9 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         days = request.older_than_days or DEFAULT_ARCHIVE_DAYS
         check.in_range("older_than_days", days, 1, 36500)
         check.done()
-        return pb.ArchiveCompletedJobsResponse(archived=await self.store.archive_completed(days))
+        archived = await self.store.archive_completed(days)
+        authz.audit("completed jobs archived", older_than_days=days, archived=archived)
+        return pb.ArchiveCompletedJobsResponse(archived=archived)
 
     async def PauseQueuedJobs(self, request: pb.PauseQueuedJobsRequest, context: Context) -> pb.PauseQueuedJobsResponse:
         check = Checker()
@@ -349,7 +352,9 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         created_after = check_time(check, "created_after", request.created_after)
         check.done()
         assert created_after is not None
-        return pb.PauseQueuedJobsResponse(paused=await self.store.pause_queued(created_after))
+        paused = await self.store.pause_queued(created_after)
+        authz.audit("queued jobs paused", created_after=str(created_after), paused=paused)
+        return pb.PauseQueuedJobsResponse(paused=paused)
 
     async def ResumePausedJobs(
         self, request: pb.ResumePausedJobsRequest, context: Context
@@ -357,7 +362,9 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         check = Checker()
         after = check_time(check, "created_after", request.created_after) if request.HasField("created_after") else None
         check.done()
-        return pb.ResumePausedJobsResponse(resumed=await self.store.resume_paused(after))
+        resumed = await self.store.resume_paused(after)
+        authz.audit("paused jobs resumed", created_after=str(after), resumed=resumed)
+        return pb.ResumePausedJobsResponse(resumed=resumed)
 
     async def _visible_job(self, job_id: uuid.UUID) -> Job:
         job = await self.store.get_job(job_id)

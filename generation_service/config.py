@@ -18,6 +18,7 @@ from blumpo_common.config import (
     load_server,
 )
 from blumpo_common.retry import RetryPolicy
+from blumpo_common.server import Security, load_security
 from generation_service.charging import UNANSWERED_HOLD_SECONDS, ReconcilerSettings
 from generation_service.watch import WatchSettings
 
@@ -36,6 +37,8 @@ class Config:
     reconciler: ReconcilerSettings
     watch: WatchSettings
     page_tokens: PageTokenConfig
+    # Mutual TLS (also of its client to the token service) and the callers' policy.
+    security: Security
 
 
 def load(env: Mapping[str, str]) -> Config:
@@ -68,4 +71,5 @@ def load(env: Mapping[str, str]) -> Config:
         reconciler=reconciler,
         watch=watch,
         page_tokens=load_page_tokens(env, is_development(env)),
+        security=load_security(env),
     )

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import prometheus_client
 
 from blumpo.generation.v1 import generation_pb2, generation_pb2_grpc
 from blumpo.token.v1 import token_pb2_grpc
-from blumpo_common import db, logs, metrics, retry, server, tracing
+from blumpo_common import db, logs, metrics, retry, server, tls, tracing
 from blumpo_common.config import PAGE_TOKEN_SECRET_MADE_UP, DatabaseConfig, load_or_exit
 from blumpo_common.pagination import PageTokens
 from blumpo_common.retry import RetryPolicy
@@ -62,7 +63,7 @@ def parts(
     )
 
 
-def service(p: Parts) -> server.Service:
+def service(p: Parts, on_reload: Sequence[Callable[[], object]] = ()) -> server.Service:
     def register(grpc_server: grpc.aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationApi(p.store, p.charger, p.hub, p.pages), grpc_server
@@ -75,6 +76,7 @@ def service(p: Parts) -> server.Service:
         register=register,
         background=(p.hub.run, p.hub.poll, p.reconciler.run),
         on_shutdown=(p.hub.close,),
+        on_reload=on_reload,
         probe=p.store.queries["health_probe"].sql,
     )
 
@@ -84,23 +86,39 @@ def token_channel_interceptors() -> list[Any]:
     return [*tracing.client_interceptors(), metrics.ClientInterceptor()]
 
 
+def token_channel(config: generation_config.Config) -> tls.RotatingChannel:
+    """The channel to the token service: mutual TLS with the process's certificate when set, read
+    again on reload (calls in flight finish on the old channel within the call budget)."""
+    target, options, settings = config.token_service_target, retry.CHANNEL_OPTIONS, config.security.tls
+    interceptors = token_channel_interceptors()
+
+    def open_channel() -> grpc.aio.Channel:
+        if settings is None:
+            return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+        credentials = tls.channel_credentials(settings)
+        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+
+    return tls.RotatingChannel(open_channel, drain_seconds=config.token_retry.total_timeout_seconds + 1)
+
+
 async def run(config: generation_config.Config) -> None:
     pool = await db.create_pool(config.database)
-    async with grpc.aio.insecure_channel(
-        config.token_service_target, options=retry.CHANNEL_OPTIONS, interceptors=token_channel_interceptors()
-    ) as channel:
+    channel = token_channel(config)
+    try:
         pages = PageTokens(config.page_tokens.secret)
         wired = parts(
             pool,
             config.database,
-            channel,
+            channel.channel(),
             config.token_retry,
             config.reconciler,
             watch=config.watch,
             pages=pages,
         )
         prometheus_client.REGISTRY.register(BacklogCollector(wired.store, asyncio.get_running_loop()))
-        await server.serve(service(wired), pool, config.server)
+        await server.serve(service(wired, on_reload=(channel.reload,)), pool, config.server, config.security)
+    finally:
+        await channel.close()
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from blumpo_common.config import ConfigError, login_url
 from generation_service import config as generation_config
+from tests.certificates import production_security
 from token_service import config as token_config
 
 ADMIN = "postgresql://postgres:s3cret@db.example:5433/blumpo?sslmode=verify-full&sslrootcert=/ca.pem"
@@ -55,6 +56,7 @@ def test_behind_a_transaction_pooler_no_statement_is_cached_and_listen_goes_dire
             "DATABASE_LISTEN_URL": direct,
             "DB_POOLER": "transaction",
             "PAGE_TOKEN_SECRET": "p" * 32,
+            **production_security(),
         }
     ).database
     assert loaded.statement_cache_size == 0

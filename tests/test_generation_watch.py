@@ -27,6 +27,7 @@ from generation_service.server import Parts, service
 from generation_service.watch import Hub, ReadJob, WatchSettings
 from harness.processes import ServiceProcess, free_port
 from tests import support
+from tests.certificates import production_security
 from tests.generation_support import GenerationStub, TokenStub, create_job
 
 STEP_SECONDS = 5.0
@@ -220,15 +221,15 @@ async def test_a_caller_at_its_limit_is_refused_while_others_still_watch(
         )
         assert support.error_info(refused).metadata["limit"] == "caller"
         assert support.retry_delay_seconds(refused) > 0
-        # Another caller, named or known by its host, still watches the same job.
+        # Another caller, named or not, still watches the same job.
         bob = _watch(ws.generation, job.job_id, "bob")
         unnamed = [_watch(ws.generation, job.job_id) for _ in range(3)]
         assert [await _next_status(c) for c in [bob, *unnamed]] == [gpb.JOB_STATUS_QUEUED] * 4
-        # Unnamed calls all come from 127.0.0.1: one caller, with a limit of its own.
+        # Unnamed calls (development without TLS) are all the caller `development`, with a limit of its own.
         await support.expect_error(
             _watch(ws.generation, job.job_id).read(), grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WATCHERS"
         )
-        assert ws.hub.per_caller == {"alice": 3, "bob": 1, "127.0.0.1": 3}
+        assert ws.hub.per_caller == {"alice": 3, "bob": 1, "development": 3}
 
         # A stream that ends gives its place back.
         alice[0].cancel()
@@ -359,6 +360,7 @@ def test_peer_host(peer: str, host: str) -> None:
 BASE_ENV = {
     "GENERATION_DATABASE_URL": "postgresql://generation_service@127.0.0.1:5432/blumpo",
     "PAGE_TOKEN_SECRET": "s" * 32,
+    **production_security(),
 }
 
 

@@ -45,12 +45,12 @@ async def check_health_follows_the_schema(
     ("take_away", "give_back"),
     [
         (
-            "ALTER FUNCTION token.create_user(text, text, bigint) RENAME TO create_user_gone",
-            "ALTER FUNCTION token.create_user_gone(text, text, bigint) RENAME TO create_user",
+            "ALTER FUNCTION token.create_user(text, text, bigint, text) RENAME TO create_user_gone",
+            "ALTER FUNCTION token.create_user_gone(text, text, bigint, text) RENAME TO create_user",
         ),
         (
-            "ALTER FUNCTION token.append_entries(uuid[], bigint[], text[], text[], bigint) RENAME TO gone",
-            "ALTER FUNCTION token.gone(uuid[], bigint[], text[], text[], bigint) RENAME TO append_entries",
+            "ALTER FUNCTION token.append_entries(uuid[], bigint[], text[], text[], bigint, text) RENAME TO gone",
+            "ALTER FUNCTION token.gone(uuid[], bigint[], text[], text[], bigint, text) RENAME TO append_entries",
         ),
         ("ALTER SCHEMA token RENAME TO token_gone", "ALTER SCHEMA token_gone RENAME TO token"),
     ],

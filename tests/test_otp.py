@@ -19,7 +19,7 @@ from blumpo_common.timestamps import from_proto
 from tests import support
 from tests.support import OtpHarness
 from token_service import otp as otp_rules
-from token_service.config import SmtpConfig
+from token_service.config import OtpLimits, SmtpConfig
 from token_service.model import OtpChallenge
 from token_service.otp_sender import DeliveryError, LogSender, SmtpSender
 from token_service.store import Store
@@ -114,16 +114,21 @@ async def test_a_code_works_until_just_before_expiry(otp: OtpHarness) -> None:
     assert (await otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=code))).created
 
 
-async def test_a_new_request_supersedes_the_active_challenge(otp: OtpHarness, admin: asyncpg.Connection) -> None:
+async def test_a_new_request_leaves_the_earlier_code_working_until_one_logs_in(
+    otp: OtpHarness, admin: asyncpg.Connection
+) -> None:
     email = support.new_email()
     first, first_code = await request(otp, email)
     second, second_code = await request(otp, email)
     assert first.challenge_id != second.challenge_id
     active = {str(r["id"]): r["invalidated_at"] is None for r in await challenges(admin, email)}
-    assert active == {first.challenge_id: False, second.challenge_id: True}
+    assert active == {first.challenge_id: True, second.challenge_id: True}
+    # The earlier code logs in; the login ends the other one.
+    assert (await otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=first_code))).created
     if first_code != second_code:  # one in a million they are equal
-        await verify_error(otp, email, first_code, UNAUTHENTICATED)
-    assert (await otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=second_code))).created
+        await verify_error(otp, email, second_code, UNAUTHENTICATED)
+    active = {str(r["id"]): r["invalidated_at"] is None for r in await challenges(admin, email)}
+    assert active == {first.challenge_id: True, second.challenge_id: False}
 
 
 async def test_five_wrong_codes_kill_the_challenge(otp: OtpHarness, admin: asyncpg.Connection) -> None:
@@ -143,35 +148,37 @@ async def test_five_wrong_codes_kill_the_challenge(otp: OtpHarness, admin: async
     assert (await otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=code))).created
 
 
-async def test_five_requests_per_hour_then_resource_exhausted_with_retry_delay(
+async def test_per_email_codes_within_one_lifetime_then_resource_exhausted_with_retry_delay(
     otp: OtpHarness, admin: asyncpg.Connection
 ) -> None:
     email = support.new_email()
-    for _ in range(otp_rules.MAX_REQUESTS_PER_WINDOW):
-        await request(otp, email)
+    per_email = OtpLimits().per_email
+    for _ in range(per_email):
+        _, newest = await request(otp, email)
         otp.clock.advance(60)
     before = await support.row_counts(admin, "token")
     sent = len(otp.sender.sent)
     error = await support.expect_error(
         otp.token.RequestOtp(tpb.RequestOtpRequest(email=email)), EXHAUSTED, "OTP_RATE_LIMITED"
     )
-    # The oldest request (300 s ago) leaves the one-hour window in 3300 s.
+    # The oldest request (180 s ago) leaves the window of one code lifetime (600 s) in 420 s.
     delay = support.retry_delay_seconds(error)
-    assert delay == 3600 - 5 * 60
+    assert delay == 600 - per_email * 60
     assert await support.row_counts(admin, "token") == before
     assert len(otp.sender.sent) == sent
-    # The challenge issued before the refusal still works... until the window moves on.
+    # Meanwhile the newest code mailed still works: the limit never leaves the address without one.
     otp.clock.advance(delay - 1)
     with pytest.raises(grpc.aio.AioRpcError):
         await otp.token.RequestOtp(tpb.RequestOtpRequest(email=email))
+    assert (await otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=newest))).created
     otp.clock.advance(1)
     _, code = await request(otp, email)
-    assert (await otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=code))).created
+    assert not (await otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=code))).created
 
 
 async def test_rate_limit_is_per_email(otp: OtpHarness) -> None:
     email = support.new_email()
-    for _ in range(otp_rules.MAX_REQUESTS_PER_WINDOW):
+    for _ in range(OtpLimits().per_email):
         await request(otp, email)
     with pytest.raises(grpc.aio.AioRpcError):
         await otp.token.RequestOtp(tpb.RequestOtpRequest(email=email))
@@ -195,24 +202,26 @@ async def test_concurrent_verifies_with_the_right_code_exactly_one_succeeds(
     assert await admin.fetchval("SELECT count(*) FROM token.token_ledger WHERE user_id = $1", user_id) == 1
 
 
-async def test_concurrent_requests_leave_one_active_challenge(otp: OtpHarness, admin: asyncpg.Connection) -> None:
+async def test_concurrent_requests_issue_exactly_the_limit_and_every_code_works(
+    otp: OtpHarness, admin: asyncpg.Connection
+) -> None:
     email = support.new_email()
     calls = [otp.token.RequestOtp(tpb.RequestOtpRequest(email=email)) for _ in range(12)]
     results = await asyncio.gather(*calls, return_exceptions=True)
     ok = [r for r in results if isinstance(r, tpb.RequestOtpResponse)]
     refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
-    assert len(ok) == otp_rules.MAX_REQUESTS_PER_WINDOW
+    per_email = OtpLimits().per_email
+    assert len(ok) == per_email
     assert {r.code() for r in refused} == {EXHAUSTED}
     rows = await challenges(admin, email)
     active = [r for r in rows if r["invalidated_at"] is None and r["consumed_at"] is None]
-    assert len(rows) == otp_rules.MAX_REQUESTS_PER_WINDOW and len(active) == 1
-    # Codes are mailed after the email's lock is released, in any order: find the active one's.
-    [code] = [
-        code
-        for to, code in otp.sender.sent
-        if to == email and otp_rules.code_matches(otp.secret, active[0]["id"], code, active[0]["code_hash"])
-    ]
-    assert (await otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=code))).created
+    assert len(rows) == len(active) == per_email
+    # Codes are mailed after the email's lock is released, in any order: each matches one row.
+    mailed = [code for to, code in otp.sender.sent if to == email]
+    assert len(mailed) == per_email
+    for row in active:
+        assert sum(otp_rules.code_matches(otp.secret, row["id"], code, row["code_hash"]) for code in mailed) == 1
+    assert (await otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=mailed[-1]))).created
 
 
 async def test_failed_delivery_writes_nothing_and_keeps_the_previous_code(

@@ -31,6 +31,7 @@ from generation_service import config as generation_config
 from harness import ROOT
 from harness.processes import free_port
 from tests import support
+from tests.certificates import production_security
 from tests.conftest import TEST_PAGE_TOKENS, database_config
 from tests.generation_support import create_job
 from tests.support import GenerationStub, TokenStub
@@ -239,7 +240,7 @@ def test_the_secret_is_required_outside_development(load: Callable[[Mapping[str,
         load({**env, "PAGE_TOKEN_SECRET": "short"})
     with pytest.raises(ConfigError, match="PAGE_TOKEN_SECRET must be at least 32"):
         load({**env, "BLUMPO_ENV": "development", "PAGE_TOKEN_SECRET": "short"})
-    loaded = load({**env, "PAGE_TOKEN_SECRET": SECRET})
+    loaded = load({**env, **production_security(), "PAGE_TOKEN_SECRET": SECRET})
     assert loaded.page_tokens == common_config.PageTokenConfig(SECRET.encode(), generated=False)
     assert SECRET not in repr(loaded)
 

@@ -98,7 +98,7 @@ async def test_refill_stopped_half_way_and_rerun_credits_each_account_once(
     total, eligible = await eligible_accounts(admin)
     period = "2012-03"
 
-    partial = await refill.run(token_store, period, batch_size=4, max_batches=2)
+    partial = await refill.run(token_store, period, "test", batch_size=4, max_batches=2)
     assert not partial.finished and partial.batches == 2
     assert partial.credited + partial.skipped == 8
     credited_so_far = len(await refill_entries(admin, period))
@@ -120,11 +120,11 @@ async def test_refill_cancelled_at_any_point_and_rerun_credits_each_account_once
     _, eligible = await eligible_accounts(admin)
     period = "2012-04"
     for delay in (0.0, 0.005, 0.02):
-        task = asyncio.create_task(refill.run(token_store, period, batch_size=3))
+        task = asyncio.create_task(refill.run(token_store, period, "test", batch_size=3))
         await asyncio.sleep(delay)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    await refill.run(token_store, period, batch_size=7)
+    await refill.run(token_store, period, "test", batch_size=7)
     entries = await refill_entries(admin, period)
     assert len(entries) == eligible
     assert all(len(deltas) == 1 for deltas in entries.values())

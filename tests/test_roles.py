@@ -17,7 +17,7 @@ from tests.support import TokenStub
 
 TOKEN_TABLES = ["plan", "app_user", "token_account", "token_ledger", "auth_otp"]
 GENERATION_TABLES = ["generation_job", "asset_image", "asset_image_variant"]
-APPEND = "SELECT outcome FROM token.append_entries($1::uuid[], $2::bigint[], $3::text[], $4::text[], 1000000)"
+APPEND = "SELECT outcome FROM token.append_entries($1::uuid[], $2::bigint[], $3::text[], $4::text[], 1000000, 'test')"
 
 
 async def login(database_url: str, role: str) -> asyncpg.Connection:
@@ -150,8 +150,8 @@ async def test_the_ledger_function_ignores_the_callers_search_path(
     "call",
     [
         "SELECT * FROM token.append_entries(ARRAY[gen_random_uuid()], ARRAY[5::bigint], ARRAY['PURCHASE'],"
-        " ARRAY['x'], 1000)",
-        "SELECT * FROM token.create_user('someone@example.com', 'free', 1000)",
+        " ARRAY['x'], 1000, 'test')",
+        "SELECT * FROM token.create_user('someone@example.com', 'free', 1000, 'test')",
     ],
 )
 async def test_the_generation_service_cannot_call_the_ledger_functions(database_url: str, call: str) -> None:

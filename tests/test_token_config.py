@@ -10,6 +10,7 @@ import pytest
 
 from blumpo_common.config import ConfigError
 from harness import ROOT
+from tests.certificates import production_security
 from token_service import config
 
 BASE = {"TOKEN_DATABASE_URL": "postgresql://token_service@127.0.0.1:5432/blumpo", "PAGE_TOKEN_SECRET": "p" * 32}
@@ -38,6 +39,7 @@ def test_production_settings() -> None:
         {
             **BASE,
             **SMTP,
+            **production_security(),
             "OTP_SECRET": SECRET,
             "OTP_TTL_SECONDS": "300",
             "OTP_SMTP_PORT": "2525",

@@ -9,6 +9,8 @@ from google.rpc import status_pb2
 
 from blumpo.token.v1 import token_pb2 as pb
 from blumpo.token.v1 import token_pb2_grpc
+from blumpo_common import authz
+from blumpo_common.callers import caller_of, metadata_value
 from blumpo_common.enums import ProtoEnum
 from blumpo_common.errors import ServiceError, to_status
 from blumpo_common.pagination import PageTokens, int64_tiebreak
@@ -36,6 +38,9 @@ DEFAULT_OTP_CLEANUP_HOURS = 24
 MAX_OTP_CLEANUP_HOURS = 24 * 366
 
 REASONS = ProtoEnum(pb.LedgerReason, LedgerReason)
+# The end user's address, as the web tier passes it on (for the login-code limit per client).
+FORWARDED_FOR = "x-forwarded-for"
+MAX_FORWARDED_FOR = 256
 
 
 def check_email(check: Checker, field: str, raw: str) -> str:
@@ -83,6 +88,7 @@ def entry_message(entry: LedgerEntry) -> pb.LedgerEntry:
         reference_id=entry.reference_id,
         balance_after=entry.balance_after,
         occurred_at=to_proto(entry.occurred_at),
+        created_by=entry.created_by,
     )
 
 
@@ -96,7 +102,8 @@ def mismatch_message(mismatch: BalanceMismatch) -> pb.BalanceMismatch:
 
 
 def entry_request(request: pb.AppendLedgerEntryRequest, prefix: str = "") -> EntryRequest:
-    """The requested entry; INVALID_ARGUMENT naming each bad field (under prefix)."""
+    """The requested entry; INVALID_ARGUMENT naming each bad field (under prefix), then
+    CALLER_NOT_ALLOWED when the caller may not write its reason."""
     check = Checker(prefix)
     user_id = check.uuid("user_id", request.user_id)
     if request.delta == 0 or abs(request.delta) > ledger.MAX_DELTA:
@@ -108,6 +115,8 @@ def entry_request(request: pb.AppendLedgerEntryRequest, prefix: str = "") -> Ent
         check.add("reference_id", "must not be blank or start or end with whitespace")
     check.done()
     assert reason is not None  # else check.done() raised
+    # Well-formed, so it is for the policy now: may this caller write this reason?
+    authz.check_reason(reason)
     return EntryRequest(user_id, request.delta, reason, request.reference_id)
 
 
@@ -130,7 +139,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         plan = check_plan(check, "plan", request.plan or DEFAULT_PLAN)
         check.done()
         try:
-            user = await self.store.create_user(email, plan, ledger.MAX_BALANCE)
+            user = await self.store.create_user(email, plan, ledger.MAX_BALANCE, caller_of(context))
         except EmailTaken:
             raise errors.email_taken(email) from None
         except UnknownPlan:
@@ -168,7 +177,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
     async def AppendLedgerEntry(
         self, request: pb.AppendLedgerEntryRequest, context: Context
     ) -> pb.AppendLedgerEntryResponse:
-        [outcome] = await ledger.append(self.store, [entry_request(request)])
+        [outcome] = await ledger.append(self.store, [entry_request(request)], caller_of(context))
         return pb.AppendLedgerEntryResponse(entry=entry_message(raise_error(outcome)), replayed=outcome.replayed)
 
     async def AppendLedgerEntries(
@@ -188,7 +197,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
                 results.append(None)
             except ServiceError as error:
                 results.append(_result(ledger.Outcome(error=error)))
-        outcomes = iter(await ledger.append(self.store, valid))
+        outcomes = iter(await ledger.append(self.store, valid, caller_of(context)))
         return pb.AppendLedgerEntriesResponse(results=[result or _result(next(outcomes)) for result in results])
 
     async def ListLedgerEntries(
@@ -229,6 +238,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
             raise errors.unknown_plan(plan) from None
         if account is None:
             raise errors.account_not_found(user_id)
+        authz.audit("plan changed", user_id=str(user_id), plan=plan)
         return pb.ChangePlanResponse(account=account_message(account))
 
     async def RunMonthlyRefill(
@@ -237,14 +247,16 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         check = Checker()
         period = refill.check_period(check, "period", request.period, datetime.now(UTC).date())
         check.done()
-        result = await refill.run(self.store, period)
+        result = await refill.run(self.store, period, caller_of(context))
+        authz.audit("monthly refill", period=period, credited=result.credited, skipped=result.skipped)
         return pb.RunMonthlyRefillResponse(accounts_credited=result.credited, accounts_skipped=result.skipped)
 
     async def RequestOtp(self, request: pb.RequestOtpRequest, context: Context) -> pb.RequestOtpResponse:
         check = Checker()
         email = check_email(check, "email", request.email)
         check.done()
-        challenge = await self.logins.request(email)
+        client = otp.client_key(caller_of(context), metadata_value(context, FORWARDED_FOR, MAX_FORWARDED_FOR))
+        challenge = await self.logins.request(email, client)
         return pb.RequestOtpResponse(challenge_id=str(challenge.id), expires_at=to_proto(challenge.expires_at))
 
     async def VerifyOtp(self, request: pb.VerifyOtpRequest, context: Context) -> pb.VerifyOtpResponse:
@@ -253,7 +265,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         if not otp.is_well_formed(request.code):
             check.add("code", f"must be the {otp.CODE_DIGITS}-digit code from the email")
         check.done()
-        login = await self.logins.verify(email, request.code)
+        login = await self.logins.verify(email, request.code, caller_of(context))
         return pb.VerifyOtpResponse(user=user_message(login.user), created=login.created)
 
     async def DeleteExpiredOtps(
@@ -263,7 +275,9 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         hours = request.older_than_hours or DEFAULT_OTP_CLEANUP_HOURS
         check.in_range("older_than_hours", hours, 1, MAX_OTP_CLEANUP_HOURS)
         check.done()
-        return pb.DeleteExpiredOtpsResponse(deleted=await self.logins.delete_expired(timedelta(hours=hours)))
+        deleted = await self.logins.delete_expired(timedelta(hours=hours))
+        authz.audit("expired login codes deleted", older_than_hours=hours, deleted=deleted)
+        return pb.DeleteExpiredOtpsResponse(deleted=deleted)
 
 
 def _result(outcome: ledger.Outcome) -> pb.AppendLedgerEntryResult:

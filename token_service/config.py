@@ -17,7 +17,9 @@ from blumpo_common.config import (
     load_database,
     load_page_tokens,
     load_server,
+    secret,
 )
+from blumpo_common.server import Security, load_security
 
 PORT = 50051
 # The login role (migration 20261126100001).
@@ -40,6 +42,17 @@ class SmtpConfig:
 
 
 @dataclass(frozen=True)
+class OtpLimits:
+    """How many login codes may be mailed: per email within one code lifetime (so when it is
+    reached, a code mailed to that address still works), per client per hour, and in all per
+    minute (what the mail relay is trusted with). See docs/security.md."""
+
+    per_email: int = 3
+    per_client_per_hour: int = 20
+    mails_per_minute: int = 120
+
+
+@dataclass(frozen=True)
 class OtpConfig:
     secret: bytes = field(repr=False)
     ttl_seconds: int
@@ -47,6 +60,7 @@ class OtpConfig:
     smtp: SmtpConfig | None
     # True when the fixed development secret stands in for OTP_SECRET (start-up warns).
     development_secret: bool = False
+    limits: OtpLimits = field(default_factory=OtpLimits)
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,7 @@ class Config:
     otp: OtpConfig
     page_tokens: PageTokenConfig
     development: bool
+    security: Security
 
 
 def load_smtp(env: Mapping[str, str], development: bool) -> SmtpConfig | None:
@@ -70,7 +85,7 @@ def load_smtp(env: Mapping[str, str], development: bool) -> SmtpConfig | None:
     sender_address = env.get("OTP_SMTP_FROM", "").strip()
     if "@" not in sender_address:
         raise ConfigError(f"OTP_SMTP_FROM must be the sender's email address, got {sender_address!r}")
-    user, password = env.get("OTP_SMTP_USER", ""), env.get("OTP_SMTP_PASSWORD", "")
+    user, password = env.get("OTP_SMTP_USER", ""), secret(env, "OTP_SMTP_PASSWORD")
     if bool(user) != bool(password):
         raise ConfigError("OTP_SMTP_USER and OTP_SMTP_PASSWORD must be set together")
     return SmtpConfig(
@@ -85,18 +100,26 @@ def load_smtp(env: Mapping[str, str], development: bool) -> SmtpConfig | None:
 
 
 def load_otp(env: Mapping[str, str], development: bool) -> OtpConfig:
-    secret = env.get("OTP_SECRET", "")
-    if not secret:
+    otp_secret = secret(env, "OTP_SECRET")
+    if not otp_secret:
         if not development:
-            raise ConfigError("OTP_SECRET is not set (at least 32 random characters; required outside development)")
-        secret = DEVELOPMENT_OTP_SECRET
-    elif len(secret) < MIN_SECRET_LENGTH:
-        raise ConfigError(f"OTP_SECRET must be at least {MIN_SECRET_LENGTH} characters, got {len(secret)}")
+            raise ConfigError(
+                "OTP_SECRET (or OTP_SECRET_FILE) is not set (at least 32 random characters; required outside "
+                "development)"
+            )
+        otp_secret = DEVELOPMENT_OTP_SECRET
+    elif len(otp_secret) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"OTP_SECRET must be at least {MIN_SECRET_LENGTH} characters, got {len(otp_secret)}")
     return OtpConfig(
-        secret=secret.encode(),
+        secret=otp_secret.encode(),
         ttl_seconds=integer(env, "OTP_TTL_SECONDS", 600, 60, 3600),
         smtp=load_smtp(env, development),
-        development_secret=secret == DEVELOPMENT_OTP_SECRET,
+        development_secret=otp_secret == DEVELOPMENT_OTP_SECRET,
+        limits=OtpLimits(
+            per_email=integer(env, "OTP_MAX_PER_EMAIL", OtpLimits.per_email, 1, 100),
+            per_client_per_hour=integer(env, "OTP_MAX_PER_CLIENT_PER_HOUR", OtpLimits.per_client_per_hour, 1, 100_000),
+            mails_per_minute=integer(env, "OTP_MAX_MAILS_PER_MINUTE", OtpLimits.mails_per_minute, 1, 1_000_000),
+        ),
     )
 
 
@@ -108,4 +131,5 @@ def load(env: Mapping[str, str]) -> Config:
         otp=load_otp(env, development),
         page_tokens=load_page_tokens(env, development),
         development=development,
+        security=load_security(env),
     )

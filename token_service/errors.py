@@ -108,11 +108,35 @@ def otp_attempts_exhausted(max_attempts: int) -> ServiceError:
 
 
 def otp_rate_limited(retry_after_seconds: int, limit: int, window: timedelta) -> ServiceError:
+    """The email's limit: the codes mailed to it in the window (one code lifetime) still work."""
+    seconds = int(window.total_seconds())
     return ServiceError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "OTP_RATE_LIMITED",
-        f"at most {limit} codes per email per hour; retry in {retry_after_seconds} seconds",
-        {"limit": str(limit), "window_seconds": str(int(window.total_seconds()))},
+        f"at most {limit} codes per email per {seconds} seconds; a code already mailed still works, "
+        f"or retry in {retry_after_seconds} seconds",
+        {"limit": str(limit), "window_seconds": str(seconds)},
+        retry_delay_seconds=retry_after_seconds,
+    )
+
+
+def otp_client_rate_limited(retry_after_seconds: int, limit: int, window: timedelta) -> ServiceError:
+    seconds = int(window.total_seconds())
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "OTP_CLIENT_RATE_LIMITED",
+        f"at most {limit} codes per client per {seconds} seconds; retry in {retry_after_seconds} seconds",
+        {"limit": str(limit), "window_seconds": str(seconds)},
+        retry_delay_seconds=retry_after_seconds,
+    )
+
+
+def otp_mail_ceiling(retry_after_seconds: int, limit: int) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "OTP_MAIL_CEILING",
+        f"at most {limit} login codes are mailed per minute in all; retry in {retry_after_seconds} seconds",
+        {"limit": str(limit), "window_seconds": "60"},
         retry_delay_seconds=retry_after_seconds,
     )
 

@@ -1,7 +1,7 @@
 """The ledger's limits, and what each requested entry came to: an entry or an error.
 
 The rules themselves run in the database, in the function token.append_entries
-(migration 20261125000003), so that one call applies a whole batch in one round trip
+(migration 20261127100001), so that one call applies a whole batch in one round trip
 with the accounts locked. Here each result it reports becomes an entry or an error.
 """
 
@@ -57,12 +57,16 @@ def outcome_of(result: AppendResult) -> Outcome:
     raise AssertionError(f"token.append_entries answered {result}")
 
 
-async def append(store: Store, requests: Sequence[EntryRequest], *, conn: Connection | None = None) -> list[Outcome]:
+async def append(
+    store: Store, requests: Sequence[EntryRequest], created_by: str, *, conn: Connection | None = None
+) -> list[Outcome]:
     """Applies the requests in order, in one statement: in its own transaction, or in the
-    caller's on conn. One outcome per request, in order."""
+    caller's on conn; created_by: the caller that writes them (the audit trail). One outcome
+    per request, in order."""
     if not requests:
         return []
-    outcomes = [outcome_of(result) for result in await store.append_entries(requests, MAX_BALANCE, conn=conn)]
+    results = await store.append_entries(requests, MAX_BALANCE, created_by, conn=conn)
+    outcomes = [outcome_of(result) for result in results]
     for outcome in outcomes:
         if outcome.entry is not None and not outcome.replayed:
             _ENTRIES_BY_REASON[outcome.entry.reason].inc()

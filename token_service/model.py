@@ -93,6 +93,8 @@ class LedgerEntry:
     reference_id: str
     balance_after: int
     occurred_at: datetime
+    # The caller that wrote it ("unknown" before callers were recorded).
+    created_by: str
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> LedgerEntry:

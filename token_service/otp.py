@@ -2,11 +2,15 @@
 
 A code is 6 digits from `secrets`. Only HMAC-SHA256(server secret, challenge id, code)
 is stored, so a copy of the database does not reveal live codes, and the same code
-in two challenges hashes differently. Per email: one active challenge (a new request
-supersedes it), at most MAX_REQUESTS_PER_WINDOW requests per hour, MAX_ATTEMPTS
-wrong codes before the challenge dies. Every step for one email runs under that
-email's advisory lock, so concurrent calls for it are applied one at a time. The lock, and
-every transaction here, ends before the code is mailed: no network call waits inside one.
+in two challenges hashes differently. Every code mailed works until it expires, is used or
+its attempts run out: a new request never takes away a code already mailed, so someone
+asking for codes for another person's email cannot lock that person out (docs/security.md).
+A login ends the email's other codes. A wrong code counts against every live code of the
+email; MAX_ATTEMPTS of them kill a code. Limits (OtpLimits): codes per email per code
+lifetime, codes per client (the calling service and the end user's address) per hour, and
+mail per minute in all. Every step for one email runs under that email's advisory lock, and
+issuing codes under one more lock, so the counts hold under concurrent calls. The locks,
+and every transaction here, end before the code is mailed: no network call waits inside one.
 """
 
 from __future__ import annotations
@@ -24,14 +28,16 @@ from typing import Protocol
 
 from blumpo_common.db import Connection
 from token_service import errors, ledger
+from token_service.config import OtpLimits
 from token_service.model import EmailTaken, OtpChallenge, UnknownPlan, User
 from token_service.otp_sender import DeliveryError, OtpSender
 from token_service.store import Store
 
 CODE_DIGITS = 6
 MAX_ATTEMPTS = 5
-MAX_REQUESTS_PER_WINDOW = 5
-RATE_WINDOW = timedelta(hours=1)
+CLIENT_WINDOW = timedelta(hours=1)
+MAIL_WINDOW = timedelta(minutes=1)
+MAX_CLIENT = 256
 SIGNUP_PLAN = "free"
 _HASH_CONTEXT = b"blumpo-otp-v1\0"
 
@@ -81,6 +87,20 @@ def judge(challenge: OtpChallenge | None, now: datetime, code_ok: bool) -> Verdi
     return Verdict.ACCEPTED if code_ok else Verdict.INVALID
 
 
+def client_key(caller: str, forwarded_for: str) -> str:
+    """The client a request counts against: the calling service and the end user's address it
+    passed on (the first of x-forwarded-for); "" (no limit per client) without an address, as
+    for a service asking on its own behalf."""
+    address = forwarded_for.split(",")[0].strip()[:64]
+    return f"{caller}|{address}"[:MAX_CLIENT] if address else ""
+
+
+def retry_after(oldest: datetime | None, window: timedelta, now: datetime) -> int:
+    """Seconds until the oldest request of a full window leaves it (at least 1)."""
+    assert oldest is not None
+    return max(1, math.ceil((oldest + window - now).total_seconds()))
+
+
 @dataclass(frozen=True)
 class Challenge:
     """A challenge just issued, as the caller learns of it (the stored one: model.OtpChallenge)."""
@@ -98,21 +118,30 @@ class Login:
 class OtpLogins:
     """The OTP flows, over the store, a sender and a clock."""
 
-    def __init__(self, store: Store, sender: OtpSender, clock: Clock, secret: bytes, ttl_seconds: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        sender: OtpSender,
+        clock: Clock,
+        secret: bytes,
+        ttl_seconds: int,
+        limits: OtpLimits | None = None,
+    ) -> None:
         self.store = store
         self.sender = sender
         self.clock = clock
         self.secret = secret
         self.ttl = timedelta(seconds=ttl_seconds)
+        self.limits = limits or OtpLimits()
 
-    async def request(self, email: str) -> Challenge:
-        """Starts a challenge for the email, superseding its active one, then sends the code.
+    async def request(self, email: str, client: str = "") -> Challenge:
+        """Starts a challenge for the email (earlier codes keep working), then sends the code.
 
         The challenge is committed before the code goes out, so no transaction (and no pooled
         connection) waits on the mail server; a code that cannot be sent is withdrawn."""
         now = self.clock.now()
         code = generate_code()
-        challenge = await self._issue(email, code, now)
+        challenge = await self._issue(email, code, now, client)
         try:
             await self.sender.send(email, code, challenge.expires_at)
         except DeliveryError as exc:
@@ -122,71 +151,79 @@ class OtpLogins:
         # A cancelled call (the caller gave up) withdraws nothing: the mail may still go out.
         return challenge
 
-    async def _issue(self, email: str, code: str, now: datetime) -> Challenge:
-        """The new challenge, committed, superseding the active one."""
+    async def _issue(self, email: str, code: str, now: datetime, client: str) -> Challenge:
+        """The new challenge, committed, once every limit allows it."""
+        limits = self.limits
         async with self.store.transaction() as conn:
+            await self.store.lock_otp_requests(conn=conn)
             await self.store.lock_email(email, conn=conn)
-            recent = await self.store.otp_requests_since(email, now - RATE_WINDOW, conn=conn)
-            if recent.count >= MAX_REQUESTS_PER_WINDOW:
-                assert recent.oldest is not None
-                wait = (recent.oldest + RATE_WINDOW - now).total_seconds()
-                raise errors.otp_rate_limited(max(1, math.ceil(wait)), MAX_REQUESTS_PER_WINDOW, RATE_WINDOW)
+            # The email's window is one code lifetime: when it is full, the newest code mailed
+            # to the address is still live, so its owner is never left without one.
+            recent = await self.store.otp_requests_since(email, now - self.ttl, conn=conn)
+            if recent.count >= limits.per_email:
+                wait = retry_after(recent.oldest, self.ttl, now)
+                raise errors.otp_rate_limited(wait, limits.per_email, self.ttl)
+            if client:
+                asked = await self.store.otp_client_requests_since(client, now - CLIENT_WINDOW, conn=conn)
+                if asked.count >= limits.per_client_per_hour:
+                    wait = retry_after(asked.oldest, CLIENT_WINDOW, now)
+                    raise errors.otp_client_rate_limited(wait, limits.per_client_per_hour, CLIENT_WINDOW)
+            mailed = await self.store.otp_mails_since(now - MAIL_WINDOW, conn=conn)
+            if mailed.count >= limits.mails_per_minute:
+                wait = retry_after(mailed.oldest, MAIL_WINDOW, now)
+                raise errors.otp_mail_ceiling(wait, limits.mails_per_minute)
             challenge = Challenge(uuid.uuid4(), now + self.ttl)
-            await self.store.supersede_otps(email, now, conn=conn)
             await self.store.insert_otp(
                 challenge_id=challenge.id,
                 email=email,
                 code_hash=hash_code(self.secret, challenge.id, code),
                 created_at=now,
                 expires_at=challenge.expires_at,
+                client=client or None,
                 conn=conn,
             )
         return challenge
 
     async def _withdraw(self, email: str, challenge: Challenge) -> None:
-        """Deletes a challenge whose code was not sent (so it does not count against the rate
-        limit) and, if it was the active one, makes the email's newest remaining challenge
-        active again when it was only superseded: the code mailed before works again."""
+        """Deletes a challenge whose code was not sent, so it counts against no limit; the
+        codes mailed before it were never touched and still work."""
         try:
             async with self.store.transaction() as conn:
                 await self.store.lock_email(email, conn=conn)
-                if await self.store.withdraw_otp(challenge.id, conn=conn):
-                    await self.store.reinstate_newest_otp(email, MAX_ATTEMPTS, conn=conn)
+                await self.store.withdraw_otp(challenge.id, conn=conn)
         except Exception:
             # The caller learns of the failed delivery either way; an unsent challenge left
-            # active only means the previous code stopped working, as a lost mail would.
+            # behind only counts against the limits, and its code was never mailed.
             log.exception("could not withdraw an unsent login challenge", extra={"email": email})
 
-    async def verify(self, email: str, code: str) -> Login:
-        """Checks the code against the email's active challenge; logs in (or signs up) on success."""
+    async def verify(self, email: str, code: str, caller: str) -> Login:
+        """Checks the code against the email's live challenges; logs in (or signs up, the signup
+        grant written by caller) on success, ending the email's other codes."""
         now = self.clock.now()
         async with self.store.transaction() as conn:
             await self.store.lock_email(email, conn=conn)
-            challenge = await self.store.newest_otp_for_update(email, conn=conn)
-            code_ok = challenge is not None and code_matches(self.secret, challenge.id, code, challenge.code_hash)
-            verdict = judge(challenge, now, code_ok)
-            if verdict is Verdict.ACCEPTED:
-                assert challenge is not None
+            live = await self.store.live_otps_for_update(email, now, conn=conn)
+            matched = next((c for c in live if code_matches(self.secret, c.id, code, c.code_hash)), None)
+            if matched is not None:
                 user = await self.store.user_by_email(email, conn=conn)
                 created = user is None
                 if user is None:
-                    user = await self._sign_up(email, conn=conn)
-                await self.store.consume_otp(challenge.id, user.id, now, conn=conn)
+                    user = await self._sign_up(email, caller, conn=conn)
+                await self.store.consume_otp(matched.id, user.id, now, conn=conn)
+                await self.store.end_other_otps(email, matched.id, now, conn=conn)
                 return Login(user, created)
-            live = challenge is not None and judge(challenge, now, code_ok=True) is Verdict.ACCEPTED
             if live:
-                assert challenge is not None
-                # A wrong code for a live challenge counts; the last allowed miss kills it.
-                dead = challenge.attempts + 1 >= MAX_ATTEMPTS
-                await self.store.record_otp_attempt(challenge.id, now if dead else None, conn=conn)
-                if dead:
-                    verdict = Verdict.EXHAUSTED
+                # A wrong code counts against every live code; the last allowed miss kills one.
+                left = await self.store.record_otp_attempts([c.id for c in live], MAX_ATTEMPTS, now, conn=conn)
+                verdict = Verdict.EXHAUSTED if left == 0 else Verdict.INVALID
+            else:
+                verdict = judge(await self.store.newest_otp_for_update(email, conn=conn), now, code_ok=False)
         # Out of the transaction block, so the counted attempt is committed first.
         raise errors.otp_attempts_exhausted(MAX_ATTEMPTS) if verdict is Verdict.EXHAUSTED else errors.otp_invalid()
 
-    async def _sign_up(self, email: str, *, conn: Connection) -> User:
+    async def _sign_up(self, email: str, caller: str, *, conn: Connection) -> User:
         try:
-            user = await self.store.create_user(email, SIGNUP_PLAN, ledger.MAX_BALANCE, conn=conn)
+            user = await self.store.create_user(email, SIGNUP_PLAN, ledger.MAX_BALANCE, caller, conn=conn)
         except EmailTaken:
             # A CreateUser for this email committed since the lookup: the code is still
             # unused (this transaction rolls back), so the client can simply retry.

@@ -4,7 +4,7 @@
 -- The user, their account and the plan's signup grant, in one call to the function
 -- (migration 20261126100001): the grant is written by token.append_entries, the only
 -- writer of the ledger and the balances. No row when the plan does not exist.
-SELECT id, email, created_at, user_id, balance, plan_code, updated_at FROM create_user($1, $2, $3);
+SELECT id, email, created_at, user_id, balance, plan_code, updated_at FROM create_user($1, $2, $3, $4);
 
 -- name: user_by_id
 SELECT u.id, u.email, u.created_at, a.user_id, a.balance, a.plan_code, a.updated_at
@@ -20,14 +20,16 @@ WHERE u.email = $1;
 SELECT user_id, balance, plan_code, updated_at FROM token_account WHERE user_id = $1;
 
 -- name: append_entries
--- The ledger's rules live in the function (migration 20261125000003): entries applied in
--- order, each judged alone, the accounts locked FOR UPDATE, in one round trip.
-SELECT outcome, entry_id, user_id, delta, reason, reference_id, balance_after, occurred_at, balance
-FROM append_entries(:user_ids::uuid[], :deltas::bigint[], :reasons::text[], :reference_ids::text[], :max_balance::bigint);
+-- The ledger's rules live in the function (migration 20261127100001): entries applied in
+-- order, each judged alone, the accounts locked FOR UPDATE, in one round trip; each entry
+-- written names its writer (created_by).
+SELECT outcome, entry_id, user_id, delta, reason, reference_id, balance_after, occurred_at, balance, created_by
+FROM append_entries(:user_ids::uuid[], :deltas::bigint[], :reasons::text[], :reference_ids::text[], :max_balance::bigint,
+  :created_by::text);
 
 -- name: list_entries
 -- Newest first, after the keyset ($2, $3); the first page passes ('infinity', max bigint).
-SELECT id AS entry_id, user_id, delta, reason, reference_id, balance_after, occurred_at, seq
+SELECT id AS entry_id, user_id, delta, reason, reference_id, balance_after, occurred_at, created_by, seq
 FROM token_ledger
 WHERE user_id = $1 AND (occurred_at, seq) < ($2::timestamptz, $3::bigint)
 ORDER BY occurred_at DESC, seq DESC
@@ -75,47 +77,70 @@ FROM (SELECT) AS one LEFT JOIN updated u ON true;
 -- The first key namespaces the lock (hashtext('auth_otp')) away from other advisory locks.
 SELECT pg_advisory_xact_lock(hashtext('auth_otp'), hashtext($1));
 
+-- name: lock_otp_requests
+-- Serializes the issuing of codes (not their verification), so the limits per client and on
+-- mail per minute are counted exactly under concurrent requests; held for one short transaction.
+SELECT pg_advisory_xact_lock(hashtext('auth_otp_requests'));
+
 -- name: otp_requests_since
--- The rate-limit window: how many challenges the email asked for since $2, and the oldest.
+-- A rate-limit window: how many challenges the email asked for since $2, and the oldest.
 SELECT count(*) AS requests, min(created_at) AS oldest
 FROM auth_otp
 WHERE email = $1 AND created_at > $2;
 
--- name: supersede_otps
--- A new request kills the active challenge (at most one: idx_auth_otp_email_active).
-UPDATE auth_otp SET invalidated_at = $2
-WHERE email = $1 AND consumed_at IS NULL AND invalidated_at IS NULL;
+-- name: otp_client_requests_since
+-- The same for one client (the calling service and the end user's address).
+SELECT count(*) AS requests, min(created_at) AS oldest
+FROM auth_otp
+WHERE client = $1 AND created_at > $2;
+
+-- name: otp_mails_since
+-- The same for every email: the codes mailed since $1.
+SELECT count(*) AS requests, min(created_at) AS oldest
+FROM auth_otp
+WHERE created_at > $1;
 
 -- name: insert_otp
-INSERT INTO auth_otp (id, email, code_hash, created_at, expires_at)
-VALUES (:id, :email, :code_hash, :created_at, :expires_at);
+INSERT INTO auth_otp (id, email, code_hash, created_at, expires_at, client)
+VALUES (:id, :email, :code_hash, :created_at, :expires_at, :client);
 
 -- name: withdraw_otp
--- A challenge whose code could not be sent; whether it was still the active one.
+-- A challenge whose code could not be sent: as if never asked for.
 DELETE FROM auth_otp
-WHERE id = $1 AND consumed_at IS NULL
-RETURNING invalidated_at IS NULL AS was_active;
+WHERE id = $1 AND consumed_at IS NULL;
 
--- name: reinstate_newest_otp
--- The email's newest challenge is active again if it was only superseded: not used, and
--- fewer than $2 (the most allowed) wrong codes. An older one stays dead.
-UPDATE auth_otp SET invalidated_at = NULL
-WHERE id = (SELECT id FROM auth_otp WHERE email = $1 ORDER BY created_at DESC, id DESC LIMIT 1)
-  AND consumed_at IS NULL AND invalidated_at IS NOT NULL AND attempts < $2;
+-- name: live_otps_for_update
+-- Every challenge of the email whose code still works at $2, newest first.
+SELECT id, code_hash, expires_at, attempts, consumed_at, invalidated_at
+FROM auth_otp
+WHERE email = $1 AND consumed_at IS NULL AND invalidated_at IS NULL AND expires_at > $2
+ORDER BY created_at DESC, id DESC
+FOR UPDATE;
+
+-- name: record_otp_attempts
+-- A wrong code counts against every live challenge ($1) of the email; those reaching $2
+-- attempts die at $3. How many still live.
+WITH counted AS (
+  UPDATE auth_otp
+  SET attempts = attempts + 1, invalidated_at = CASE WHEN attempts + 1 >= $2 THEN $3 ELSE invalidated_at END
+  WHERE id = ANY ($1::uuid[])
+  RETURNING invalidated_at
+)
+SELECT count(*) FILTER (WHERE invalidated_at IS NULL) FROM counted;
+
+-- name: end_other_otps
+-- A login ends the email's other live codes.
+UPDATE auth_otp SET invalidated_at = $3
+WHERE email = $1 AND id <> $2 AND consumed_at IS NULL AND invalidated_at IS NULL;
 
 -- name: newest_otp_for_update
--- The active challenge if there is one, else the newest other (to tell exhausted apart).
+-- The newest challenge of the email (to tell exhausted apart when none is live).
 SELECT id, code_hash, expires_at, attempts, consumed_at, invalidated_at
 FROM auth_otp
 WHERE email = $1
 ORDER BY (consumed_at IS NULL AND invalidated_at IS NULL) DESC, created_at DESC
 LIMIT 1
 FOR UPDATE;
-
--- name: record_otp_attempt
--- A wrong code; $2 (not null) also kills the challenge.
-UPDATE auth_otp SET attempts = attempts + 1, invalidated_at = coalesce($2::timestamptz, invalidated_at)
-WHERE id = $1;
 
 -- name: consume_otp
 UPDATE auth_otp SET consumed_at = $3, user_id = $2

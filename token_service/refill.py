@@ -57,8 +57,11 @@ class RefillResult:
     finished: bool = False
 
 
-async def run(store: Store, period: str, batch_size: int = BATCH_SIZE, max_batches: int | None = None) -> RefillResult:
-    """Credits the period's allowance to every account not yet credited for it."""
+async def run(
+    store: Store, period: str, created_by: str, batch_size: int = BATCH_SIZE, max_batches: int | None = None
+) -> RefillResult:
+    """Credits the period's allowance to every account not yet credited for it; the entries name
+    created_by (the caller of RunMonthlyRefill) as their writer."""
     result = RefillResult()
     after = _FIRST
     ref = reference(period)
@@ -72,7 +75,7 @@ async def run(store: Store, period: str, batch_size: int = BATCH_SIZE, max_batch
                 for account in accounts
                 if account.monthly_allowance > 0
             ]
-            outcomes = await ledger.append(store, requests, conn=conn)
+            outcomes = await ledger.append(store, requests, created_by, conn=conn)
         result.finished = len(accounts) < batch_size
         if not accounts:
             break

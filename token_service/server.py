@@ -56,9 +56,16 @@ async def run(config: token_config.Config) -> None:
     pool = await db.create_pool(config.database)
     store = Store(pool, config.database.timeout_ms / 1000)
     logins = otp.OtpLogins(
-        store, otp_sender.from_config(config.otp), otp.SystemClock(), config.otp.secret, config.otp.ttl_seconds
+        store,
+        otp_sender.from_config(config.otp),
+        otp.SystemClock(),
+        config.otp.secret,
+        config.otp.ttl_seconds,
+        config.otp.limits,
     )
-    await server.serve(service(store, logins, PageTokens(config.page_tokens.secret)), pool, config.server)
+    await server.serve(
+        service(store, logins, PageTokens(config.page_tokens.secret)), pool, config.server, config.security
+    )
 
 
 def main() -> None:

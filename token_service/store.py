@@ -39,11 +39,13 @@ _MAX_SEQ = 2**63 - 1
 class Store(db.BaseStore):
     queries = Q
 
-    async def create_user(self, email: str, plan: str, max_balance: int, *, conn: db.Connection | None = None) -> User:
-        """Creates the user, account and signup grant (credited up to max_balance, as any credit);
-        EmailTaken or UnknownPlan when refused."""
+    async def create_user(
+        self, email: str, plan: str, max_balance: int, created_by: str, *, conn: db.Connection | None = None
+    ) -> User:
+        """Creates the user, account and signup grant (credited up to max_balance, as any credit, and
+        written by created_by); EmailTaken or UnknownPlan when refused."""
         try:
-            row = await self.fetchrow("create_user", email, plan, max_balance, conn=conn)
+            row = await self.fetchrow("create_user", email, plan, max_balance, created_by, conn=conn)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "app_user_email_key":
                 raise EmailTaken(email) from None
@@ -78,9 +80,15 @@ class Store(db.BaseStore):
     # The ledger.
 
     async def append_entries(
-        self, requests: Sequence[EntryRequest], max_balance: int, *, conn: db.Connection | None = None
+        self,
+        requests: Sequence[EntryRequest],
+        max_balance: int,
+        created_by: str,
+        *,
+        conn: db.Connection | None = None,
     ) -> list[AppendResult]:
-        """Applies the requests in order, in one statement; one result per request, in order."""
+        """Applies the requests in order, in one statement, each entry written naming created_by;
+        one result per request, in order."""
         rows = await self.fetch(
             "append_entries",
             user_ids=[r.user_id for r in requests],
@@ -88,6 +96,7 @@ class Store(db.BaseStore):
             reasons=[r.reason for r in requests],
             reference_ids=[r.reference_id for r in requests],
             max_balance=max_balance,
+            created_by=created_by,
             conn=conn,
         )
         assert len(rows) == len(requests), "token.append_entries answers once per entry"
@@ -119,6 +128,10 @@ class Store(db.BaseStore):
         """Held until conn's transaction ends."""
         await self.execute("lock_email", email, conn=conn)
 
+    async def lock_otp_requests(self, *, conn: db.Connection) -> None:
+        """Serializes issuing codes until conn's transaction ends (see queries.sql)."""
+        await self.execute("lock_otp_requests", conn=conn)
+
     async def otp_requests_since(
         self, email: str, since: datetime, *, conn: db.Connection | None = None
     ) -> OtpRequests:
@@ -126,16 +139,21 @@ class Store(db.BaseStore):
         assert row is not None
         return OtpRequests.from_row(row)
 
-    async def supersede_otps(self, email: str, now: datetime, *, conn: db.Connection | None = None) -> None:
-        await self.execute("supersede_otps", email, now, conn=conn)
+    async def otp_client_requests_since(
+        self, client: str, since: datetime, *, conn: db.Connection | None = None
+    ) -> OtpRequests:
+        row = await self.fetchrow("otp_client_requests_since", client, since, conn=conn)
+        assert row is not None
+        return OtpRequests.from_row(row)
 
-    async def withdraw_otp(self, challenge_id: uuid.UUID, *, conn: db.Connection | None = None) -> bool:
-        """Deletes an unused challenge; whether it was its email's active one."""
-        was_active: bool | None = await self.fetchval("withdraw_otp", challenge_id, conn=conn)
-        return bool(was_active)
+    async def otp_mails_since(self, since: datetime, *, conn: db.Connection | None = None) -> OtpRequests:
+        row = await self.fetchrow("otp_mails_since", since, conn=conn)
+        assert row is not None
+        return OtpRequests.from_row(row)
 
-    async def reinstate_newest_otp(self, email: str, max_attempts: int, *, conn: db.Connection | None = None) -> None:
-        await self.execute("reinstate_newest_otp", email, max_attempts, conn=conn)
+    async def withdraw_otp(self, challenge_id: uuid.UUID, *, conn: db.Connection | None = None) -> None:
+        """Deletes an unused challenge (its code was not sent)."""
+        await self.execute("withdraw_otp", challenge_id, conn=conn)
 
     async def insert_otp(
         self,
@@ -145,6 +163,7 @@ class Store(db.BaseStore):
         code_hash: bytes,
         created_at: datetime,
         expires_at: datetime,
+        client: str | None,
         conn: db.Connection | None = None,
     ) -> None:
         await self.execute(
@@ -154,18 +173,32 @@ class Store(db.BaseStore):
             code_hash=code_hash,
             created_at=created_at,
             expires_at=expires_at,
+            client=client,
             conn=conn,
         )
+
+    async def live_otps_for_update(self, email: str, now: datetime, *, conn: db.Connection) -> list[OtpChallenge]:
+        """The email's challenges whose codes still work, newest first; locked until conn's
+        transaction ends."""
+        rows = await self.fetch("live_otps_for_update", email, now, conn=conn)
+        return [OtpChallenge.from_row(row) for row in rows]
 
     async def newest_otp_for_update(self, email: str, *, conn: db.Connection) -> OtpChallenge | None:
         """Locked until conn's transaction ends."""
         row = await self.fetchrow("newest_otp_for_update", email, conn=conn)
         return None if row is None else OtpChallenge.from_row(row)
 
-    async def record_otp_attempt(
-        self, challenge_id: uuid.UUID, invalidate_at: datetime | None, *, conn: db.Connection | None = None
+    async def record_otp_attempts(
+        self, challenge_ids: Sequence[uuid.UUID], max_attempts: int, now: datetime, *, conn: db.Connection | None = None
+    ) -> int:
+        """One wrong code against each challenge; those reaching max_attempts die. How many live on."""
+        live: int = await self.fetchval("record_otp_attempts", list(challenge_ids), max_attempts, now, conn=conn)
+        return live
+
+    async def end_other_otps(
+        self, email: str, kept: uuid.UUID, now: datetime, *, conn: db.Connection | None = None
     ) -> None:
-        await self.execute("record_otp_attempt", challenge_id, invalidate_at, conn=conn)
+        await self.execute("end_other_otps", email, kept, now, conn=conn)
 
     async def consume_otp(
         self, challenge_id: uuid.UUID, user_id: uuid.UUID, now: datetime, *, conn: db.Connection | None = None

@@ -1,0 +1,157 @@
+"""Login-code abuse limits: per email, per client (the calling service and the end user's
+address it passes on), and on mail per minute in all; none of them can leave a person
+without a working code for longer than a code's lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import asyncpg
+import grpc
+import pytest
+
+from blumpo.token.v1 import token_pb2 as tpb
+from blumpo.token.v1 import token_pb2_grpc
+from blumpo_common import server
+from blumpo_common.db import create_pool
+from tests import support
+from tests.conftest import OTP_TEST_SECRET, database_config
+from tests.support import TokenStub
+from token_service.config import OtpLimits
+from token_service.otp import OtpLogins
+from token_service.server import service as token_service
+from token_service.store import Store
+
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+TTL_SECONDS = 600
+Serve = Callable[[OtpLimits], AbstractAsyncContextManager["Limited"]]
+# Each test's clock starts a day after the previous one's, so no test counts another's codes.
+DAYS = itertools.count(1)
+
+
+class Limited:
+    """A token server with these OTP limits, a fake clock and a capturing mailbox."""
+
+    def __init__(self, token: TokenStub, clock: support.FakeClock, sender: support.CapturingSender) -> None:
+        self.token, self.clock, self.sender = token, clock, sender
+
+    def request(self, email: str, address: str = "", caller: str = "web") -> grpc.aio.UnaryUnaryCall:  # type: ignore[type-arg]
+        metadata = [("x-blumpo-caller", caller)] + ([("x-forwarded-for", address)] if address else [])
+        return self.token.RequestOtp(tpb.RequestOtpRequest(email=email), metadata=metadata)
+
+    async def logs_in(self, email: str, code: str) -> bool:
+        try:
+            await self.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=code))
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+
+@pytest.fixture(scope="module")
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    made = await create_pool(database_config(database_url, "token_service"))
+    yield made
+    await made.close()
+
+
+@pytest.fixture
+def limited(pool: asyncpg.Pool) -> Serve:
+    @asynccontextmanager
+    async def serve(limits: OtpLimits) -> AsyncIterator[Limited]:
+        clock, sender = support.FakeClock(), support.CapturingSender()
+        clock.advance(86_400 * next(DAYS))
+        store = Store(pool, 30.0)
+        logins = OtpLogins(store, sender, clock, OTP_TEST_SECRET, TTL_SECONDS, limits)
+        running = await server.start(token_service(store, logins), pool, "127.0.0.1:0")
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                yield Limited(token_pb2_grpc.TokenServiceStub(channel), clock, sender)
+        finally:
+            await running.stop(1)
+
+    return serve
+
+
+async def test_a_client_is_limited_across_emails_and_other_clients_are_not(
+    limited: Serve, admin: asyncpg.Connection
+) -> None:
+    async with limited(OtpLimits(per_email=3, per_client_per_hour=3, mails_per_minute=100)) as otp:
+        for _ in range(3):
+            await otp.request(support.new_email(), "203.0.113.5")
+            otp.clock.advance(60)
+        before = await admin.fetchval("SELECT count(*) FROM token.auth_otp")
+        error = await support.expect_error(
+            otp.request(support.new_email(), "203.0.113.5, 10.0.0.1"), EXHAUSTED, "OTP_CLIENT_RATE_LIMITED"
+        )
+        # The first of the three leaves the hour in 3600 - 180 seconds.
+        assert support.retry_delay_seconds(error) == 3600 - 180
+        assert support.error_info(error).metadata["limit"] == "3"
+        assert await admin.fetchval("SELECT count(*) FROM token.auth_otp") == before
+        # Another address through the same service, and the same address through another
+        # service, are other clients.
+        await otp.request(support.new_email(), "198.51.100.7")
+        await otp.request(support.new_email(), "203.0.113.5", caller="partner")
+        otp.clock.advance(3600 - 180)
+        await otp.request(support.new_email(), "203.0.113.5")
+
+
+async def test_someone_asking_for_a_persons_codes_never_takes_their_login_away(
+    limited: Serve,
+) -> None:
+    async with limited(OtpLimits(per_email=3, per_client_per_hour=100, mails_per_minute=100)) as otp:
+        victim = support.new_email()
+        await otp.request(victim, "192.0.2.10")
+        held = otp.sender.last_code(victim)
+        # An attacker asks for the victim's codes until the email's limit refuses.
+        otp.clock.advance(30)
+        for _ in range(2):
+            await otp.request(victim, "203.0.113.66")
+        await support.expect_error(otp.request(victim, "203.0.113.66"), EXHAUSTED, "OTP_RATE_LIMITED")
+        # The victim's own request is refused too, for less than a code's lifetime...
+        refused = await support.expect_error(otp.request(victim, "192.0.2.10"), EXHAUSTED, "OTP_RATE_LIMITED")
+        assert 0 < support.retry_delay_seconds(refused) <= TTL_SECONDS
+        # ...while every code in the victim's mailbox still works: the one they held first.
+        assert await otp.logs_in(victim, held)
+
+
+async def test_a_person_refused_by_the_email_limit_holds_a_live_code(
+    limited: Serve,
+) -> None:
+    """Whatever the timing: when the limit refuses, the newest code mailed is still live."""
+    async with limited(OtpLimits(per_email=2, per_client_per_hour=100, mails_per_minute=100)) as otp:
+        victim = support.new_email()
+        await otp.request(victim, "203.0.113.66")
+        otp.clock.advance(TTL_SECONDS - 1)
+        await otp.request(victim, "203.0.113.66")
+        refused = await support.expect_error(otp.request(victim, "192.0.2.10"), EXHAUSTED, "OTP_RATE_LIMITED")
+        assert support.retry_delay_seconds(refused) == 1
+        assert await otp.logs_in(victim, otp.sender.last_code(victim))
+
+
+async def test_mail_per_minute_has_a_ceiling(limited: Serve) -> None:
+    async with limited(OtpLimits(per_email=3, per_client_per_hour=100, mails_per_minute=5)) as otp:
+        for index in range(5):
+            await otp.request(support.new_email(), f"198.51.100.{index}")
+            otp.clock.advance(5)
+        error = await support.expect_error(
+            otp.request(support.new_email(), "198.51.100.9"), EXHAUSTED, "OTP_MAIL_CEILING"
+        )
+        assert support.retry_delay_seconds(error) == 60 - 25
+        assert len(otp.sender.sent) == 5
+        otp.clock.advance(35)
+        await otp.request(support.new_email(), "198.51.100.9")
+
+
+async def test_the_ceiling_holds_under_concurrent_requests(limited: Serve, admin: asyncpg.Connection) -> None:
+    async with limited(OtpLimits(per_email=3, per_client_per_hour=100, mails_per_minute=10)) as otp:
+        calls = [otp.request(support.new_email(), f"198.51.100.{index}") for index in range(40)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        ok = [r for r in results if isinstance(r, tpb.RequestOtpResponse)]
+        refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        assert len(ok) == 10 and len(otp.sender.sent) == 10
+        assert len(refused) == 30 and {support.error_info(r).reason for r in refused} == {"OTP_MAIL_CEILING"}
+        now = otp.clock.now()
+        assert await admin.fetchval("SELECT count(*) FROM token.auth_otp WHERE created_at = $1", now) == 10
