@@ -13,8 +13,8 @@ DBMATE = $(VENV)/bin/dbmate --migrations-dir db/migrations --schema-file db/sche
 
 .PHONY: help install proto migrate rollback migrate-status schema run stop test test-faults test-pooler lint seed bench clean
 
-help:
-	@echo "make run | stop | test | test-faults | test-pooler | lint | migrate | rollback | migrate-status | schema | seed | bench | proto | clean"
+help: ## this list
+	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,7 +22,7 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-install: $(INSTALLED)
+install: $(INSTALLED) ## the virtualenv with the locked dependencies
 
 # Generated code is not committed: it is made from protos/ by every target that needs it.
 $(GENERATED): $(INSTALLED) $(PROTOS)
@@ -31,48 +31,48 @@ $(GENERATED): $(INSTALLED) $(PROTOS)
 	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTOS)
 	touch $@
 
-proto: $(GENERATED)
+proto: $(GENERATED) ## generate the Python modules and type stubs from protos/
 
-migrate: $(INSTALLED)
+migrate: $(INSTALLED) ## apply the pending migrations (creates the database if missing)
 	DATABASE_URL='$(DB_URL)' $(DBMATE) --no-dump-schema up
 
-rollback: $(INSTALLED)
+rollback: $(INSTALLED) ## undo the last migration
 	DATABASE_URL='$(DB_URL)' $(DBMATE) --no-dump-schema rollback
 
-migrate-status: $(INSTALLED)
+migrate-status: $(INSTALLED) ## list the migrations, applied or not
 	DATABASE_URL='$(DB_URL)' $(DBMATE) status
 
 # Regenerates db/schema.sql (after adding a migration) from a scratch database.
-schema: $(INSTALLED)
+schema: $(INSTALLED) ## rewrite db/schema.sql from a scratch database
 	DATABASE_URL='$(DB_URL)' scripts/dump-schema
 
 # Development mode unless BLUMPO_ENV says otherwise: a fixed OTP secret, a page-token secret made up
 # per process, and login codes in the log.
-run: $(GENERATED)
+run: $(GENERATED) ## migrate and serve both services in the foreground
 	@url='$(DB_URL)'; DATABASE_URL="$$url" $(DBMATE) --no-dump-schema up && \
 	  DATABASE_URL="$$url" $(PY) -m scripts.development_logins && \
 	  BLUMPO_ENV="$${BLUMPO_ENV:-development}" DATABASE_URL="$$url" scripts/run-services
 
-stop:
-	@for f in .data/run/*.pid; do [[ -f $$f ]] && kill -TERM $$(cat $$f) 2>/dev/null; rm -f $$f; done; true
+stop: ## stop what `make run` started: services, private PostgreSQL
+	@for f in $${BLUMPO_RUN_DIR:-.data/run}/*.pid; do [[ -f $$f ]] && kill -TERM $$(cat $$f) 2>/dev/null; rm -f $$f; done; true
 	@if [[ -f .data/postgres/postmaster.pid ]]; then \
 	  if [[ $$(id -u) == 0 ]]; then runuser -u postgres -- $$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)/pg_ctl -D .data/postgres stop; \
 	  else pg_ctl -D .data/postgres stop; fi; fi
 
-test: $(GENERATED)
+test: $(GENERATED) ## all tests (PYTEST_ARGS=... for some)
 	DATABASE_URL='$(DB_URL)' $(PY) -m pytest $(PYTEST_ARGS)
 
 # Kills, cuts and a database restart under load, on a private PostgreSQL of its own.
-test-faults: $(GENERATED)
+test-faults: $(GENERATED) ## services killed and PostgreSQL restarted under load
 	$(PY) -m pytest -m faults -s $(PYTEST_ARGS) tests/test_faults.py
 
 # The token, generation and charging tests with the services behind PgBouncer in transaction mode.
 POOLER_TESTS := tests/test_pooler.py tests/test_token_api.py tests/test_ledger_batch.py tests/test_token_concurrency.py \
   tests/test_generation_jobs.py tests/test_generation_watch.py tests/test_charging_saga.py tests/test_charge_races.py
-test-pooler: $(GENERATED)
+test-pooler: $(GENERATED) ## the service tests behind PgBouncer in transaction mode
 	DATABASE_URL='$(DB_URL)' scripts/with-pgbouncer $(PY) -m pytest $(PYTEST_ARGS) $(POOLER_TESTS)
 
-lint: $(GENERATED) node_modules/.installed
+lint: $(GENERATED) node_modules/.installed ## ruff, ruff format, mypy, buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -82,14 +82,15 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --silent --no-audit --no-fund
 	touch $@
 
-# Development data through the services' own RPCs; starts them for the while if they are not running.
-seed: $(GENERATED)
+# Development data through the services' own RPCs, at the addresses *_LISTEN_ADDR give them; when
+# they are not running, a pair on free ports for the while, leaving any other run's pid files alone.
+seed: $(GENERATED) ## development data through the running services (or a pair started for it)
 	@url='$(DB_URL)'; DATABASE_URL="$$url" $(DBMATE) --no-dump-schema up >/dev/null && mkdir -p .data && \
 	  DATABASE_URL="$$url" $(PY) -m scripts.development_logins && \
-	  DATABASE_URL="$$url" BLUMPO_ENV="$${BLUMPO_ENV:-development}" scripts/with-services $(PY) -m scripts.seed
+	  DATABASE_URL="$$url" BLUMPO_ENV="$${BLUMPO_ENV:-development}" $(PY) -m scripts.with_services $(PY) -m scripts.seed
 
-bench: $(GENERATED)
+bench: $(GENERATED) ## the benchmarks of docs/benchmarks.md
 	DATABASE_URL='$(DB_URL)' $(PY) -m bench
 
-clean:
+clean: ## remove the virtualenv, generated code and caches
 	rm -rf $(VENV) blumpo node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info
