@@ -11,7 +11,7 @@ GENERATED := blumpo/.generated
 DB_URL = $(shell scripts/database-url)
 DBMATE = $(VENV)/bin/dbmate --migrations-dir db/migrations --schema-file db/schema.sql --wait
 
-.PHONY: help install proto migrate rollback migrate-status schema run stop test test-faults test-pooler lint seed bench clean
+.PHONY: help install proto migrate rollback migrate-status schema run stop test test-faults test-pooler lint seed backup restore bench clean
 
 help: ## this list
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -88,6 +88,15 @@ seed: $(GENERATED) ## development data through the running services (or a pair s
 	@url='$(DB_URL)'; DATABASE_URL="$$url" $(DBMATE) --no-dump-schema up >/dev/null && mkdir -p .data && \
 	  DATABASE_URL="$$url" $(PY) -m scripts.development_logins && \
 	  DATABASE_URL="$$url" BLUMPO_ENV="$${BLUMPO_ENV:-development}" $(PY) -m scripts.with_services $(PY) -m scripts.seed
+
+# pg_dump (custom format) of the database: schemas token and generation, dbmate's schema_migrations.
+backup: $(INSTALLED) ## dump the database to backups/blumpo-<UTC time>.dump
+	DATABASE_URL='$(DB_URL)' $(PY) -m scripts.backup dump
+
+# Into a new or empty database only; the service roles are created if the cluster lacks them.
+restore: $(INSTALLED) ## FILE=backups/... [TARGET_DATABASE_URL=...]: restore a dump into a new database
+	@test -n '$(FILE)' || { echo 'usage: make restore FILE=backups/blumpo-....dump [TARGET_DATABASE_URL=...]' >&2; exit 2; }
+	DATABASE_URL='$(DB_URL)' TARGET_DATABASE_URL='$(TARGET_DATABASE_URL)' $(PY) -m scripts.backup restore '$(FILE)'
 
 bench: $(GENERATED) ## the benchmarks of docs/benchmarks.md
 	DATABASE_URL='$(DB_URL)' $(PY) -m bench
