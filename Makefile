@@ -11,18 +11,26 @@ GENERATED := blumpo/.generated
 DB_URL = $(shell scripts/database-url)
 DBMATE = $(VENV)/bin/dbmate --migrations-dir db/migrations --schema-file db/schema.sql --wait
 
-.PHONY: help install proto migrate rollback migrate-status schema run stop test test-faults test-pooler lint seed backup restore bench clean
+.PHONY: help install lock proto migrate rollback migrate-status schema run stop test test-faults test-pooler lint seed backup restore bench clean
 
 help: ## this list
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(INSTALLED): pyproject.toml
+# Every dependency from the lock (pinned, with hashes), then the project itself without any.
+$(INSTALLED): pyproject.toml requirements-dev.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --require-hashes -r requirements-dev.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(INSTALLED) ## the virtualenv with the locked dependencies
+
+# requirements.lock: what the image installs (runtime and dbmate); requirements-dev.lock: all.
+LOCK_ARGS := pip compile --quiet --universal --python-version 3.11 --generate-hashes pyproject.toml
+lock: $(INSTALLED) ## pin every dependency (with hashes) after a change to pyproject.toml
+	$(VENV)/bin/uv $(LOCK_ARGS) --extra migrate -o requirements.lock
+	$(VENV)/bin/uv $(LOCK_ARGS) --extra migrate --extra dev -o requirements-dev.lock
 
 # Generated code is not committed: it is made from protos/ by every target that needs it.
 $(GENERATED): $(INSTALLED) $(PROTOS)
