@@ -11,7 +11,7 @@ GENERATED := blumpo/.generated
 DB_URL = $(shell scripts/database-url)
 DBMATE = $(VENV)/bin/dbmate --migrations-dir db/migrations --schema-file db/schema.sql --wait
 
-.PHONY: help install lock proto migrate rollback migrate-status schema run stop test test-faults test-pooler lint seed backup restore bench clean
+.PHONY: help install lock proto migrate rollback migrate-status schema run stop test test-faults test-pooler lint lint-deploy seed backup restore bench clean
 
 help: ## this list
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -80,11 +80,18 @@ POOLER_TESTS := tests/test_pooler.py tests/test_token_api.py tests/test_ledger_b
 test-pooler: $(GENERATED) ## the service tests behind PgBouncer in transaction mode
 	DATABASE_URL='$(DB_URL)' scripts/with-pgbouncer $(PY) -m pytest $(PYTEST_ARGS) $(POOLER_TESTS)
 
-lint: $(GENERATED) node_modules/.installed ## ruff, ruff format, mypy, buf lint
+lint: $(GENERATED) node_modules/.installed ## ruff, ruff format, mypy, buf lint and breaking, squawk on the migrations
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	node_modules/.bin/buf lint
+	scripts/proto-breaking
+	scripts/lint-migrations
+
+# The Dockerfile (hadolint) and the compose file (docker-compose config, Debian's docker-compose).
+lint-deploy: $(INSTALLED) ## hadolint on the Dockerfile, docker-compose config on the compose file
+	$(VENV)/bin/hadolint Dockerfile
+	docker-compose --file docker-compose.yml config --quiet
 
 node_modules/.installed: package.json package-lock.json
 	npm ci --silent --no-audit --no-fund
