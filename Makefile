@@ -26,11 +26,14 @@ $(INSTALLED): pyproject.toml requirements-dev.lock
 
 install: $(INSTALLED) ## the virtualenv with the locked dependencies
 
-# requirements.lock: what the image installs (runtime and dbmate); requirements-dev.lock: all.
+# requirements.lock: what the image installs (runtime and dbmate); requirements-build.lock: what
+# builds the wheel (setuptools, grpcio-tools); requirements-dev.lock: everything for development.
 LOCK_ARGS := pip compile --quiet --universal --python-version 3.11 --generate-hashes pyproject.toml
 lock: $(INSTALLED) ## pin every dependency (with hashes) after a change to pyproject.toml
 	$(VENV)/bin/uv $(LOCK_ARGS) --extra migrate -o requirements.lock
 	$(VENV)/bin/uv $(LOCK_ARGS) --extra migrate --extra dev -o requirements-dev.lock
+	$(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' | \
+	  $(VENV)/bin/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes - -o requirements-build.lock
 
 # Generated code is not committed: it is made from protos/ by every target that needs it.
 $(GENERATED): $(INSTALLED) $(PROTOS)

@@ -155,6 +155,9 @@ def test_the_wheel_carries_the_generated_code_and_serves_from_another_directory(
         served = subprocess.Popen([venv / "bin/blumpo-token-service"], cwd=elsewhere, env=env, stderr=out)
     try:
         assert asyncio.run(services.wait_serving([listen], seconds=20)), log.read_text()
+        # The image's health check, as a container runs it.
+        assert subprocess.run([venv / "bin/blumpo-healthcheck", listen], cwd=elsewhere, timeout=30).returncode == 0
     finally:
         served.terminate()
         assert served.wait(20) == 0, log.read_text()
+    assert subprocess.run([venv / "bin/blumpo-healthcheck", listen], cwd=elsewhere, timeout=30).returncode == 1
