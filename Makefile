@@ -13,7 +13,7 @@ DBMATE = $(VENV)/bin/dbmate --migrations-dir db/migrations --schema-file db/sche
 
 .PHONY: help install lock proto migrate rollback migrate-status schema run stop test test-faults test-pooler test-embedded lint lint-deploy seed backup restore bench clean
 
-help: ## this list
+help: ## list the targets, one line each
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 # Every dependency from the lock (pinned, with hashes), then the project itself without any.
@@ -127,4 +127,4 @@ bench: $(GENERATED) ## the benchmarks of docs/benchmarks.md
 	DATABASE_URL='$(DB_URL)' $(PY) -m bench
 
 clean: ## remove the virtualenv, generated code and caches
-	rm -rf $(VENV) blumpo node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) blumpo node_modules build dist .pytest_cache .mypy_cache .ruff_cache *.egg-info
