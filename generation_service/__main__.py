@@ -1,3 +1,13 @@
+"""Serves the generation service: image generation jobs, their assets and variants."""
+
+from blumpo_common import cli
 from generation_service.server import main
 
-main()
+
+def entry() -> None:
+    """The console script blumpo-generation-service, and `python -m generation_service`."""
+    cli.run("blumpo-generation-service", __doc__ or "", main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,42 +1,33 @@
 """A throwaway PostgreSQL server of a test's own, to restart under load without touching the
-shared one: initdb under a temporary folder, as scripts/database-url does for .data/postgres."""
+shared one: initdb under a temporary folder, with the programs scripts/postgres_tools.py finds."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 from harness.processes import free_port
+from scripts import postgres_tools
 
 WAIT_SECONDS = 30
-
-
-def _bin() -> Path:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
-    if found:
-        return found[-1]
-    initdb = shutil.which("initdb")
-    if initdb is None:
-        raise RuntimeError("no PostgreSQL found: install PostgreSQL (apt-get install postgresql)")
-    return Path(initdb).parent
 
 
 class PrivateCluster:
     """Its own data folder, port and socket; fsync off, as nothing in it outlives the test."""
 
     def __init__(self) -> None:
-        self.bin = _bin()
+        self.bin = postgres_tools.server_bin()
         self.port = free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="blumpo-cluster-"))
         self.data = self.folder / "data"
         self.log = self.folder / "server.log"
-        # PostgreSQL refuses to run as root: it runs as the postgres user, which must own the folder.
-        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        if self.as_user:
-            shutil.chown(self.folder, "postgres")
+        # PostgreSQL refuses to run as root: it runs as another account, which must own the folder.
+        self.as_user = postgres_tools.run_as()
+        account = postgres_tools.server_account()
+        if account is not None:
+            shutil.chown(self.folder, account)
 
     def url(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}?sslmode=disable"

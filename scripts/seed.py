@@ -1,9 +1,9 @@
 """Development data, made through the services' own RPCs; safe to run again.
 
-`make seed` (python -m scripts.seed) talks to the token service at TOKEN_SERVICE_ADDR
-(default 127.0.0.1:50051) and the generation service at GENERATION_SERVICE_ADDR
-(default 127.0.0.1:50052), as `make run` serves them (`make seed` starts them for the
-while when they are not running).
+`make seed` (python -m scripts.seed) talks to the token service at TOKEN_SERVICE_ADDR and
+the generation service at GENERATION_SERVICE_ADDR; unset, to where TOKEN_LISTEN_ADDR and
+GENERATION_LISTEN_ADDR put them (default 127.0.0.1:50051 and 127.0.0.1:50052), as `make run`
+serves them (`make seed` starts a pair for the while when they are not running).
 
 Everything is keyed: fixed emails, ledger references and uuid5 job/asset ids, so a
 second run finds what the first made (replays, same-request answers, ALREADY_EXISTS)
@@ -26,6 +26,8 @@ from blumpo.generation.v1 import generation_pb2 as gpb
 from blumpo.generation.v1 import generation_pb2_grpc
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
+from blumpo_common.config import ConfigError
+from scripts import services
 
 TokenStub: TypeAlias = "token_pb2_grpc.TokenServiceAsyncStub"
 GenerationStub: TypeAlias = "generation_pb2_grpc.GenerationServiceAsyncStub"
@@ -251,8 +253,13 @@ class Unreachable(Exception):
 
 
 async def main() -> int:
-    token_address = os.environ.get("TOKEN_SERVICE_ADDR", "127.0.0.1:50051")
-    generation_address = os.environ.get("GENERATION_SERVICE_ADDR", "127.0.0.1:50052")
+    try:
+        listening = services.configured(os.environ)
+    except ConfigError as exc:
+        print(f"seed: {exc}", file=sys.stderr)
+        return 2
+    token_address = os.environ.get("TOKEN_SERVICE_ADDR") or services.dialable(listening.token)
+    generation_address = os.environ.get("GENERATION_SERVICE_ADDR") or services.dialable(listening.generation)
     try:
         await seed(token_address, generation_address)
     except Unreachable as exc:

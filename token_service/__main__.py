@@ -1,3 +1,13 @@
+"""Serves the token service: users, token accounts, the ledger, one-time-password login and plans."""
+
+from blumpo_common import cli
 from token_service.server import main
 
-main()
+
+def entry() -> None:
+    """The console script blumpo-token-service, and `python -m token_service`."""
+    cli.run("blumpo-token-service", __doc__ or "", main)
+
+
+if __name__ == "__main__":
+    entry()
