@@ -57,6 +57,7 @@ class Private:
             account = postgres_tools.server_account()
             if account is not None:
                 shutil.chown(self.data, account)
+                postgres_tools.let_server_reach(self.data, self.bin)
             initdb = [
                 str(self.bin / "initdb"),
                 "-D",

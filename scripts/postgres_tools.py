@@ -8,6 +8,7 @@ import importlib.util
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -62,6 +63,18 @@ def run_as() -> list[str]:
     account = SERVER_ACCOUNTS[-1]
     subprocess.run(["useradd", "--system", "--no-create-home", account], check=True, capture_output=True)
     return ["runuser", "-u", account, "--"]
+
+
+def let_server_reach(*paths: Path) -> None:
+    """As root, lets the server's account traverse every folder above paths (a checkout under a
+    private folder, such as one made by mktemp -d, would otherwise hide its programs and data)."""
+    if os.geteuid() != 0:
+        return
+    for path in paths:
+        for folder in path.resolve().parents:
+            mode = folder.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                folder.chmod(mode | stat.S_IXOTH)
 
 
 def server_account() -> str | None:
