@@ -36,6 +36,8 @@ class Config:
     reconciler: ReconcilerSettings
     watch: WatchSettings
     page_tokens: PageTokenConfig
+    # A queued job waiting longer than this is claimed as if one priority level higher.
+    aging_seconds: float = 300.0
 
 
 def load(env: Mapping[str, str]) -> Config:
@@ -68,4 +70,5 @@ def load(env: Mapping[str, str]) -> Config:
         reconciler=reconciler,
         watch=watch,
         page_tokens=load_page_tokens(env, is_development(env)),
+        aging_seconds=integer(env, "PRIORITY_AGING_SECONDS", 300, 1, 30 * 86_400),
     )
