@@ -82,19 +82,35 @@ async def claim(
     return reply.job if reply.HasField("job") else None
 
 
+def lane_request(user_id: str, cost: int = 1) -> gpb.CreateGenerationJobRequest:
+    """A create request for a job alone in the queue of a model of its own (a lane), so that a
+    claim of that model takes this very job. A lane costs a token per megapixel-step."""
+    request = job_request(user_id, cost=cost)
+    request.params.CopyFrom(
+        gpb.GenerationParams(width=1000, height=1000, steps=cost, seed=42, model=f"lane-{next(_lanes)}")
+    )
+    return request
+
+
+async def lane_job(generation: GenerationStub, user_id: str, cost: int = 1) -> gpb.Job:
+    """A new QUEUED job of the user in a lane of its own."""
+    return (await generation.CreateGenerationJob(lane_request(user_id, cost))).job
+
+
+async def claim_this(
+    generation: GenerationStub, job: gpb.Job, worker_id: str = "worker", lease_seconds: int = 300
+) -> gpb.Job:
+    """Claims a lane job: RUNNING, with its lease."""
+    claimed = await claim(generation, worker_id, (job.params.model,), lease_seconds)
+    assert claimed is not None and claimed.job_id == job.job_id, (job, claimed)
+    return claimed
+
+
 async def running_job(
     generation: GenerationStub, user_id: str, cost: int = 1, worker_id: str = "worker", lease_seconds: int = 300
 ) -> gpb.Job:
-    """A new job of the user, claimed by a worker: RUNNING, with its lease. The job is alone in
-    the queue of a model of its own (a lane), so the claim takes this very job."""
-    lane = f"lane-{next(_lanes)}"
-    request = job_request(user_id, cost=cost)
-    # A lane costs a token per megapixel-step: one megapixel, cost steps.
-    request.params.CopyFrom(gpb.GenerationParams(width=1000, height=1000, steps=cost, seed=42, model=lane))
-    job = (await generation.CreateGenerationJob(request)).job
-    claimed = await claim(generation, worker_id, (lane,), lease_seconds)
-    assert claimed is not None and claimed.job_id == job.job_id, (job, claimed)
-    return claimed
+    """A new job of the user, claimed by a worker: RUNNING, with its lease."""
+    return await claim_this(generation, await lane_job(generation, user_id, cost), worker_id, lease_seconds)
 
 
 async def finish(generation: GenerationStub, job: gpb.Job, status: int, error_message: str = "") -> gpb.Job:

@@ -191,7 +191,7 @@ async def test_an_intent_that_keeps_failing_goes_to_the_back_of_the_line(store: 
 
 async def failed_job(store: Store, ledger: FakeLedger) -> uuid.UUID:
     job = await charger(store, ledger).create(new_job(cost=7), "free")
-    moved = await store.move_job(job.id, JobState.FAILED, "worker crashed")
+    moved = await store.move_job(job.id, JobState.FAILED, "worker crashed", None)
     assert moved is not None and moved.refund_state is RefundState.PENDING
     return job.id
 
