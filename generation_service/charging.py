@@ -73,22 +73,27 @@ class Charger:
         self.store = store
         self.tokens = tokens
 
-    async def plan(self, user_id: uuid.UUID) -> str:
-        """The user's plan code, as the token service says now (it sets the job's priority)."""
+    async def plan(self, user_id: uuid.UUID) -> str | None:
+        """The user's plan code, as the token service says now (it sets the job's priority);
+        None when the token service does not answer (the saga goes on, and the plan last known
+        for the user is used). An unknown user is refused here, before anything is written."""
         answer = await self.tokens.plan(user_id)
         if isinstance(answer, str):
             return answer
         if answer.code == grpc.StatusCode.NOT_FOUND:
             raise errors.user_not_found(user_id)
-        raise errors.plan_unavailable(user_id, answer)
+        log.warning("plan unknown; the last known one is used", extra={"user_id": str(user_id)})
+        return None
 
-    async def create(self, job: NewJob, plan: str) -> Job:
-        """Runs (or resumes) the saga of a job of an owner on that plan; returns it QUEUED or later.
+    async def create(self, job: NewJob, plan: str | None) -> Job:
+        """Runs (or resumes) the saga of a job of an owner on that plan (None: the last known);
+        returns it QUEUED or later.
 
         Only the holder of the job's claim asks the token service; a parallel call for the
         same job waits for it to settle (or for its claim to run out) and goes on from there.
         """
-        await self.store.record_owner(job.user_id, plan)
+        if plan is not None:
+            await self.store.record_owner(job.user_id, plan)
         pause = WAIT_POLL_SECONDS[0]
         while True:
             claimed = await self._claim(job, plan)
@@ -103,7 +108,7 @@ class Charger:
             await asyncio.sleep(pause)
             pause = min(pause * 2, WAIT_POLL_SECONDS[1])
 
-    async def _claim(self, job: NewJob, plan: str) -> Job | None:
+    async def _claim(self, job: NewJob, plan: str | None) -> Job | None:
         """The job claimed for a debit by this call; the job itself when it is past charging;
         None while another call holds it."""
         claimed = await self.store.insert_intent(job, plan)

@@ -127,17 +127,6 @@ def user_not_found(user_id: uuid.UUID) -> ServiceError:
     return _error(grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND", f"no user {user_id} (no token account)", user_id=user_id)
 
 
-def plan_unavailable(user_id: uuid.UUID, outcome: Outcome) -> ServiceError:
-    return _error(
-        grpc.StatusCode.UNAVAILABLE,
-        "TOKEN_SERVICE_UNAVAILABLE",
-        f"the token service did not tell the plan of user {user_id} ({outcome.code.name}); nothing was "
-        "charged, retry with the same job_id",
-        user_id=user_id,
-        retry_after=RETRY_AFTER_OUTAGE_SECONDS,
-    )
-
-
 def job_not_accepting_assets(job_id: uuid.UUID, status: JobState) -> ServiceError:
     return _error(
         grpc.StatusCode.FAILED_PRECONDITION,

@@ -4,11 +4,14 @@
 -- name: insert_intent
 -- Step 1 of the charge: the job, recorded before any token moves, claimed by its caller.
 -- No row when the id exists.
--- The priority is the owner's plan's (plan_limit), fixed here.
+-- The priority is the owner's plan's (plan_limit), fixed here; :plan NULL (the token service
+-- did not say) takes the plan last known for the owner.
 INSERT INTO generation_job
   (id, user_id, prompt, params, tokens_cost, priority, status, request_digest, claims, claimed_until)
 VALUES (:id, :user_id, :prompt, :params::jsonb, :tokens_cost,
-  coalesce((SELECT priority FROM plan_limit WHERE plan = :plan), 0), 'CHARGING', :request_digest,
+  coalesce((SELECT priority FROM plan_limit
+            WHERE plan = coalesce(:plan::text, (SELECT plan FROM job_owner WHERE user_id = :user_id))), 0),
+  'CHARGING', :request_digest,
   1, now() + make_interval(secs => :claim_seconds))
 ON CONFLICT (id) DO NOTHING
 RETURNING *;
@@ -21,7 +24,8 @@ SELECT * FROM generation_job WHERE id = $1;
 -- so the id takes this request (the same or another), claimed, to be charged again.
 UPDATE generation_job SET status = 'CHARGING', user_id = :user_id, prompt = :prompt, params = :params::jsonb,
   tokens_cost = :tokens_cost, request_digest = :request_digest, error_message = NULL, pause_requested = false,
-  priority = coalesce((SELECT priority FROM plan_limit WHERE plan = :plan), 0),
+  priority = coalesce((SELECT priority FROM plan_limit
+                       WHERE plan = coalesce(:plan::text, (SELECT plan FROM job_owner WHERE user_id = :user_id))), 0),
   claims = claims + 1, claimed_until = now() + make_interval(secs => :claim_seconds),
   created_at = now(), updated_at = now()
 WHERE id = :id AND status = 'REJECTED'

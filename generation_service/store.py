@@ -100,14 +100,15 @@ class Store(db.BaseStore):
         row = await self.fetchrow("price", model, width, height, steps)
         return Price(row["model"], row["tokens_cost"]) if row is not None else None
 
-    async def insert_intent(self, job: NewJob, plan: str) -> Job | None:
-        """The new CHARGING job, claimed, at its owner's plan's priority; None when the id is taken."""
+    async def insert_intent(self, job: NewJob, plan: str | None) -> Job | None:
+        """The new CHARGING job, claimed, at its owner's plan's priority (plan None: the last
+        known); None when the id is taken."""
         return _job(await self.fetchrow("insert_intent", claim_seconds=self.claim_seconds, plan=plan, **_request(job)))
 
     async def job_any_status(self, job_id: uuid.UUID) -> Job | None:
         return _job(await self.fetchrow("job_any_status", job_id))
 
-    async def retry_rejected(self, job: NewJob, plan: str) -> Job | None:
+    async def retry_rejected(self, job: NewJob, plan: str | None) -> Job | None:
         """A REJECTED job made a claimed CHARGING intent of this request; None if it is not REJECTED."""
         return _job(await self.fetchrow("retry_rejected", claim_seconds=self.claim_seconds, plan=plan, **_request(job)))
 
