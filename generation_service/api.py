@@ -245,8 +245,7 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
             tokens_cost=price.tokens_cost,
             request_digest=digest,
         )
-        plan = await self.charger.plan(user_id)
-        return pb.CreateGenerationJobResponse(job=job_message(await self.charger.create(job, plan)))
+        return pb.CreateGenerationJobResponse(job=job_message(await self.charger.create(job)))
 
     async def QuoteGenerationJob(
         self, request: pb.QuoteGenerationJobRequest, context: Context

@@ -85,13 +85,20 @@ class Charger:
         log.warning("plan unknown; the last known one is used", extra={"user_id": str(user_id)})
         return None
 
-    async def create(self, job: NewJob, plan: str | None) -> Job:
-        """Runs (or resumes) the saga of a job of an owner on that plan (None: the last known);
-        returns it QUEUED or later.
+    async def create(self, job: NewJob) -> Job:
+        """Runs (or resumes) the saga of a job; returns it QUEUED or later.
 
-        Only the holder of the job's claim asks the token service; a parallel call for the
+        A job made already is answered (the same request) or refused (another one) without a
+        call to the token service. Otherwise its owner's plan is asked for first (it sets the
+        priority). Only the holder of the job's claim asks for the debit; a parallel call for the
         same job waits for it to settle (or for its claim to run out) and goes on from there.
         """
+        existing = await self.store.get_job(job.id)
+        if existing is not None:
+            if existing.request_digest != job.request_digest:
+                raise errors.job_id_reused(job.id)
+            return existing
+        plan = await self.plan(job.user_id)
         if plan is not None:
             await self.store.record_owner(job.user_id, plan)
         pause = WAIT_POLL_SECONDS[0]

@@ -206,7 +206,7 @@ UPDATE generation_job j SET
   refund_state = CASE WHEN owing.owes THEN 'PENDING' ELSE j.refund_state END,
   claims = CASE WHEN owing.owes THEN j.claims + 1 ELSE j.claims END,
   claimed_until = CASE WHEN owing.owes THEN now() + make_interval(secs => :claim_seconds) ELSE j.claimed_until END,
-  worker_id = CASE WHEN owing.target = 'QUEUED' THEN NULL ELSE j.worker_id END,
+  worker_id = NULL,
   lease_id = NULL,
   lease_expires_at = NULL,
   updated_at = now()

@@ -106,11 +106,11 @@ async def status_of(store: Store, job_id: uuid.UUID) -> JobState:
 
 async def test_a_debit_done_queues_the_job(store: Store, ledger: FakeLedger) -> None:
     job = new_job()
-    created = await charger(store, ledger).create(job, "free")
+    created = await charger(store, ledger).create(job)
     assert created.status is JobState.QUEUED and created.refund_state is RefundState.NONE
     assert ledger.calls == [("debit", job.id, 5)]
     # A retry replays nothing: the job is already past its charge.
-    assert (await charger(store, ledger).create(job, "free")).id == job.id
+    assert (await charger(store, ledger).create(job)).id == job.id
     assert len(ledger.calls) == 1
 
 
@@ -118,19 +118,19 @@ async def test_a_refusal_rejects_and_frees_the_id(store: Store, ledger: FakeLedg
     job = new_job()
     ledger.script = [INSUFFICIENT]
     with pytest.raises(ServiceError) as refused:
-        await charger(store, ledger).create(job, "free")
+        await charger(store, ledger).create(job)
     assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_TOKENS")
     assert await status_of(store, job.id) is JobState.REJECTED
     assert await store.get_job(job.id) is None
     # The balance grew: the same request charges and queues it.
-    assert (await charger(store, ledger).create(job, "free")).status is JobState.QUEUED
+    assert (await charger(store, ledger).create(job)).status is JobState.QUEUED
 
 
 async def test_no_answer_leaves_an_intent_the_reconciler_settles(store: Store, ledger: FakeLedger) -> None:
     job = new_job()
     ledger.script = [AWAY]
     with pytest.raises(ServiceError) as unconfirmed:
-        await charger(store, ledger).create(job, "free")
+        await charger(store, ledger).create(job)
     assert (unconfirmed.value.code, unconfirmed.value.reason) == (
         grpc.StatusCode.UNAVAILABLE,
         "TOKEN_SERVICE_UNAVAILABLE",
@@ -152,7 +152,7 @@ async def test_a_caller_gone_mid_debit_is_finished_by_the_reconciler(
     job = new_job()
     ledger.script = [HANG]
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for(charger(store, ledger).create(job, "free"), 0.2)
+        await asyncio.wait_for(charger(store, ledger).create(job), 0.2)
     assert await status_of(store, job.id) is JobState.CHARGING
     ledger.script = [answer]
     assert (await reconciler(store, ledger).run_once())["intents"] == 0  # its caller may still be on it
@@ -190,7 +190,7 @@ async def test_an_intent_that_keeps_failing_goes_to_the_back_of_the_line(store: 
 
 
 async def failed_job(store: Store, ledger: FakeLedger) -> uuid.UUID:
-    job = await charger(store, ledger).create(new_job(cost=7), "free")
+    job = await charger(store, ledger).create(new_job(cost=7))
     moved = await store.move_job(job.id, JobState.FAILED, "worker crashed", None)
     assert moved is not None and moved.refund_state is RefundState.PENDING
     return job.id
@@ -271,9 +271,9 @@ async def test_a_refusal_never_strands_a_parallel_retrys_charge(store: Store) ->
     debit while Q still holds the job, or Q's refusal would hide P's charge."""
     job = new_job()
     ledger = GatedLedger(script=[INSUFFICIENT, DONE])
-    q = asyncio.create_task(Charger(store, ledger).create(job, "free"))
+    q = asyncio.create_task(Charger(store, ledger).create(job))
     await ledger.asked.wait()
-    p = asyncio.create_task(Charger(store, ledger).create(job, "free"))
+    p = asyncio.create_task(Charger(store, ledger).create(job))
     await asyncio.sleep(0.3)
     assert len(ledger.calls) == 1, "a parallel call debited while the job was claimed"
     ledger.gate.set()
@@ -312,7 +312,7 @@ async def test_a_debit_of_an_earlier_request_is_given_back(store: Store, ledger:
     )
     ledger.script = [earlier, DONE]
     with pytest.raises(ServiceError) as reused:
-        await charger(store, ledger).create(job, "free")
+        await charger(store, ledger).create(job)
     assert reused.value.reason == "JOB_ID_REUSED"
     assert ledger.calls == [("debit", job.id, 5), ("refund", job.id, 9)]
     settled = await store.job_any_status(job.id)
