@@ -5,7 +5,11 @@
 -- Step 1 of the charge: the job, recorded before any token moves, claimed by its caller.
 -- No row when the id exists.
 -- The priority is the owner's plan's (plan_limit), fixed here; :plan NULL (the token service
--- did not say) takes the plan last known for the owner.
+-- did not say) takes the plan last known for the owner. The owner's row (job_owner) is made if
+-- missing, so a claim always finds a counter to lock.
+WITH owner AS (
+  INSERT INTO job_owner (user_id) VALUES (:user_id) ON CONFLICT (user_id) DO NOTHING
+)
 INSERT INTO generation_job
   (id, user_id, prompt, params, tokens_cost, priority, status, request_digest, claims, claimed_until)
 VALUES (:id, :user_id, :prompt, :params::jsonb, :tokens_cost,
@@ -22,6 +26,9 @@ SELECT * FROM generation_job WHERE id = $1;
 -- name: retry_rejected
 -- A refused job asked for again: its refusal left nothing visible and nothing charged,
 -- so the id takes this request (the same or another), claimed, to be charged again.
+WITH owner AS (
+  INSERT INTO job_owner (user_id) VALUES (:user_id) ON CONFLICT (user_id) DO NOTHING
+)
 UPDATE generation_job SET status = 'CHARGING', user_id = :user_id, prompt = :prompt, params = :params::jsonb,
   tokens_cost = :tokens_cost, request_digest = :request_digest, error_message = NULL, pause_requested = false,
   priority = coalesce((SELECT priority FROM plan_limit
@@ -129,7 +136,8 @@ LIMIT :limit;
 -- name: move_job
 -- One conditional UPDATE: the row lock and the re-check of the row under it make racing moves
 -- serialize, and only one can find the job in an allowed source status. :sources, :owes_refund
--- and :delivered_ok come from rules.py. A RUNNING job moves only under its live lease, and to
+-- and :delivered_ok come from rules.py. A RUNNING job moves only under its live lease (and a
+-- caller who presents a lease is a worker: it moves only the job of that lease), and to
 -- CANCELLED only when its user asked; a job with an asset cannot fail or be cancelled. Leaving
 -- RUNNING ends the lease (its id stays, so the worker's retry of the same move is known).
 -- A refund owed is claimed by the caller, who asks for it at once.
@@ -144,6 +152,7 @@ UPDATE generation_job SET
   updated_at = now()
 WHERE id = :id AND status = ANY(:sources::text[])
   AND (status <> 'RUNNING' OR (lease_id = :lease_id::uuid AND lease_expires_at > now()))
+  AND (:lease_id::uuid IS NULL OR lease_id IS NOT DISTINCT FROM :lease_id::uuid)
   AND (status <> 'RUNNING' OR :target <> 'CANCELLED' OR cancel_requested)
   AND (:delivered_ok OR NOT has_assets)
 RETURNING *;
@@ -237,15 +246,17 @@ WITH RECURSIVE levels AS (
 ), next AS (
   SELECT job.id, job.user_id
   FROM (
-    SELECT levels.priority, aged FROM levels, (VALUES (true), (false)) AS a (aged)
+    SELECT levels.priority,
+      CASE WHEN aged THEN '-infinity' ELSE cutoff.at END AS created_from,
+      CASE WHEN aged THEN cutoff.at ELSE 'infinity' END AS created_before
+    FROM levels, cutoff, (VALUES (true), (false)) AS a (aged)
     WHERE levels.priority IS NOT NULL
     ORDER BY levels.priority + aged::int DESC, aged DESC
   ) AS segment
-  CROSS JOIN cutoff
   CROSS JOIN LATERAL (
     SELECT q.id, q.user_id FROM generation_job q
     WHERE q.status = 'QUEUED' AND q.priority = segment.priority
-      AND CASE WHEN segment.aged THEN q.created_at < cutoff.at ELSE q.created_at >= cutoff.at END
+      AND q.created_at >= segment.created_from AND q.created_at < segment.created_before
       AND (cardinality(:models::text[]) = 0 OR q.params ->> 'model' = ANY(:models::text[]))
       AND NOT EXISTS (
         SELECT FROM job_owner o LEFT JOIN plan_limit p USING (plan)

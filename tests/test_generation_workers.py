@@ -234,6 +234,7 @@ async def test_cancel_a_waiting_job_refunds_it_once(
         paused.job_id: 1,
         f"{paused.job_id}:refund": 1,
     }
+    await ledger_matches_jobs(admin, token, [user_id])
     # A cancelled job is terminal: a watch sends it and ends; it archives like a finished one.
     stream = generation.WatchGenerationJob(gpb.WatchGenerationJobRequest(job_id=queued.job_id), timeout=10)
     assert [r.job.status async for r in stream] == [gpb.JOB_STATUS_CANCELLED]
@@ -241,7 +242,6 @@ async def test_cancel_a_waiting_job_refunds_it_once(
         gpb.UpdateGenerationJobStatusRequest(job_id=queued.job_id, status=gpb.JOB_STATUS_ARCHIVED)
     )
     assert archived.job.status == gpb.JOB_STATUS_ARCHIVED
-    await ledger_matches_jobs(admin, token, [user_id])
 
 
 async def test_cancel_refusals(generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection) -> None:
@@ -506,6 +506,10 @@ async def test_the_claim_is_one_index_scan_at_any_queue_length(admin: asyncpg.Co
         FROM generate_series(1, 20000) AS n
         """
     )
+    await admin.execute(
+        "INSERT INTO generation.job_owner (user_id) SELECT user_id FROM generation.generation_job"
+        " ON CONFLICT DO NOTHING"
+    )
     await admin.execute("ANALYZE generation.generation_job")
     query = Q["claim_next"]
     args = query.args((), {"worker_id": "explain", "lease_seconds": 60.0, "models": [], "aging_seconds": 300.0})
@@ -517,10 +521,15 @@ async def test_the_claim_is_one_index_scan_at_any_queue_length(admin: asyncpg.Co
     finally:
         await claiming.rollback()  # the claim EXPLAIN ANALYZE made
     plan = "\n".join(r[0] for r in rows)
-    print(plan)
-    assert "idx_generation_job_queued" in plan, plan
+    # The queue is read by the index, in its order: each claim-order segment a range of it,
+    # scanned once and stopped at its first row (only the few segments are sorted).
     assert "Seq Scan on generation_job" not in plan, plan
-    assert "Sort" not in plan.replace("Sort Key", ""), plan
+    scan = plan.index("Index Scan using idx_generation_job_queued on generation_job q")
+    assert "(actual rows=1 loops=1)" in plan[scan:].splitlines()[0], plan
+    condition = plan[scan:].splitlines()[1]
+    assert "Index Cond: ((priority = " in condition and "created_at >=" in condition, plan
+    assert "Sort Key: ((levels" in plan and plan.count("Sort Key") == 1, plan
+    assert "Update on generation_job j (actual rows=1 loops=1)" in plan, "a job was claimed"
 
 
 # Prices.
