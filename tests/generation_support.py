@@ -30,6 +30,15 @@ UPDATE generation.plan_limit SET max_running_jobs = 100000;
 _lanes = itertools.count(1)
 
 
+async def add_test_prices(url: str) -> None:
+    """The tests' price list and plans, on a database migrated outside the shared template."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(TEST_PRICES_SQL)
+    finally:
+        await conn.close()
+
+
 def flat_model(cost: int) -> str:
     """A model of the tests' price list that costs exactly cost tokens."""
     assert 1 <= cost <= MAX_FLAT_PRICE, cost

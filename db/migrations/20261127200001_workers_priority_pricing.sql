@@ -93,7 +93,8 @@ CREATE UNIQUE INDEX model_price_one_default ON generation.model_price (is_defaul
 
 INSERT INTO generation.model_price (model, base_tokens, tokens_per_megapixel_step, is_default) VALUES
   ('sdxl', 3, 0.22, true),
-  ('sd15', 1, 0.1, false);
+  ('sd15', 1, 0.1, false),
+  ('blumpo-diffusion-v1', 2, 0.25, false);
 
 GRANT SELECT, INSERT, UPDATE ON generation.job_owner TO generation_service;
 GRANT SELECT ON generation.plan_limit, generation.model_price TO generation_service;
