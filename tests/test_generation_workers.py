@@ -133,7 +133,7 @@ async def test_workers_racing_after_a_lease_ran_out_finish_once(
     second = [await claim_this(generation, job, worker_id="b") for job in first]
     assert all(b.lease_id != a.lease_id and b.worker_id == "b" for a, b in zip(first, second, strict=True))
 
-    async def both(a: gpb.Job, b: gpb.Job) -> list[gpb.Job | BaseException]:
+    async def both(a: gpb.Job, b: gpb.Job) -> tuple[gpb.Job | BaseException, gpb.Job | BaseException]:
         return await asyncio.gather(
             finish(generation, a, gpb.JOB_STATUS_FAILED, "a gave up"),
             finish(generation, b, gpb.JOB_STATUS_SUCCEEDED),

@@ -22,7 +22,7 @@ WHERE EXISTS (SELECT FROM generation.asset_image a WHERE a.job_id = j.id);
 -- Jobs moved to RUNNING by hand had no lease, and jobs claimed before leases were fenced have
 -- no lease_id their worker could present: their leases run out now, so the sweep takes them.
 UPDATE generation.generation_job
-SET lease_expires_at = coalesce(lease_expires_at, now()), lease_id = NULL
+SET lease_expires_at = now()
 WHERE status = 'RUNNING' AND lease_id IS NULL;
 
 -- A RUNNING job always has a lease that runs out, so no job can be stuck RUNNING.
