@@ -137,6 +137,17 @@ def job_not_accepting_assets(job_id: uuid.UUID, status: JobState) -> ServiceErro
     )
 
 
+def not_cancellable(job_id: uuid.UUID, current: JobState) -> ServiceError:
+    return _error(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INVALID_TRANSITION",
+        f"job {job_id} is {current}: only a QUEUED, PAUSED or RUNNING job can be cancelled",
+        job_id=job_id,
+        current_status=current,
+        requested_status=JobState.CANCELLED,
+    )
+
+
 def asset_id_reused(asset_id: uuid.UUID) -> ServiceError:
     message = f"asset {asset_id} exists with other data; use a new asset_id for another image"
     return _error(grpc.StatusCode.ALREADY_EXISTS, "ASSET_ID_REUSED", message, asset_id=asset_id)

@@ -29,8 +29,6 @@ TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.ARCHIVED, Jo
 ACCEPTING_ASSETS = frozenset({JobState.RUNNING, JobState.SUCCEEDED})
 # States a job with an attached asset can no longer enter: its image was delivered, so it is paid.
 UNDELIVERED = frozenset({JobState.FAILED, JobState.CANCELLED})
-# What CancelGenerationJob acts on; from anything else it is refused.
-CANCELLABLE = frozenset({JobState.QUEUED, JobState.PAUSED, JobState.RUNNING})
 
 # (from, to) moves UpdateGenerationJobStatus may make. RUNNING is entered only by ClaimNextJob,
 # and a RUNNING job is moved only under its live lease (and to CANCELLED only when its user asked:
@@ -134,7 +132,7 @@ def refused_cancel(job_id: uuid.UUID, user_id: uuid.UUID, current: Job | None) -
         raise errors.job_not_owned(job_id, user_id)
     if current.status is JobState.CANCELLED or (current.status is JobState.RUNNING and current.cancel_requested):
         return current
-    raise errors.invalid_transition(job_id, current.status, JobState.CANCELLED, ())
+    raise errors.not_cancellable(job_id, current.status)
 
 
 def check_attach(new: NewAsset, job: JobRef | None, lease_id: uuid.UUID | None) -> None:
