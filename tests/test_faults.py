@@ -264,11 +264,13 @@ async def violations(url: str, history: History) -> dict[str, list[Any]]:
         found["visible job without exactly one debit"] = [
             i for i in visible if entries[i] != 1 or amounts.get(i) != -jobs[i]["tokens_cost"]
         ]
-        found["FAILED job without exactly one refund"] = [
-            i for i, j in jobs.items() if j["status"] == "FAILED" and entries[f"{i}:refund"] != 1
+        found["FAILED or CANCELLED job without exactly one refund"] = [
+            i for i, j in jobs.items() if j["status"] in ("FAILED", "CANCELLED") and entries[f"{i}:refund"] != 1
         ]
-        found["refund of a job that did not fail"] = [
-            i for i, j in jobs.items() if entries[f"{i}:refund"] and j["status"] not in ("FAILED", "REJECTED")
+        found["refund of a job that did not fail nor was cancelled"] = [
+            i
+            for i, j in jobs.items()
+            if entries[f"{i}:refund"] and j["status"] not in ("FAILED", "CANCELLED", "REJECTED")
         ]
         found["debit without a visible job (or its refund)"] = [
             ref
