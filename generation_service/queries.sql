@@ -190,19 +190,26 @@ RETURNING *;
 -- RUNNING jobs whose worker went quiet: one with an asset is SUCCEEDED (its image was
 -- delivered, so it is paid); one its user asked to cancel is CANCELLED; after :max_lost_leases
 -- lost leases it FAILED; else back to the queue. :owing (rules.UNDELIVERED) are owed a refund.
--- The lease id is cleared: the old worker's later calls get LEASE_LOST.
+-- The lease id is cleared: the old worker's later calls get LEASE_LOST. The owners' counter
+-- rows (which the trigger decrements) are locked first, in user order, so two sweeps of jobs
+-- of the same users cannot deadlock.
 WITH expired AS (
-  SELECT id FROM generation_job
+  SELECT id, user_id FROM generation_job
   WHERE status = 'RUNNING' AND lease_expires_at < now()
   ORDER BY lease_expires_at
   LIMIT :batch
   FOR UPDATE SKIP LOCKED
+), owners AS (
+  SELECT user_id FROM job_owner WHERE user_id IN (SELECT user_id FROM expired)
+  ORDER BY user_id
+  FOR UPDATE
 ), judged AS (
   SELECT j.id, CASE WHEN j.has_assets THEN 'SUCCEEDED'
                     WHEN j.cancel_requested THEN 'CANCELLED'
                     WHEN j.lost_leases + 1 >= :max_lost_leases THEN 'FAILED'
                     ELSE 'QUEUED' END AS target
   FROM generation_job j JOIN expired USING (id)
+  WHERE (SELECT count(*) FROM owners) >= 0  -- takes the owners' locks before any job changes
 ), owing AS (
   SELECT id, target, target = ANY(:owing::text[]) AS owes FROM judged
 )

@@ -13,6 +13,8 @@ import pytest
 
 from blumpo.generation.v1 import generation_pb2 as gpb
 from blumpo.token.v1 import token_pb2 as tpb
+from blumpo_common.config import ConfigError
+from generation_service import config as generation_config
 from generation_service.store import Q
 from tests import support
 from tests.generation_support import (
@@ -27,6 +29,7 @@ from tests.generation_support import (
     lane_request,
     ledger_matches_jobs,
     references,
+    refunds_paid,
     running_job,
 )
 
@@ -227,6 +230,7 @@ async def test_cancel_a_waiting_job_refunds_it_once(
         assert cancelled.status == gpb.JOB_STATUS_CANCELLED and cancelled.HasField("completed_at")
         assert await _cancel(generation, job) == cancelled, "cancelling twice is a no-op"
         assert await claim(generation, models=(job.params.model,)) is None
+    await refunds_paid(admin, [user_id])
     assert await balance(token, user_id) == 20
     assert await references(admin, user_id) == {
         queued.job_id: 1,
@@ -281,6 +285,7 @@ async def test_cancel_a_running_job_reaches_its_worker_at_its_next_renewal(
     cancelled = await finish(generation, job, gpb.JOB_STATUS_CANCELLED)
     assert cancelled.status == gpb.JOB_STATUS_CANCELLED
     assert await finish(generation, job, gpb.JOB_STATUS_CANCELLED) == cancelled
+    await refunds_paid(admin, [user_id])
     assert await balance(token, user_id) == 20
     await ledger_matches_jobs(admin, token, [user_id])
 
@@ -295,6 +300,7 @@ async def test_a_cancelled_job_whose_worker_went_quiet_is_cancelled_by_the_sweep
     await claim(generation, models=("no-such-model",))  # a claim sweeps
     swept = await _get(generation, job.job_id)
     assert (swept.status, swept.lease_id) == (gpb.JOB_STATUS_CANCELLED, "")
+    await refunds_paid(admin, [user_id])
     assert await balance(token, user_id) == 20
     await support.expect_error(
         finish(generation, job, gpb.JOB_STATUS_SUCCEEDED), grpc.StatusCode.FAILED_PRECONDITION, "LEASE_LOST"
@@ -323,6 +329,7 @@ async def test_cancel_racing_a_worker_ends_one_way_and_refunds_only_a_cancel(
     finals = [await _get(generation, job.job_id) for job in jobs]
     assert {f.status for f in finals} <= {gpb.JOB_STATUS_CANCELLED, gpb.JOB_STATUS_SUCCEEDED}
     cancelled = [f for f in finals if f.status == gpb.JOB_STATUS_CANCELLED]
+    await refunds_paid(admin, [user_id])
     assert await balance(token, user_id) == 1000 - 3 * (len(jobs) - len(cancelled))
     await ledger_matches_jobs(admin, token, [user_id])
 
@@ -595,3 +602,33 @@ async def test_the_ledger_check_counts_refunds_of_failed_and_cancelled_jobs_only
     )
     with pytest.raises(AssertionError):
         await ledger_matches_jobs(admin, token, [user_id])
+
+
+def test_the_aging_time_is_a_setting() -> None:
+    env = {"BLUMPO_ENV": "development", "DATABASE_URL": "postgresql://postgres@localhost/blumpo"}
+    assert generation_config.load(env).aging_seconds == 300
+    assert generation_config.load({**env, "PRIORITY_AGING_SECONDS": "60"}).aging_seconds == 60
+    for bad in ("0", "soon"):
+        with pytest.raises(ConfigError, match="PRIORITY_AGING_SECONDS"):
+            generation_config.load({**env, "PRIORITY_AGING_SECONDS": bad})
+
+
+async def test_racing_sweeps_of_many_lost_leases_requeue_each_job_once(
+    generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
+) -> None:
+    """Workers of many users die at once; many claims sweep side by side, none fails, and the
+    running counts come back to what is RUNNING."""
+    users = [await support.user_with_balance(token, 100) for _ in range(4)]
+    jobs = [await running_job(generation, user, lease_seconds=SHORT_LEASE) for _ in range(10) for user in users]
+    await asyncio.sleep(RAN_OUT_SECONDS)
+    await asyncio.gather(*(claim(generation, f"w{n}", ("no-such-model",)) for n in range(16)))
+    finals = [await _get(generation, job.job_id) for job in jobs]
+    assert {(f.status, f.lease_id) for f in finals} == {(gpb.JOB_STATUS_QUEUED, "")}
+    counts = await admin.fetch(
+        "SELECT o.running, (SELECT count(*) FROM generation.generation_job j"
+        "  WHERE j.user_id = o.user_id AND j.status = 'RUNNING') AS actual"
+        " FROM generation.job_owner o WHERE o.user_id = ANY($1::uuid[])",
+        [uuid.UUID(u) for u in users],
+    )
+    assert [(r["running"], r["actual"]) for r in counts] == [(0, 0)] * len(users)
+    await ledger_matches_jobs(admin, token, users)
