@@ -34,8 +34,8 @@ from tests.generation_support import (
 )
 
 # A lease short enough to run out within a test.
-SHORT_LEASE = 1
-RAN_OUT_SECONDS = SHORT_LEASE + 0.2
+SHORT_LEASE = 2
+RAN_OUT_SECONDS = SHORT_LEASE + 0.3
 
 
 async def _get(generation: GenerationStub, job_id: str) -> gpb.Job:
