@@ -78,7 +78,8 @@ test-faults: $(GENERATED) ## services killed and PostgreSQL restarted under load
 
 # The token, generation and charging tests with the services behind PgBouncer in transaction mode.
 POOLER_TESTS := tests/test_pooler.py tests/test_token_api.py tests/test_ledger_batch.py tests/test_token_concurrency.py \
-  tests/test_generation_jobs.py tests/test_generation_watch.py tests/test_charging_saga.py tests/test_charge_races.py
+  tests/test_generation_jobs.py tests/test_generation_watch.py tests/test_charging_saga.py tests/test_charge_races.py \
+  tests/test_generation_workers.py
 test-pooler: $(GENERATED) ## the service tests behind PgBouncer in transaction mode
 	@DATABASE_URL='$(DB_URL)' scripts/with-pgbouncer $(PY) -m pytest $(PYTEST_ARGS) $(POOLER_TESTS)
 

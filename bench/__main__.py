@@ -1,4 +1,5 @@
-"""`python -m bench [refill] [append] [--write-docs]`: runs the benchmarks on a scratch database."""
+"""`python -m bench [append] [generation] [queue] [refill] [--queue-max N] [--write-docs]`: runs the
+benchmarks on a scratch database."""
 
 import argparse
 import asyncio
@@ -7,30 +8,35 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import append, common, generation, refill
+from bench import append, common, generation, queue, refill
 from harness import databases
 from token_service import refill as refill_job
 
 
 async def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("which", nargs="*", help="append, generation, refill (default: all)")
+    parser.add_argument("which", nargs="*", help="append, generation, queue, refill (default: all)")
     parser.add_argument("--accounts", type=int, default=100_000, help="accounts for the refill")
+    parser.add_argument(
+        "--queue-max", type=int, default=100_000, help="longest queue for `queue` (1000000: a few minutes more)"
+    )
     parser.add_argument("--write-docs", action="store_true", help="put the figures into docs/benchmarks.md")
     args = parser.parse_args(argv)
-    unknown = set(args.which) - {"append", "generation", "refill"}
+    unknown = set(args.which) - {"append", "generation", "queue", "refill"}
     if unknown:
         parser.error(f"unknown benchmark {', '.join(sorted(unknown))}")
     base = os.environ.get("DATABASE_URL") or os.environ.get("POSTGRES_URL")
     if not base:
         print("DATABASE_URL is not set: run `make bench`", file=sys.stderr)
         return 2
-    for which in args.which or ["append", "generation", "refill"]:
+    for which in args.which or ["append", "generation", "queue", "refill"]:
         url = databases.scratch_database_url(base, "bench")
         databases.dbmate(url, "up")
         try:
             if which == "refill":
                 lines = await refill.bench(url, args.accounts, refill_job.BATCH_SIZE)
+            elif which == "queue":
+                lines = await queue.bench(url, args.queue_max)
             else:
                 with tempfile.TemporaryDirectory() as work_dir:
                     run = append.bench if which == "append" else generation.bench

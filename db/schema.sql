@@ -29,6 +29,25 @@ CREATE SCHEMA token;
 
 
 --
+-- Name: count_running(); Type: FUNCTION; Schema: generation; Owner: -
+--
+
+CREATE FUNCTION generation.count_running() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+  IF NEW.status = 'RUNNING' AND OLD.status <> 'RUNNING' THEN
+    INSERT INTO generation.job_owner AS o (user_id, running) VALUES (NEW.user_id, 1)
+    ON CONFLICT (user_id) DO UPDATE SET running = o.running + 1;
+  ELSIF OLD.status = 'RUNNING' AND NEW.status <> 'RUNNING' THEN
+    UPDATE generation.job_owner SET running = running - 1 WHERE user_id = OLD.user_id;
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+
+--
 -- Name: notify_job_change(); Type: FUNCTION; Schema: generation; Owner: -
 --
 
@@ -240,13 +259,64 @@ CREATE TABLE generation.generation_job (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     claimed_until timestamp with time zone,
     claims integer DEFAULT 0 NOT NULL,
+    lease_id uuid,
+    priority smallint DEFAULT 0 NOT NULL,
+    progress_percent smallint DEFAULT 0 NOT NULL,
+    progress_message text DEFAULT ''::text NOT NULL,
+    cancel_requested boolean DEFAULT false NOT NULL,
+    has_assets boolean DEFAULT false NOT NULL,
     CONSTRAINT generation_job_claims_check CHECK ((claims >= 0)),
     CONSTRAINT generation_job_error_message_check CHECK ((char_length(error_message) <= 2000)),
     CONSTRAINT generation_job_lost_leases_check CHECK ((lost_leases >= 0)),
+    CONSTRAINT generation_job_priority_check CHECK (((priority >= 0) AND (priority <= 100))),
+    CONSTRAINT generation_job_progress_message_check CHECK ((char_length(progress_message) <= 500)),
+    CONSTRAINT generation_job_progress_percent_check CHECK (((progress_percent >= 0) AND (progress_percent <= 100))),
     CONSTRAINT generation_job_prompt_check CHECK (((char_length(prompt) >= 1) AND (char_length(prompt) <= 4000))),
     CONSTRAINT generation_job_refund_state_check CHECK ((refund_state = ANY (ARRAY['NONE'::text, 'PENDING'::text, 'DONE'::text]))),
-    CONSTRAINT generation_job_status_check CHECK ((status = ANY (ARRAY['CHARGING'::text, 'REJECTED'::text, 'QUEUED'::text, 'RUNNING'::text, 'SUCCEEDED'::text, 'FAILED'::text, 'ARCHIVED'::text, 'PAUSED'::text]))),
+    CONSTRAINT generation_job_running_leased CHECK (((status <> 'RUNNING'::text) OR (lease_expires_at IS NOT NULL))),
+    CONSTRAINT generation_job_status_check CHECK ((status = ANY (ARRAY['CHARGING'::text, 'REJECTED'::text, 'QUEUED'::text, 'RUNNING'::text, 'SUCCEEDED'::text, 'FAILED'::text, 'ARCHIVED'::text, 'PAUSED'::text, 'CANCELLED'::text]))),
     CONSTRAINT generation_job_tokens_cost_check CHECK ((tokens_cost >= 1))
+);
+
+
+--
+-- Name: job_owner; Type: TABLE; Schema: generation; Owner: -
+--
+
+CREATE TABLE generation.job_owner (
+    user_id uuid NOT NULL,
+    plan text DEFAULT 'free'::text NOT NULL,
+    running integer DEFAULT 0 NOT NULL,
+    CONSTRAINT job_owner_running_check CHECK ((running >= 0))
+);
+
+
+--
+-- Name: model_price; Type: TABLE; Schema: generation; Owner: -
+--
+
+CREATE TABLE generation.model_price (
+    model text NOT NULL,
+    base_tokens bigint NOT NULL,
+    tokens_per_megapixel_step numeric NOT NULL,
+    is_default boolean DEFAULT false NOT NULL,
+    CONSTRAINT model_price_base_tokens_check CHECK (((base_tokens >= 0) AND (base_tokens <= 1000000))),
+    CONSTRAINT model_price_model_check CHECK (((char_length(model) >= 1) AND (char_length(model) <= 200))),
+    CONSTRAINT model_price_tokens_per_megapixel_step_check CHECK (((tokens_per_megapixel_step >= (0)::numeric) AND (tokens_per_megapixel_step <= (1000000)::numeric)))
+);
+
+
+--
+-- Name: plan_limit; Type: TABLE; Schema: generation; Owner: -
+--
+
+CREATE TABLE generation.plan_limit (
+    plan text NOT NULL,
+    priority smallint NOT NULL,
+    max_running_jobs integer NOT NULL,
+    CONSTRAINT plan_limit_max_running_jobs_check CHECK ((max_running_jobs >= 1)),
+    CONSTRAINT plan_limit_plan_check CHECK ((plan ~ '^[a-z][a-z0-9_]{0,31}$'::text)),
+    CONSTRAINT plan_limit_priority_check CHECK (((priority >= 0) AND (priority <= 100)))
 );
 
 
@@ -393,6 +463,30 @@ ALTER TABLE ONLY generation.generation_job
 
 
 --
+-- Name: job_owner job_owner_pkey; Type: CONSTRAINT; Schema: generation; Owner: -
+--
+
+ALTER TABLE ONLY generation.job_owner
+    ADD CONSTRAINT job_owner_pkey PRIMARY KEY (user_id);
+
+
+--
+-- Name: model_price model_price_pkey; Type: CONSTRAINT; Schema: generation; Owner: -
+--
+
+ALTER TABLE ONLY generation.model_price
+    ADD CONSTRAINT model_price_pkey PRIMARY KEY (model);
+
+
+--
+-- Name: plan_limit plan_limit_pkey; Type: CONSTRAINT; Schema: generation; Owner: -
+--
+
+ALTER TABLE ONLY generation.plan_limit
+    ADD CONSTRAINT plan_limit_pkey PRIMARY KEY (plan);
+
+
+--
 -- Name: schema_migrations schema_migrations_pkey; Type: CONSTRAINT; Schema: public; Owner: -
 --
 
@@ -481,7 +575,7 @@ CREATE INDEX idx_generation_job_charging ON generation.generation_job USING btre
 -- Name: idx_generation_job_completed; Type: INDEX; Schema: generation; Owner: -
 --
 
-CREATE INDEX idx_generation_job_completed ON generation.generation_job USING btree (completed_at) WHERE (status = ANY (ARRAY['SUCCEEDED'::text, 'FAILED'::text]));
+CREATE INDEX idx_generation_job_completed ON generation.generation_job USING btree (completed_at) WHERE (status = ANY (ARRAY['SUCCEEDED'::text, 'FAILED'::text, 'CANCELLED'::text]));
 
 
 --
@@ -502,7 +596,7 @@ CREATE INDEX idx_generation_job_paused ON generation.generation_job USING btree 
 -- Name: idx_generation_job_queued; Type: INDEX; Schema: generation; Owner: -
 --
 
-CREATE INDEX idx_generation_job_queued ON generation.generation_job USING btree (created_at, id) WHERE (status = 'QUEUED'::text);
+CREATE INDEX idx_generation_job_queued ON generation.generation_job USING btree (priority DESC, created_at, id) WHERE (status = 'QUEUED'::text);
 
 
 --
@@ -517,6 +611,13 @@ CREATE INDEX idx_generation_job_refund ON generation.generation_job USING btree 
 --
 
 CREATE INDEX idx_generation_job_user_time ON generation.generation_job USING btree (user_id, created_at DESC, id DESC);
+
+
+--
+-- Name: model_price_one_default; Type: INDEX; Schema: generation; Owner: -
+--
+
+CREATE UNIQUE INDEX model_price_one_default ON generation.model_price USING btree (is_default) WHERE is_default;
 
 
 --
@@ -559,6 +660,13 @@ CREATE INDEX idx_token_account_plan ON token.token_account USING btree (plan_cod
 --
 
 CREATE INDEX idx_token_ledger_user_time ON token.token_ledger USING btree (user_id, occurred_at DESC, seq DESC);
+
+
+--
+-- Name: generation_job generation_job_count_running; Type: TRIGGER; Schema: generation; Owner: -
+--
+
+CREATE TRIGGER generation_job_count_running AFTER UPDATE OF status ON generation.generation_job FOR EACH ROW WHEN ((old.status IS DISTINCT FROM new.status)) EXECUTE FUNCTION generation.count_running();
 
 
 --
@@ -649,4 +757,5 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261126100001'),
     ('20261126100002'),
     ('20261127100001'),
-    ('20261127100002');
+    ('20261127100002'),
+    ('20261127200001');

@@ -22,12 +22,25 @@ from blumpo_common.timestamps import from_proto, to_proto
 from blumpo_common.validation import Checker
 from generation_service import errors, rules
 from generation_service.charging import Charger, request_digest
-from generation_service.model import Asset, Image, ImageFormat, Job, JobState, NewAsset, NewJob, Variant, VariantKind
+from generation_service.model import (
+    Asset,
+    Image,
+    ImageFormat,
+    Job,
+    JobState,
+    NewAsset,
+    NewJob,
+    Price,
+    Variant,
+    VariantKind,
+)
 from generation_service.store import Store
 from generation_service.watch import Hub, NoSuchJobError, WatcherLimitError
 
 MAX_PROMPT = 4000
 MAX_ERROR_MESSAGE = 2000
+MAX_PROGRESS_MESSAGE = 500
+MAX_MODELS = 100
 MAX_TOKENS_COST = 10**12
 MAX_EXTRA_BYTES = 16 * 1024
 MAX_IMAGE_SIDE = 16384
@@ -111,6 +124,11 @@ def check_image(check: Checker, prefix: str, image: pb.AssetInput | pb.AddAssetV
     )
 
 
+def check_lease(check: Checker, value: str) -> uuid.UUID | None:
+    """An optional lease id: None when not given."""
+    return check.uuid("lease_id", value) if value else None
+
+
 def check_time(check: Checker, field: str, value: timestamp_pb2.Timestamp) -> datetime | None:
     try:
         return from_proto(value)
@@ -147,6 +165,11 @@ def job_message(job: Job) -> pb.Job:
         updated_at=to_proto(job.updated_at),
         worker_id=job.worker_id or "",
         lease_expires_at=to_proto(job.lease_expires_at),
+        lease_id=str(job.lease_id) if job.lease_id is not None else "",
+        priority=job.priority,
+        progress_percent=job.progress_percent,
+        progress_message=job.progress_message,
+        cancel_requested=job.cancel_requested,
     )
 
 
@@ -178,11 +201,21 @@ def asset_message(asset: Asset) -> pb.Asset:
 
 
 class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, store: Store, charger: Charger, hub: Hub, pages: PageTokens) -> None:
+    def __init__(
+        self, store: Store, charger: Charger, hub: Hub, pages: PageTokens, aging_seconds: float = 300.0
+    ) -> None:
         self.store = store
         self.charger = charger
         self.hub = hub
         self.pages = pages
+        # A queued job waiting longer than this is claimed as if one priority level higher.
+        self.aging_seconds = aging_seconds
+
+    async def _price(self, params: dict[str, Any]) -> Price:
+        price = await self.store.price(params["model"], params["width"], params["height"], params["steps"])
+        if price is None:
+            raise errors.unknown_model(params["model"])
+        return price
 
     async def CreateGenerationJob(
         self, request: pb.CreateGenerationJobRequest, context: Context
@@ -194,17 +227,36 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         if not request.HasField("params"):
             check.add("params", "is required (width, height and steps at least)")
         params = check_params(check, request.params)
-        check.in_range("tokens_cost", request.tokens_cost, 1, MAX_TOKENS_COST)
+        # 0: not given, the caller takes the current price.
+        check.in_range("tokens_cost", request.tokens_cost, 0, MAX_TOKENS_COST)
         check.done()
+        # The request as sent, so a retry is the same request whatever the price list says by then.
+        digest = request_digest(user_id, prompt, params, request.tokens_cost)
+        price = await self._price(params)
+        if request.tokens_cost and request.tokens_cost != price.tokens_cost:
+            existing = await self.store.get_job(job_id)
+            if existing is not None and existing.request_digest == digest:
+                return pb.CreateGenerationJobResponse(job=job_message(existing))  # made before the change
+            raise errors.price_changed(price.tokens_cost, request.tokens_cost)
         job = NewJob(
             id=job_id,
             user_id=user_id,
             prompt=prompt,
-            params=params,
-            tokens_cost=request.tokens_cost,
-            request_digest=request_digest(user_id, prompt, params, request.tokens_cost),
+            params={**params, "model": price.model},
+            tokens_cost=price.tokens_cost,
+            request_digest=digest,
         )
         return pb.CreateGenerationJobResponse(job=job_message(await self.charger.create(job)))
+
+    async def QuoteGenerationJob(
+        self, request: pb.QuoteGenerationJobRequest, context: Context
+    ) -> pb.QuoteGenerationJobResponse:
+        check = Checker()
+        if not request.HasField("params"):
+            check.add("params", "is required (width, height and steps at least)")
+        params = check_params(check, request.params)
+        check.done()
+        return pb.QuoteGenerationJobResponse(tokens_cost=(await self._price(params)).tokens_cost)
 
     async def GetGenerationJob(
         self, request: pb.GetGenerationJobRequest, context: Context
@@ -236,12 +288,14 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         job_id = check.uuid("job_id", request.job_id)
         target = check.choice("status", request.status, STATES.by_number)
         check_free_text(check, "error_message", request.error_message, MAX_ERROR_MESSAGE, 0)
+        check.text("worker_id", request.worker_id, max_len=200, min_len=0)
+        lease_id = check_lease(check, request.lease_id)
         check.done()
         assert target is not None
-        job = await self.store.move_job(job_id, target, request.error_message)
+        job = await self.store.move_job(job_id, target, request.error_message, lease_id)
         if job is None:
             # Read after the refused UPDATE, so a move that won a race is seen.
-            job = rules.refused_move(job_id, await self.store.get_job(job_id), target)
+            job = rules.refused_move(job_id, await self.store.get_job(job_id), target, lease_id)
         else:
             # Best effort now; if the token service is away the reconciler pays it later.
             await self.charger.refund(job)
@@ -251,11 +305,44 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         check = Checker()
         worker_id = check.text("worker_id", request.worker_id, max_len=200)
         check.in_range("lease_seconds", request.lease_seconds, 1, 3600)
+        if len(request.models) > MAX_MODELS:
+            check.add("models", f"must name at most {MAX_MODELS} models")
+        models = sorted({check.text("models", m, max_len=200) for m in request.models})
         check.done()
         for swept in await self.store.sweep_expired_leases():
             await self.charger.refund(swept)
-        job = await self.store.claim_next(worker_id, request.lease_seconds)
+        job = await self.store.claim_next(worker_id, request.lease_seconds, models, self.aging_seconds)
         return pb.ClaimNextJobResponse(job=job_message(job) if job is not None else None)
+
+    async def RenewJobLease(self, request: pb.RenewJobLeaseRequest, context: Context) -> pb.RenewJobLeaseResponse:
+        check = Checker()
+        job_id = check.uuid("job_id", request.job_id)
+        check.text("worker_id", request.worker_id, max_len=200, min_len=0)
+        lease_id = check.uuid("lease_id", request.lease_id)
+        check.in_range("lease_seconds", request.lease_seconds, 1, 3600)
+        check.in_range("progress_percent", request.progress_percent, 0, 100)
+        message = check_free_text(check, "progress_message", request.progress_message, MAX_PROGRESS_MESSAGE, 0)
+        check.done()
+        job = await self.store.renew_lease(job_id, lease_id, request.lease_seconds, request.progress_percent, message)
+        if job is None:
+            rules.refused_renewal(job_id, await self.store.get_job(job_id))
+        assert job is not None
+        return pb.RenewJobLeaseResponse(job=job_message(job), cancel_requested=job.cancel_requested)
+
+    async def CancelGenerationJob(
+        self, request: pb.CancelGenerationJobRequest, context: Context
+    ) -> pb.CancelGenerationJobResponse:
+        check = Checker()
+        job_id = check.uuid("job_id", request.job_id)
+        user_id = check.uuid("user_id", request.user_id)
+        check.done()
+        job = await self.store.cancel_job(job_id, user_id)
+        if job is None:
+            job = rules.refused_cancel(job_id, user_id, await self.store.get_job(job_id))
+        else:
+            # Best effort now; if the token service is away the reconciler pays it later.
+            await self.charger.refund(job)
+        return pb.CancelGenerationJobResponse(job=job_message(job))
 
     async def WatchGenerationJob(
         self, request: pb.WatchGenerationJobRequest, context: Context
@@ -286,9 +373,10 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
             title=check.text("asset.title", request.asset.title, max_len=200, min_len=0),
             image=check_image(check, "asset.", request.asset),
         )
+        lease_id = check_lease(check, request.lease_id)
         check.done()
-        attached = await self.store.attach_asset(new)
-        rules.check_attach(new, attached.job)
+        attached = await self.store.attach_asset(new, lease_id)
+        rules.check_attach(new, attached.job, lease_id)
         if attached.inserted is not None:
             return pb.AttachAssetToJobResponse(asset=asset_message(attached.inserted))
         stored = await self.store.asset(new.id)
@@ -298,13 +386,14 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
     async def AddAssetVariant(self, request: pb.AddAssetVariantRequest, context: Context) -> pb.AddAssetVariantResponse:
         check = Checker()
         asset_id = check.uuid("asset_id", request.asset_id)
+        user_id = check.uuid("user_id", request.user_id)
+        lease_id = check_lease(check, request.lease_id)
         kind = check.choice("kind", request.kind, KINDS.by_number)
         image = check_image(check, "", request)
         check.done()
         assert kind is not None
-        added = await self.store.add_variant(asset_id, kind, image)
-        if not added.asset_found:
-            raise errors.asset_not_found(asset_id)
+        added = await self.store.add_variant(asset_id, user_id, lease_id, kind, image)
+        rules.check_variant(asset_id, user_id, added.job, lease_id)
         variant = added.inserted
         if variant is None:
             stored = await self.store.variant_by_kind(asset_id, kind)

@@ -6,7 +6,7 @@ the token service refuses. Every step can be repeated: the insert is keyed by th
 job id, the debit replays, the last step is conditional. So whatever stops the saga
 midway (a crash, the token service down, a lost answer), repeating it finishes it,
 and the reconciler repeats it for intents nobody came back for. Refunds of failed
-jobs follow the same pattern: refund_state PENDING is the intent, the credit is
+and cancelled jobs follow the same pattern: refund_state PENDING is the intent, the credit is
 keyed `<job id>:refund`, DONE closes it. docs/charging.md has the failure cases.
 """
 
@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import prometheus_client
 
 from blumpo_common import db, retry
@@ -72,33 +73,56 @@ class Charger:
         self.store = store
         self.tokens = tokens
 
+    async def plan(self, user_id: uuid.UUID) -> str | None:
+        """The user's plan code, as the token service says now (it sets the job's priority);
+        None when the token service does not answer (the saga goes on, and the plan last known
+        for the user is used). An unknown user is refused here, before anything is written."""
+        answer = await self.tokens.plan(user_id)
+        if isinstance(answer, str):
+            return answer
+        if answer.code == grpc.StatusCode.NOT_FOUND:
+            raise errors.user_not_found(user_id)
+        log.warning("plan unknown; the last known one is used", extra={"user_id": str(user_id)})
+        return None
+
     async def create(self, job: NewJob) -> Job:
         """Runs (or resumes) the saga of a job; returns it QUEUED or later.
 
-        Only the holder of the job's claim asks the token service; a parallel call for the
+        A job made already is answered (the same request) or refused (another one) without a
+        call to the token service. Otherwise its owner's plan is asked for first (it sets the
+        priority). Only the holder of the job's claim asks for the debit; a parallel call for the
         same job waits for it to settle (or for its claim to run out) and goes on from there.
         """
+        existing = await self.store.get_job(job.id)
+        if existing is not None:
+            if existing.request_digest != job.request_digest:
+                raise errors.job_id_reused(job.id)
+            return existing
+        plan = await self.plan(job.user_id)
+        if plan is not None:
+            await self.store.record_owner(job.user_id, plan)
         pause = WAIT_POLL_SECONDS[0]
         while True:
-            claimed = await self._claim(job)
+            claimed = await self._claim(job, plan)
             if isinstance(claimed, Job) and claimed.status is not JobState.CHARGING:
                 return claimed  # charged already: the same request again
             if claimed is not None:
-                outcome = await self.tokens.debit(job.user_id, job.id, job.tokens_cost)
+                # The recorded cost: a retry priced later must not debit another amount.
+                outcome = await self.tokens.debit(job.user_id, job.id, claimed.tokens_cost)
                 return await self.settle_charge(claimed, outcome)
             if db.timeout(pause * 2) <= pause:
                 raise errors.charge_in_progress(job.id)
             await asyncio.sleep(pause)
             pause = min(pause * 2, WAIT_POLL_SECONDS[1])
 
-    async def _claim(self, job: NewJob) -> Job | None:
+    async def _claim(self, job: NewJob, plan: str | None) -> Job | None:
         """The job claimed for a debit by this call; the job itself when it is past charging;
         None while another call holds it."""
-        claimed = await self.store.insert_intent(job)
+        claimed = await self.store.insert_intent(job, plan)
         if claimed is None:
             # A refused job left nothing visible and nothing charged: its id takes this request,
             # the same (the balance may allow it now) or another one.
-            claimed = await self.store.retry_rejected(job)
+            claimed = await self.store.retry_rejected(job, plan)
         if claimed is not None:
             return claimed
         existing = await self.store.job_any_status(job.id)

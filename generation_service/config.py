@@ -39,6 +39,8 @@ class Config:
     page_tokens: PageTokenConfig
     # Mutual TLS (also of its client to the token service) and the callers' policy.
     security: Security
+    # A queued job waiting longer than this is claimed as if one priority level higher.
+    aging_seconds: float = 300.0
 
 
 def load(env: Mapping[str, str]) -> Config:
@@ -72,4 +74,5 @@ def load(env: Mapping[str, str]) -> Config:
         watch=watch,
         page_tokens=load_page_tokens(env, is_development(env)),
         security=load_security(env),
+        aging_seconds=integer(env, "PRIORITY_AGING_SECONDS", 300, 1, 30 * 86_400),
     )

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import grpc
 
-from blumpo_common.errors import RETRY_AFTER_OUTAGE_SECONDS, ServiceError, not_found
+from blumpo_common.errors import RETRY_AFTER_OUTAGE_SECONDS, ServiceError, invalid_argument, not_found
 from generation_service.model import JobState, VariantKind
 from generation_service.token_client import Outcome
 
@@ -55,6 +55,78 @@ def job_not_owned(job_id: uuid.UUID, user_id: uuid.UUID) -> ServiceError:
     )
 
 
+def asset_not_owned(asset_id: uuid.UUID, user_id: uuid.UUID) -> ServiceError:
+    return _error(
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ASSET_NOT_OWNED",
+        f"asset {asset_id} does not belong to user {user_id}",
+        asset_id=asset_id,
+        user_id=user_id,
+    )
+
+
+def lease_lost(job_id: uuid.UUID) -> ServiceError:
+    return _error(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "LEASE_LOST",
+        f"the lease_id given is not the live lease of job {job_id} (it ran out, or the job was claimed "
+        "again or finished); stop working on it and claim another job",
+        job_id=job_id,
+    )
+
+
+def running_only_by_claim(job_id: uuid.UUID, current: JobState) -> ServiceError:
+    return _error(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INVALID_TRANSITION",
+        f"job {job_id} is {current}; a job becomes RUNNING only through ClaimNextJob, which hands out its lease",
+        job_id=job_id,
+        current_status=current,
+        requested_status=JobState.RUNNING,
+    )
+
+
+def cancel_not_requested(job_id: uuid.UUID) -> ServiceError:
+    return _error(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INVALID_TRANSITION",
+        f"job {job_id} is RUNNING and its user did not ask to cancel it; a worker reports CANCELLED only "
+        "after RenewJobLease answered cancel_requested (report FAILED for a job it cannot do)",
+        job_id=job_id,
+        current_status=JobState.RUNNING,
+        requested_status=JobState.CANCELLED,
+    )
+
+
+def job_has_assets(job_id: uuid.UUID, target: JobState) -> ServiceError:
+    return _error(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "JOB_HAS_ASSETS",
+        f"job {job_id} has an attached asset, so it was delivered and cannot become {target}; mark it SUCCEEDED",
+        job_id=job_id,
+        requested_status=target,
+    )
+
+
+def unknown_model(model: str) -> ServiceError:
+    return invalid_argument([("params.model", f"no model {model!r} on the price list (empty: the default model)")])
+
+
+def price_changed(price: int, expected: int) -> ServiceError:
+    return _error(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PRICE_CHANGED",
+        f"the job costs {price} tokens now, not the {expected} expected; nothing was charged. "
+        "Ask again with tokens_cost set to the price (or unset to accept it)",
+        price=price,
+        expected=expected,
+    )
+
+
+def user_not_found(user_id: uuid.UUID) -> ServiceError:
+    return _error(grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND", f"no user {user_id} (no token account)", user_id=user_id)
+
+
 def job_not_accepting_assets(job_id: uuid.UUID, status: JobState) -> ServiceError:
     return _error(
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -62,6 +134,17 @@ def job_not_accepting_assets(job_id: uuid.UUID, status: JobState) -> ServiceErro
         f"job {job_id} is {status}; assets attach only to RUNNING or SUCCEEDED jobs",
         job_id=job_id,
         status=status,
+    )
+
+
+def not_cancellable(job_id: uuid.UUID, current: JobState) -> ServiceError:
+    return _error(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INVALID_TRANSITION",
+        f"job {job_id} is {current}: only a QUEUED, PAUSED or RUNNING job can be cancelled",
+        job_id=job_id,
+        current_status=current,
+        requested_status=JobState.CANCELLED,
     )
 
 
@@ -120,8 +203,7 @@ def charge_refused(job_id: uuid.UUID, user_id: uuid.UUID, outcome: Outcome) -> S
             {**metadata, "job_id": str(job_id)},
         )
     if code == grpc.StatusCode.NOT_FOUND:
-        message = f"no user {user_id} (no token account)"
-        return _error(grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND", message, user_id=user_id)
+        return user_not_found(user_id)
     return ServiceError(
         code,
         outcome.reason or "CHARGE_REFUSED",

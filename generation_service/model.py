@@ -31,11 +31,12 @@ class JobState(enum.StrEnum):
     FAILED = "FAILED"
     ARCHIVED = "ARCHIVED"
     PAUSED = "PAUSED"
+    CANCELLED = "CANCELLED"
 
 
 class RefundState(enum.StrEnum):
     NONE = "NONE"
-    # Owed: the job failed and its cost has not been given back yet.
+    # Owed: the job failed or was cancelled, and its cost has not been given back yet.
     PENDING = "PENDING"
     DONE = "DONE"
 
@@ -77,8 +78,16 @@ class Job(NewJob):
     status: JobState
     error_message: str | None
     worker_id: str | None
+    # The fencing token of the current (or, once finished, the last) lease.
+    lease_id: uuid.UUID | None
     lease_expires_at: datetime | None
     lost_leases: int
+    priority: int
+    progress_percent: int
+    progress_message: str
+    cancel_requested: bool
+    # An asset is attached: the job can no longer fail or be cancelled.
+    has_assets: bool
     refund_state: RefundState
     pause_requested: bool
     # The current claim on the job's charge or refund (charging.py) and until when it holds.
@@ -170,10 +179,22 @@ class Asset:
 
 @dataclass(frozen=True)
 class JobRef:
-    """A job's owner and state, as an insert that depends on them found it."""
+    """A job's owner, state and lease, as an insert that depends on them found it."""
 
+    id: uuid.UUID
     user_id: uuid.UUID
     status: JobState
+    lease_id: uuid.UUID | None
+    # Whether the lease was still running when the statement looked.
+    lease_live: bool
+
+
+@dataclass(frozen=True)
+class Price:
+    """What a job of some params costs now, by the price list (model is the one priced)."""
+
+    model: str
+    tokens_cost: int
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ class Parts:
     reconciler: Reconciler
     hub: Hub
     pages: PageTokens
+    aging_seconds: float
 
 
 def parts(
@@ -50,6 +51,7 @@ def parts(
     *,
     watch: WatchSettings | None = None,
     pages: PageTokens | None = None,
+    aging_seconds: float = 300.0,
 ) -> Parts:
     """The service's parts; without pages, page tokens are signed with a secret made up for them."""
     store = Store(pool, database.timeout_ms / 1000, settings.claim_seconds)
@@ -60,13 +62,14 @@ def parts(
         Reconciler(charger, settings),
         Hub(database, store.get_job, watch or WatchSettings()),
         pages or PageTokens.generated(),
+        aging_seconds,
     )
 
 
 def service(p: Parts, on_reload: Sequence[Callable[[], object]] = ()) -> server.Service:
     def register(grpc_server: grpc.aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GenerationApi(p.store, p.charger, p.hub, p.pages), grpc_server
+            GenerationApi(p.store, p.charger, p.hub, p.pages, p.aging_seconds), grpc_server
         )
 
     return server.Service(
@@ -114,6 +117,7 @@ async def run(config: generation_config.Config) -> None:
             config.reconciler,
             watch=config.watch,
             pages=pages,
+            aging_seconds=config.aging_seconds,
         )
         prometheus_client.REGISTRY.register(BacklogCollector(wired.store, asyncio.get_running_loop()))
         await server.serve(service(wired, on_reload=(channel.reload,)), pool, config.server, config.security)

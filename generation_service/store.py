@@ -28,6 +28,7 @@ from generation_service.model import (
     JobState,
     NewAsset,
     NewJob,
+    Price,
     Variant,
     VariantKind,
 )
@@ -36,6 +37,8 @@ Q = db.load_queries(Path(__file__).with_name("queries.sql"))
 # Rows one maintenance statement changes at most, so no statement holds many locks for long.
 MAINTENANCE_BATCH = 1000
 LEASE_SWEEP_BATCH = 100
+# Times a claim is asked again after losing its owner's last running slot to a racing claim.
+CLAIM_ATTEMPTS = 5
 _END_OF_TIME = datetime.max
 _MAX_UUID = uuid.UUID(int=2**128 - 1)
 
@@ -55,6 +58,14 @@ def _request(job: NewJob) -> dict[str, Any]:
     }
 
 
+def _job_ref(row: asyncpg.Record) -> JobRef | None:
+    if row["job_user"] is None:
+        return None
+    return JobRef(
+        row["job_id"], row["job_user"], JobState(row["job_status"]), row["job_lease_id"], row["job_lease_live"]
+    )
+
+
 @dataclass(frozen=True)
 class Attached:
     """What an attach found: the job (None when there is none) and the asset it inserted (None if none)."""
@@ -65,7 +76,10 @@ class Attached:
 
 @dataclass(frozen=True)
 class AddedVariant:
-    asset_found: bool
+    """What a variant insert found: the asset's job (None when there is no such asset) and the
+    variant it inserted (None if none)."""
+
+    job: JobRef | None
     inserted: Variant | None
 
 
@@ -79,16 +93,25 @@ class Store(db.BaseStore):
 
     # The charge saga. A method that claims returns the job with its claim (job.claims).
 
-    async def insert_intent(self, job: NewJob) -> Job | None:
-        """The new CHARGING job, claimed; None when the id is taken."""
-        return _job(await self.fetchrow("insert_intent", claim_seconds=self.claim_seconds, **_request(job)))
+    async def record_owner(self, user_id: uuid.UUID, plan: str) -> None:
+        await self.execute("record_owner", user_id, plan)
+
+    async def price(self, model: str, width: int, height: int, steps: int) -> Price | None:
+        """What params cost now ('' prices the default model); None for a model not on the list."""
+        row = await self.fetchrow("price", model, width, height, steps)
+        return Price(row["model"], row["tokens_cost"]) if row is not None else None
+
+    async def insert_intent(self, job: NewJob, plan: str | None) -> Job | None:
+        """The new CHARGING job, claimed, at its owner's plan's priority (plan None: the last
+        known); None when the id is taken."""
+        return _job(await self.fetchrow("insert_intent", claim_seconds=self.claim_seconds, plan=plan, **_request(job)))
 
     async def job_any_status(self, job_id: uuid.UUID) -> Job | None:
         return _job(await self.fetchrow("job_any_status", job_id))
 
-    async def retry_rejected(self, job: NewJob) -> Job | None:
+    async def retry_rejected(self, job: NewJob, plan: str | None) -> Job | None:
         """A REJECTED job made a claimed CHARGING intent of this request; None if it is not REJECTED."""
-        return _job(await self.fetchrow("retry_rejected", claim_seconds=self.claim_seconds, **_request(job)))
+        return _job(await self.fetchrow("retry_rejected", claim_seconds=self.claim_seconds, plan=plan, **_request(job)))
 
     async def claim(self, job_ids: Sequence[uuid.UUID]) -> list[Job]:
         """Those of the jobs, claimed, that nobody held and that still have a charge or refund to settle."""
@@ -148,18 +171,40 @@ class Store(db.BaseStore):
         )
         return [Job.from_row(r) for r in rows]
 
-    async def move_job(self, job_id: uuid.UUID, target: JobState, error_message: str) -> Job | None:
+    async def move_job(
+        self, job_id: uuid.UUID, target: JobState, error_message: str, lease_id: uuid.UUID | None
+    ) -> Job | None:
         """Applies a move of the state machine in one conditional UPDATE; None when it did not apply."""
         row = await self.fetchrow(
             "move_job",
             id=job_id,
             target=target,
             error_message=error_message,
+            lease_id=lease_id,
             sources=rules.sources(target),
             owes_refund=rules.owes_refund_on(target),
+            delivered_ok=target not in rules.UNDELIVERED,
             claim_seconds=self.claim_seconds,
         )
         return _job(row)
+
+    async def renew_lease(
+        self, job_id: uuid.UUID, lease_id: uuid.UUID, lease_seconds: int, progress_percent: int, progress_message: str
+    ) -> Job | None:
+        """The job with its lease extended; None when lease_id is not its live lease."""
+        row = await self.fetchrow(
+            "renew_lease",
+            id=job_id,
+            lease_id=lease_id,
+            lease_seconds=float(lease_seconds),
+            progress_percent=progress_percent,
+            progress_message=progress_message,
+        )
+        return _job(row)
+
+    async def cancel_job(self, job_id: uuid.UUID, user_id: uuid.UUID) -> Job | None:
+        """The job cancelled (waiting) or marked for its worker (RUNNING); None when nothing changed."""
+        return _job(await self.fetchrow("cancel_job", id=job_id, user_id=user_id, claim_seconds=self.claim_seconds))
 
     async def sweep_expired_leases(self) -> list[Job]:
         """Requeues (or fails) up to a batch of RUNNING jobs whose lease ran out."""
@@ -167,7 +212,7 @@ class Store(db.BaseStore):
             "sweep_expired_leases",
             batch=LEASE_SWEEP_BATCH,
             max_lost_leases=rules.MAX_LOST_LEASES,
-            failure_owes_refund=rules.owes_refund_on(JobState.FAILED),
+            owing=sorted(rules.UNDELIVERED),
             claim_seconds=self.claim_seconds,
         )
         return [Job.from_row(r) for r in rows]
@@ -177,32 +222,54 @@ class Store(db.BaseStore):
         assert row is not None  # one row of aggregates
         return Backlog.from_row(row)
 
-    async def claim_next(self, worker_id: str, lease_seconds: int) -> Job | None:
-        return _job(await self.fetchrow("claim_next", worker_id, float(lease_seconds)))
+    async def claim_next(
+        self, worker_id: str, lease_seconds: int, models: Sequence[str], aging_seconds: float
+    ) -> Job | None:
+        """The next job for a worker of these models (empty: any), RUNNING under a fresh lease;
+        None when no job is claimable."""
+        for _ in range(CLAIM_ATTEMPTS):
+            row = await self.fetchrow(
+                "claim_next",
+                worker_id=worker_id,
+                lease_seconds=float(lease_seconds),
+                models=list(models),
+                aging_seconds=aging_seconds,
+            )
+            assert row is not None
+            if row["job"] is not None or not row["found"]:
+                return _job(row["job"])
+        return None
 
     # Assets.
 
-    async def attach_asset(self, new: NewAsset) -> Attached:
+    async def attach_asset(self, new: NewAsset, lease_id: uuid.UUID | None) -> Attached:
         row = await self.fetchrow(
             "attach_asset",
             id=new.id,
             job_id=new.job_id,
             user_id=new.user_id,
             title=new.title,
-            accepting=sorted(rules.ACCEPTING_ASSETS),
+            lease_id=lease_id,
             **dataclasses.asdict(new.image),
         )
         assert row is not None
-        job = JobRef(row["job_user"], JobState(row["job_status"])) if row["job_user"] is not None else None
-        return Attached(job, Asset.from_row(row["inserted"]) if row["inserted"] is not None else None)
+        return Attached(_job_ref(row), Asset.from_row(row["inserted"]) if row["inserted"] is not None else None)
 
-    async def add_variant(self, asset_id: uuid.UUID, kind: VariantKind, image: Image) -> AddedVariant:
+    async def add_variant(
+        self, asset_id: uuid.UUID, user_id: uuid.UUID, lease_id: uuid.UUID | None, kind: VariantKind, image: Image
+    ) -> AddedVariant:
         row = await self.fetchrow(
-            "add_variant", id=uuid.uuid4(), asset_id=asset_id, kind=kind, **dataclasses.asdict(image)
+            "add_variant",
+            id=uuid.uuid4(),
+            asset_id=asset_id,
+            user_id=user_id,
+            lease_id=lease_id,
+            kind=kind,
+            **dataclasses.asdict(image),
         )
         assert row is not None
         inserted = row["inserted"]
-        return AddedVariant(row["asset_found"], Variant.from_row(inserted) if inserted is not None else None)
+        return AddedVariant(_job_ref(row), Variant.from_row(inserted) if inserted is not None else None)
 
     async def variant_by_kind(self, asset_id: uuid.UUID, kind: VariantKind) -> Variant | None:
         row = await self.fetchrow("variant_by_kind", asset_id, kind)

@@ -65,6 +65,8 @@ class TokenLedger(Protocol):
 
     async def refund(self, user_id: uuid.UUID, job_id: uuid.UUID, cost: int) -> Outcome: ...
 
+    async def plan(self, user_id: uuid.UUID) -> str | Outcome: ...
+
 
 class TokenClient:
     def __init__(self, stub: token_pb2_grpc.TokenServiceAsyncStub, policy: retry.RetryPolicy) -> None:
@@ -79,22 +81,37 @@ class TokenClient:
         """Gives a failed job's cost back once (reference = `<job id>:refund`)."""
         return await self._append(user_id, cost, tpb.LEDGER_REASON_GENERATION_REFUND, refund_reference(job_id))
 
+    async def plan(self, user_id: uuid.UUID) -> str | Outcome:
+        """The code of the user's plan (GetTokenBalance), or the Outcome of a failed call."""
+        request = tpb.GetTokenBalanceRequest(user_id=str(user_id))
+
+        async def attempt(timeout: float) -> tpb.GetTokenBalanceResponse:
+            return await self.stub.GetTokenBalance(request, timeout=timeout, metadata=_request_metadata())
+
+        try:
+            response = await retry.call(self.policy, attempt)
+        except grpc.aio.AioRpcError as exc:
+            return _failure(exc)
+        return response.plan
+
     async def _append(
         self, user_id: uuid.UUID, delta: int, reason: tpb.LedgerReason.ValueType, reference: str
     ) -> Outcome:
         request = tpb.AppendLedgerEntryRequest(user_id=str(user_id), delta=delta, reason=reason, reference_id=reference)
 
-        # The request id of the call being served goes along, so both services log it.
-        metadata = (("x-request-id", logs.request_id.get()),) if logs.request_id.get() else None
-
         async def attempt(timeout: float) -> tpb.AppendLedgerEntryResponse:
-            return await self.stub.AppendLedgerEntry(request, timeout=timeout, metadata=metadata)
+            return await self.stub.AppendLedgerEntry(request, timeout=timeout, metadata=_request_metadata())
 
         try:
             response = await retry.call(self.policy, attempt)
         except grpc.aio.AioRpcError as exc:
             return _failure(exc)
         return Outcome(Result.DONE, replayed=response.replayed)
+
+
+def _request_metadata() -> tuple[tuple[str, str], ...] | None:
+    """The request id of the call being served goes along, so both services log it."""
+    return (("x-request-id", logs.request_id.get()),) if logs.request_id.get() else None
 
 
 def _failure(exc: grpc.aio.AioRpcError) -> Outcome:

@@ -57,12 +57,18 @@ async def _on_server(url: str, statement: str) -> None:
         await conn.close()
 
 
-async def create_template(base: str) -> str:
+async def create_template(base: str, setup: str = "") -> str:
     """A migrated database that nothing may connect to: CREATE DATABASE ... TEMPLATE refuses
-    a template with a session open on it."""
+    a template with a session open on it. setup: SQL run on it after the migrations."""
     url = scratch_database_url(base, "template")
     await asyncio.to_thread(dbmate, url, "up")
     await development_logins.set_passwords(url)
+    if setup:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(setup)
+        finally:
+            await conn.close()
     await _on_server(url, f'ALTER DATABASE "{database_name(url)}" WITH ALLOW_CONNECTIONS false')
     return url
 

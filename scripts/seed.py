@@ -8,6 +8,12 @@ serves them (`make seed` starts a pair for the while when they are not running).
 Everything is keyed: fixed emails, ledger references and uuid5 job/asset ids, so a
 second run finds what the first made (replays, same-request answers, ALREADY_EXISTS)
 and changes nothing.
+
+The jobs are of the model blumpo-diffusion-v1, priced by the service's price list, each
+at the price the seed expects (PRICE_CHANGED if the list says otherwise). The seed is the
+worker of the jobs it moves past QUEUED: it claims each (a claim of that model only), under
+a lease of an hour. The RUNNING job is left so; when its lease runs out the service's sweep
+puts it back in the queue, as it would for a worker that died.
 """
 
 from __future__ import annotations
@@ -66,12 +72,19 @@ class Variant:
     bytes_size: int
 
 
+MODEL = "blumpo-diffusion-v1"
+LEASE_SECONDS = 3600
+WORKER = "seed-worker"
+
+
 @dataclass(frozen=True)
 class SeedJob:
     name: str
     prompt: str
     target: Status
+    # The price the seed expects for the job's steps (1024 x 1024 pixels, MODEL).
     tokens_cost: int = 10
+    steps: int = 30
     # An asset (with these variants) is attached while the job runs.
     variants: tuple[Variant, ...] | None = None
     error_message: str = ""
@@ -94,22 +107,30 @@ WEB = Variant(gpb.VARIANT_KIND_WEB, 1024, 1024, 262_144)
 PRINT = Variant(gpb.VARIANT_KIND_PRINT, 4096, 4096, 4_194_304)
 
 JOBS = (
-    SeedJob("lighthouse", "A lighthouse on a cliff at dawn, watercolour", gpb.JOB_STATUS_SUCCEEDED, 10, (THUMB, WEB)),
-    SeedJob("fox", "A red fox in fresh snow, studio photo", gpb.JOB_STATUS_SUCCEEDED, 20, (THUMB, WEB, PRINT)),
+    SeedJob(
+        "lighthouse", "A lighthouse on a cliff at dawn, watercolour", gpb.JOB_STATUS_SUCCEEDED, 10, 30, (THUMB, WEB)
+    ),
+    SeedJob("fox", "A red fox in fresh snow, studio photo", gpb.JOB_STATUS_SUCCEEDED, 20, 68, (THUMB, WEB, PRINT)),
     SeedJob("city", "A neon city street in the rain, cinematic", gpb.JOB_STATUS_RUNNING, 10),
     SeedJob("garden", "A Japanese garden in autumn, isometric", gpb.JOB_STATUS_QUEUED, 10),
     SeedJob("robot", "A tin robot reading a book, pixel art", gpb.JOB_STATUS_PAUSED, 10),
     SeedJob(
-        "storm", "A thunderstorm over wheat fields", gpb.JOB_STATUS_FAILED, 10, error_message="seed: model timed out"
+        "storm",
+        "A thunderstorm over wheat fields",
+        gpb.JOB_STATUS_FAILED,
+        10,
+        30,
+        error_message="seed: model timed out",
     ),
 )
 
-# The moves from QUEUED to each status the seed uses, along the allowed transitions.
+# The moves from QUEUED to each status the seed uses, along the allowed transitions
+# (RUNNING: the seed's worker claims the job).
 PATHS: dict[Status, list[Status]] = {
     gpb.JOB_STATUS_QUEUED: [],
     gpb.JOB_STATUS_RUNNING: [gpb.JOB_STATUS_RUNNING],
     gpb.JOB_STATUS_SUCCEEDED: [gpb.JOB_STATUS_RUNNING, gpb.JOB_STATUS_SUCCEEDED],
-    gpb.JOB_STATUS_FAILED: [gpb.JOB_STATUS_RUNNING, gpb.JOB_STATUS_FAILED],
+    gpb.JOB_STATUS_FAILED: [gpb.JOB_STATUS_FAILED],
     gpb.JOB_STATUS_PAUSED: [gpb.JOB_STATUS_PAUSED],
 }
 
@@ -163,7 +184,7 @@ async def ensure_user(token: TokenStub, user: SeedUser, out: Summary) -> tpb.Use
 
 async def ensure_job(generation: GenerationStub, user_id: str, job: SeedJob, out: Summary) -> None:
     job_id = seed_id(f"job:{job.name}")
-    params = gpb.GenerationParams(width=1024, height=1024, steps=30, seed=42, model="blumpo-diffusion-v1")
+    params = gpb.GenerationParams(width=1024, height=1024, steps=job.steps, seed=42, model=MODEL)
     params.extra.CopyFrom(struct_pb2.Struct(fields={"style": struct_pb2.Value(string_value="seed")}))
     created = await generation.CreateGenerationJob(
         gpb.CreateGenerationJobRequest(
@@ -175,27 +196,53 @@ async def ensure_job(generation: GenerationStub, user_id: str, job: SeedJob, out
     path = PATHS[job.target]
     # Only the moves still ahead of the job's current status, so a rerun moves nothing.
     ahead = path[path.index(status) + 1 :] if status in path else (path if status == gpb.JOB_STATUS_QUEUED else [])
+    lease_id = created.job.lease_id
     for step in ahead:
+        if step == gpb.JOB_STATUS_RUNNING:
+            lease_id = await claim(generation, job_id)
+            continue
         if step == gpb.JOB_STATUS_SUCCEEDED and job.variants is not None:
-            await attach_asset(generation, user_id, job_id, job, out)
+            await attach_asset(generation, user_id, job_id, job, lease_id, out)
         await generation.UpdateGenerationJobStatus(
             gpb.UpdateGenerationJobStatusRequest(
-                job_id=job_id, status=step, error_message=job.error_message if step == gpb.JOB_STATUS_FAILED else ""
+                job_id=job_id,
+                status=step,
+                error_message=job.error_message if step == gpb.JOB_STATUS_FAILED else "",
+                worker_id=WORKER,
+                lease_id=lease_id,
             ),
             timeout=CALL_TIMEOUT_SECONDS,
         )
     if not ahead and status == gpb.JOB_STATUS_SUCCEEDED and job.variants is not None:
-        await attach_asset(generation, user_id, job_id, job, out)  # same data again: the same asset
+        await attach_asset(generation, user_id, job_id, job, "", out)  # same data again: the same asset
     out.say(f"job {job.name}: id {job_id}, {gpb.JobStatus.Name(job.target)}")
 
 
-async def attach_asset(generation: GenerationStub, user_id: str, job_id: str, job: SeedJob, out: Summary) -> None:
+async def claim(generation: GenerationStub, job_id: str) -> str:
+    """Claims the seed's job as its worker; its lease id. The seed's model has no other jobs in
+    the queue unless someone else made some: then this stops (the job claimed instead goes back
+    to the queue when its lease runs out)."""
+    claimed = await generation.ClaimNextJob(
+        gpb.ClaimNextJobRequest(worker_id=WORKER, lease_seconds=LEASE_SECONDS, models=[MODEL]),
+        timeout=CALL_TIMEOUT_SECONDS,
+    )
+    if claimed.job.job_id != job_id:
+        raise QueueTaken(
+            f"the queue of {MODEL} holds other jobs than the seed's (claimed {claimed.job.job_id or 'none'})"
+        )
+    return claimed.job.lease_id
+
+
+async def attach_asset(
+    generation: GenerationStub, user_id: str, job_id: str, job: SeedJob, lease_id: str, out: Summary
+) -> None:
     asset_id = seed_id(f"asset:{job.name}")
     base = f"users/{user_id}/jobs/{job_id}"
     await generation.AttachAssetToJob(
         gpb.AttachAssetToJobRequest(
             job_id=job_id,
             user_id=user_id,
+            lease_id=lease_id,
             asset=gpb.AssetInput(
                 asset_id=asset_id,
                 title=job.prompt.split(",")[0],
@@ -215,6 +262,8 @@ async def attach_asset(generation: GenerationStub, user_id: str, job_id: str, jo
             await generation.AddAssetVariant(
                 gpb.AddAssetVariantRequest(
                     asset_id=asset_id,
+                    user_id=user_id,
+                    lease_id=lease_id,
                     kind=variant.kind,
                     storage_key=f"{base}/{kind}.webp",
                     mime_type="image/webp",
@@ -252,6 +301,10 @@ class Unreachable(Exception):
     pass
 
 
+class QueueTaken(Exception):
+    pass
+
+
 async def main() -> int:
     try:
         listening = services.configured(os.environ)
@@ -262,7 +315,7 @@ async def main() -> int:
     generation_address = os.environ.get("GENERATION_SERVICE_ADDR") or services.dialable(listening.generation)
     try:
         await seed(token_address, generation_address)
-    except Unreachable as exc:
+    except (Unreachable, QueueTaken) as exc:
         print(f"seed: {exc}", file=sys.stderr)
         return 1
     except grpc.aio.AioRpcError as error:

@@ -24,6 +24,7 @@ from generation_service.server import parts as generation_parts_for
 from generation_service.server import service as generation_service
 from harness import databases
 from tests import support
+from tests.generation_support import TEST_PRICES_SQL
 from token_service.otp import OtpLogins
 from token_service.server import service as token_service
 from token_service.store import Store as TokenStore
@@ -35,7 +36,7 @@ async def clones() -> AsyncIterator[databases.Clones]:
     base = os.environ.get("DATABASE_URL") or os.environ.get("POSTGRES_URL")
     if not base:
         pytest.fail("DATABASE_URL is not set: run the tests with `make test`")
-    template = await databases.create_template(base)
+    template = await databases.create_template(base, setup=TEST_PRICES_SQL)
     made = databases.Clones(template, "test")
     yield made
     await made.close()

@@ -7,6 +7,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -15,7 +16,7 @@ from blumpo.token.v1 import token_pb2 as tpb
 from harness import databases
 from tests import support
 from tests.support import OtpHarness, TokenStub
-from tests.test_migrations import make
+from tests.test_migrations import make, migrate_up_to
 
 # In development without TLS, the caller is the one `x-blumpo-caller` names.
 
@@ -111,10 +112,8 @@ def scratch(database_url: str) -> Iterator[str]:
     databases.drop_database(url)
 
 
-async def test_entries_from_before_the_trail_say_unknown(scratch: str) -> None:
-    make("migrate", scratch)
-    make("rollback", scratch)  # the OTP limits
-    make("rollback", scratch)  # the writer of each entry
+async def test_entries_from_before_the_trail_say_unknown(scratch: str, tmp_path: Path) -> None:
+    migrate_up_to("20261127100001_ledger_created_by.sql", scratch, tmp_path)
     conn = await asyncpg.connect(scratch)
     try:
         [user] = await conn.fetch("SELECT * FROM token.create_user('old@example.com', 'free', 1000000)")

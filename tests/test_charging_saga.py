@@ -59,6 +59,9 @@ class FakeLedger:
     async def refund(self, user_id: uuid.UUID, job_id: uuid.UUID, cost: int) -> Outcome:
         return await self._answer("refund", job_id, cost)
 
+    async def plan(self, user_id: uuid.UUID) -> str:
+        return "free"
+
 
 @pytest.fixture(scope="module")
 async def store(database_url: str) -> AsyncIterator[Store]:
@@ -161,7 +164,7 @@ async def test_a_caller_gone_mid_debit_is_finished_by_the_reconciler(
 async def test_the_reconciler_stops_its_pass_while_the_token_service_is_away(store: Store, ledger: FakeLedger) -> None:
     jobs = [new_job() for _ in range(3)]
     for job in jobs:
-        assert await store.insert_intent(job) is not None
+        assert await store.insert_intent(job, "free") is not None
     await claims_run_out(store)
     ledger.script = [AWAY]
     assert (await reconciler(store, ledger).run_once())["intents"] == 0
@@ -176,8 +179,8 @@ async def test_the_reconciler_stops_its_pass_while_the_token_service_is_away(sto
 
 async def test_an_intent_that_keeps_failing_goes_to_the_back_of_the_line(store: Store, ledger: FakeLedger) -> None:
     stuck, other = new_job(), new_job()
-    assert await store.insert_intent(stuck) is not None
-    assert await store.insert_intent(other) is not None
+    assert await store.insert_intent(stuck, "free") is not None
+    assert await store.insert_intent(other, "free") is not None
     await claims_run_out(store)
     ledger.script = [BROKEN, DONE]
     assert (await reconciler(store, ledger).run_once())["intents"] == 1
@@ -188,7 +191,7 @@ async def test_an_intent_that_keeps_failing_goes_to_the_back_of_the_line(store: 
 
 async def failed_job(store: Store, ledger: FakeLedger) -> uuid.UUID:
     job = await charger(store, ledger).create(new_job(cost=7))
-    moved = await store.move_job(job.id, JobState.FAILED, "worker crashed")
+    moved = await store.move_job(job.id, JobState.FAILED, "worker crashed", None)
     assert moved is not None and moved.refund_state is RefundState.PENDING
     return job.id
 
@@ -232,7 +235,7 @@ async def test_the_reconciler_skips_rows_another_process_holds(
     store: Store, ledger: FakeLedger, database_url: str
 ) -> None:
     job = new_job()
-    assert await store.insert_intent(job) is not None
+    assert await store.insert_intent(job, "free") is not None
     await claims_run_out(store)
     other = await asyncpg.connect(database_url)
     try:
@@ -284,7 +287,7 @@ async def test_a_refusal_never_strands_a_parallel_retrys_charge(store: Store) ->
 
 async def test_a_refusal_from_a_claim_that_ran_out_settles_nothing(store: Store, ledger: FakeLedger) -> None:
     job = new_job()
-    first = await store.insert_intent(job)
+    first = await store.insert_intent(job, "free")
     assert first is not None
     await claims_run_out(store)
     [second] = await store.claim([job.id])
@@ -320,7 +323,7 @@ async def test_a_debit_of_an_earlier_request_is_given_back(store: Store, ledger:
 async def test_two_reconcilers_racing_settle_each_row_once(store: Store, ledger: FakeLedger) -> None:
     jobs = [new_job() for _ in range(40)]
     for job in jobs:
-        assert await store.insert_intent(job) is not None
+        assert await store.insert_intent(job, "free") is not None
     await claims_run_out(store)
     first, second = reconciler(store, ledger), reconciler(store, ledger)
     for _ in range(4):  # 10 rows a pass each

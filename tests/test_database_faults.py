@@ -29,7 +29,7 @@ from harness.cluster import PrivateCluster
 from harness.processes import ServiceProcess, free_port
 from tests import support
 from tests.conftest import database_config
-from tests.generation_support import GenerationStub, TokenStub, ledger_matches_jobs
+from tests.generation_support import GenerationStub, TokenStub, add_test_prices, ledger_matches_jobs
 from tests.mixed_load import MixedLoad, acknowledged_entries_kept
 from token_service.server import service as token_service
 from token_service.store import Store as TokenStore
@@ -146,6 +146,7 @@ async def deployment(tmp_path: Path) -> AsyncIterator[_Deployment]:
         await asyncio.to_thread(cluster.start)
         url = cluster.url("blumpo")
         await asyncio.to_thread(databases.dbmate, url, "up")
+        await add_test_prices(url)
         token_port, generation_port = free_port(), free_port()
         common = {"DATABASE_URL": url, "LOG_LEVEL": "WARNING", "SHUTDOWN_GRACE_SECONDS": "1"}
         token = ServiceProcess(

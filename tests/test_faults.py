@@ -31,6 +31,7 @@ from blumpo.token.v1 import token_pb2_grpc
 from harness import databases
 from harness.cluster import PrivateCluster
 from harness.processes import ServiceProcess, free_port
+from tests.generation_support import add_test_prices, params_costing
 from tests.support import GenerationStub, TokenStub
 
 pytestmark = pytest.mark.faults
@@ -122,6 +123,7 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[PrivateCluster, str, Serv
     server.start()
     url = server.url("blumpo_faults")
     databases.dbmate(url, "up")
+    await add_test_prices(url)
     services = Services(url, tmp_path)
     await services.token.start()
     await services.generation.start()
@@ -186,8 +188,8 @@ async def client(
                 user_id=user,
                 job_id=str(uuid.uuid4()),
                 prompt="a lighthouse under faults",
-                params=gpb.GenerationParams(width=512, height=512, steps=20, seed=1, model="sdxl"),
-                tokens_cost=random.choice([1, 2, 5]),
+                params=params_costing(cost := random.choice([1, 2, 5])),
+                tokens_cost=cost,
             )
             answer = await history.call(
                 "CreateGenerationJob", partial(generation.CreateGenerationJob, create, timeout=CALL_TIMEOUT)
@@ -208,7 +210,9 @@ async def work_one_job(generation: GenerationStub, history: History) -> None:
     if claim is None or not claim.HasField("job"):
         return
     target = random.choice([gpb.JOB_STATUS_SUCCEEDED, gpb.JOB_STATUS_FAILED])
-    request = gpb.UpdateGenerationJobStatusRequest(job_id=claim.job.job_id, status=target, error_message="fault")
+    request = gpb.UpdateGenerationJobStatusRequest(
+        job_id=claim.job.job_id, status=target, error_message="fault", lease_id=claim.job.lease_id
+    )
     moved = await history.call(
         "UpdateGenerationJobStatus", lambda: generation.UpdateGenerationJobStatus(request, timeout=CALL_TIMEOUT)
     )
@@ -260,11 +264,13 @@ async def violations(url: str, history: History) -> dict[str, list[Any]]:
         found["visible job without exactly one debit"] = [
             i for i in visible if entries[i] != 1 or amounts.get(i) != -jobs[i]["tokens_cost"]
         ]
-        found["FAILED job without exactly one refund"] = [
-            i for i, j in jobs.items() if j["status"] == "FAILED" and entries[f"{i}:refund"] != 1
+        found["FAILED or CANCELLED job without exactly one refund"] = [
+            i for i, j in jobs.items() if j["status"] in ("FAILED", "CANCELLED") and entries[f"{i}:refund"] != 1
         ]
-        found["refund of a job that did not fail"] = [
-            i for i, j in jobs.items() if entries[f"{i}:refund"] and j["status"] not in ("FAILED", "REJECTED")
+        found["refund of a job that did not fail nor was cancelled"] = [
+            i
+            for i, j in jobs.items()
+            if entries[f"{i}:refund"] and j["status"] not in ("FAILED", "CANCELLED", "REJECTED")
         ]
         found["debit without a visible job (or its refund)"] = [
             ref

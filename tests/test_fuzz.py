@@ -38,7 +38,7 @@ from generation_service.server import Parts as GenerationParts
 from generation_service.server import parts as generation_parts_for
 from tests import support
 from tests.conftest import TEST_PAGE_TOKENS, TEST_RETRY, database_config
-from tests.generation_support import asset_input, create_job
+from tests.generation_support import asset_input, finish, running_job
 from tests.support import GenerationStub, TokenStub
 
 FD = descriptor.FieldDescriptor
@@ -110,14 +110,16 @@ async def known(token: TokenStub, generation: GenerationStub) -> Known:
     """A user with a finished job, its asset and a variant."""
     email = support.new_email()
     user = (await token.CreateUser(tpb.CreateUserRequest(email=email))).user
-    job = await create_job(generation, user.user_id)
-    claimed = await generation.ClaimNextJob(gpb.ClaimNextJobRequest(worker_id="fuzz-setup", lease_seconds=300))
-    assert claimed.job.job_id == job.job_id
+    job = await running_job(generation, user.user_id, worker_id="fuzz-setup")
     asset = asset_input()
-    await generation.AttachAssetToJob(gpb.AttachAssetToJobRequest(job_id=job.job_id, user_id=user.user_id, asset=asset))
+    await generation.AttachAssetToJob(
+        gpb.AttachAssetToJobRequest(job_id=job.job_id, user_id=user.user_id, asset=asset, lease_id=job.lease_id)
+    )
     await generation.AddAssetVariant(
         gpb.AddAssetVariantRequest(
             asset_id=asset.asset_id,
+            user_id=user.user_id,
+            lease_id=job.lease_id,
             kind=gpb.VARIANT_KIND_THUMBNAIL,
             storage_key="users/u/thumb.webp",
             mime_type="image/webp",
@@ -127,8 +129,7 @@ async def known(token: TokenStub, generation: GenerationStub) -> Known:
             format=gpb.IMAGE_FORMAT_WEBP,
         )
     )
-    done = gpb.UpdateGenerationJobStatusRequest(job_id=job.job_id, status=gpb.JOB_STATUS_SUCCEEDED)
-    await generation.UpdateGenerationJobStatus(done)
+    await finish(generation, job, gpb.JOB_STATUS_SUCCEEDED)
     return Known(user.user_id, email, job.job_id, asset.asset_id)
 
 

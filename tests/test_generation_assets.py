@@ -11,7 +11,7 @@ import grpc
 from blumpo.generation.v1 import generation_pb2 as gpb
 from generation_service.store import Q
 from tests import support
-from tests.generation_support import GenerationStub, TokenStub, asset_input, create_job, running_job
+from tests.generation_support import GenerationStub, TokenStub, asset_input, create_job, finish, running_job
 
 VARIANTS = [
     (gpb.VARIANT_KIND_THUMBNAIL, gpb.IMAGE_FORMAT_WEBP, "image/webp", 256),
@@ -20,9 +20,14 @@ VARIANTS = [
 ]
 
 
-def variant_request(asset_id: str, kind: int, fmt: int, mime: str, side: int) -> gpb.AddAssetVariantRequest:
+def variant_request(
+    job: gpb.Job, asset_id: str, kind: int, fmt: int, mime: str, side: int
+) -> gpb.AddAssetVariantRequest:
+    """A variant the worker holding job adds (as the job's user, under its lease)."""
     return gpb.AddAssetVariantRequest(
         asset_id=asset_id,
+        user_id=job.user_id,
+        lease_id=job.lease_id,
         kind=kind,  # type: ignore[arg-type]
         storage_key=f"variants/{asset_id}/{kind}",
         mime_type=mime,
@@ -34,7 +39,9 @@ def variant_request(asset_id: str, kind: int, fmt: int, mime: str, side: int) ->
 
 
 async def _attach(generation: GenerationStub, job: gpb.Job, asset: gpb.AssetInput, user_id: str = "") -> gpb.Asset:
-    request = gpb.AttachAssetToJobRequest(job_id=job.job_id, user_id=user_id or job.user_id, asset=asset)
+    request = gpb.AttachAssetToJobRequest(
+        job_id=job.job_id, user_id=user_id or job.user_id, asset=asset, lease_id=job.lease_id
+    )
     return (await generation.AttachAssetToJob(request)).asset
 
 
@@ -51,9 +58,9 @@ async def test_attach_asset_and_three_variants(generation: GenerationStub, token
         given.format,
     )
     assert await _attach(generation, job, given) == asset, "the same asset again is the same asset"
-    variants = [(await generation.AddAssetVariant(variant_request(asset.asset_id, *v))).variant for v in VARIANTS]
+    variants = [(await generation.AddAssetVariant(variant_request(job, asset.asset_id, *v))).variant for v in VARIANTS]
     assert [v.kind for v in variants] == [v[0] for v in VARIANTS]
-    again = (await generation.AddAssetVariant(variant_request(asset.asset_id, *VARIANTS[0]))).variant
+    again = (await generation.AddAssetVariant(variant_request(job, asset.asset_id, *VARIANTS[0]))).variant
     assert again == variants[0]
     fetched = (await generation.GetAsset(gpb.GetAssetRequest(asset_id=asset.asset_id))).asset
     assert list(fetched.variants) == variants  # THUMBNAIL, WEB, PRINT
@@ -90,29 +97,27 @@ async def test_attach_rules(generation: GenerationStub, token: TokenStub) -> Non
     assert support.bad_fields(error) == ["asset.mime_type"]
 
     # SUCCEEDED still accepts assets; FAILED does not.
-    await generation.UpdateGenerationJobStatus(
-        gpb.UpdateGenerationJobStatusRequest(job_id=running.job_id, status=gpb.JOB_STATUS_SUCCEEDED)
-    )
+    await finish(generation, running, gpb.JOB_STATUS_SUCCEEDED)
     await _attach(generation, running, asset_input())
     failed = await running_job(generation, user_id)
-    await generation.UpdateGenerationJobStatus(
-        gpb.UpdateGenerationJobStatusRequest(job_id=failed.job_id, status=gpb.JOB_STATUS_FAILED)
+    await finish(generation, failed, gpb.JOB_STATUS_FAILED)
+    await support.expect_error(
+        _attach(generation, failed, asset_input()), grpc.StatusCode.FAILED_PRECONDITION, "JOB_NOT_ACCEPTING_ASSETS"
     )
-    await support.expect_error(_attach(generation, failed, asset_input()), grpc.StatusCode.FAILED_PRECONDITION)
 
 
 async def test_variant_rules(generation: GenerationStub, token: TokenStub) -> None:
     user_id = await support.user_with_balance(token, 10)
     job = await running_job(generation, user_id)
     asset = await _attach(generation, job, asset_input())
-    await generation.AddAssetVariant(variant_request(asset.asset_id, *VARIANTS[1]))
-    different = variant_request(asset.asset_id, *VARIANTS[1])
+    await generation.AddAssetVariant(variant_request(job, asset.asset_id, *VARIANTS[1]))
+    different = variant_request(job, asset.asset_id, *VARIANTS[1])
     different.bytes_size += 1
     await support.expect_error(
         generation.AddAssetVariant(different), grpc.StatusCode.ALREADY_EXISTS, "VARIANT_KIND_TAKEN"
     )
     await support.expect_error(
-        generation.AddAssetVariant(variant_request(str(uuid.uuid4()), *VARIANTS[0])),
+        generation.AddAssetVariant(variant_request(job, str(uuid.uuid4()), *VARIANTS[0])),
         grpc.StatusCode.NOT_FOUND,
         "ASSET_NOT_FOUND",
     )
@@ -125,8 +130,8 @@ async def test_assets_for_user_newest_first_in_pages(generation: GenerationStub,
     user_id = await support.user_with_balance(token, 10)
     job = await running_job(generation, user_id)
     assets = [await _attach(generation, job, asset_input()) for _ in range(5)]
-    await generation.AddAssetVariant(variant_request(assets[0].asset_id, *VARIANTS[0]))
-    await generation.AddAssetVariant(variant_request(assets[0].asset_id, *VARIANTS[2]))
+    await generation.AddAssetVariant(variant_request(job, assets[0].asset_id, *VARIANTS[0]))
+    await generation.AddAssetVariant(variant_request(job, assets[0].asset_id, *VARIANTS[2]))
     seen: list[gpb.Asset] = []
     page_token = ""
     for _ in range(10):

@@ -67,7 +67,7 @@ async def test_same_job_id_other_request_is_already_exists(
     if change == "prompt":
         other.prompt = "something else"
     elif change == "cost":
-        other.tokens_cost = 4
+        other = job_request(user_id, job_id=request.job_id, cost=4)
     else:
         other.params.steps = 31
     error = await support.expect_error(
@@ -93,7 +93,7 @@ async def test_insufficient_tokens_lists_nothing_and_may_be_retried(
     listed = await generation.ListGenerationJobs(gpb.ListGenerationJobsRequest(user_id=user_id))
     assert list(listed.jobs) == []
     assert await references(admin, user_id) == {}
-    hidden = gpb.UpdateGenerationJobStatusRequest(job_id=request.job_id, status=gpb.JOB_STATUS_RUNNING)
+    hidden = gpb.UpdateGenerationJobStatusRequest(job_id=request.job_id, status=gpb.JOB_STATUS_PAUSED)
     await support.expect_error(generation.UpdateGenerationJobStatus(hidden), grpc.StatusCode.NOT_FOUND)
     # Once the balance allows it, the same request goes through, charged once.
     await token.AppendLedgerEntry(
@@ -113,10 +113,11 @@ async def test_unknown_user_is_not_found_and_lists_nothing(
     user_id = str(uuid.uuid4())
     request = job_request(user_id)
     await support.expect_error(generation.CreateGenerationJob(request), grpc.StatusCode.NOT_FOUND, "USER_NOT_FOUND")
+    # The token service said so when asked for the plan, before anything was written.
     status = await admin.fetchval(
         "SELECT status FROM generation.generation_job WHERE id = $1", uuid.UUID(request.job_id)
     )
-    assert status == "REJECTED"
+    assert status is None
     listed = await generation.ListGenerationJobs(gpb.ListGenerationJobsRequest(user_id=user_id))
     assert list(listed.jobs) == []
 
@@ -198,8 +199,9 @@ async def _explain(admin: asyncpg.Connection, sql: str, *args: object) -> str:
     return "\n".join(r[0] for r in rows)
 
 
+# What UpdateGenerationJobStatus allows: RUNNING only through a claim, and RUNNING to CANCELLED
+# only once the user asked (test_generation_workers.py).
 ALLOWED = {
-    (gpb.JOB_STATUS_QUEUED, gpb.JOB_STATUS_RUNNING),
     (gpb.JOB_STATUS_QUEUED, gpb.JOB_STATUS_PAUSED),
     (gpb.JOB_STATUS_PAUSED, gpb.JOB_STATUS_QUEUED),
     (gpb.JOB_STATUS_RUNNING, gpb.JOB_STATUS_SUCCEEDED),
@@ -207,15 +209,17 @@ ALLOWED = {
     (gpb.JOB_STATUS_QUEUED, gpb.JOB_STATUS_FAILED),
     (gpb.JOB_STATUS_SUCCEEDED, gpb.JOB_STATUS_ARCHIVED),
     (gpb.JOB_STATUS_FAILED, gpb.JOB_STATUS_ARCHIVED),
+    (gpb.JOB_STATUS_CANCELLED, gpb.JOB_STATUS_ARCHIVED),
 }
-# How to bring a fresh QUEUED job to each status through allowed moves.
+# How to bring a fresh job to each status: claimed first or not, then the moves.
 PATHS = {
-    gpb.JOB_STATUS_QUEUED: [],
-    gpb.JOB_STATUS_PAUSED: [gpb.JOB_STATUS_PAUSED],
-    gpb.JOB_STATUS_RUNNING: [gpb.JOB_STATUS_RUNNING],
-    gpb.JOB_STATUS_SUCCEEDED: [gpb.JOB_STATUS_RUNNING, gpb.JOB_STATUS_SUCCEEDED],
-    gpb.JOB_STATUS_FAILED: [gpb.JOB_STATUS_FAILED],
-    gpb.JOB_STATUS_ARCHIVED: [gpb.JOB_STATUS_FAILED, gpb.JOB_STATUS_ARCHIVED],
+    gpb.JOB_STATUS_QUEUED: (False, []),
+    gpb.JOB_STATUS_PAUSED: (False, [gpb.JOB_STATUS_PAUSED]),
+    gpb.JOB_STATUS_RUNNING: (True, []),
+    gpb.JOB_STATUS_SUCCEEDED: (True, [gpb.JOB_STATUS_SUCCEEDED]),
+    gpb.JOB_STATUS_FAILED: (False, [gpb.JOB_STATUS_FAILED]),
+    gpb.JOB_STATUS_ARCHIVED: (False, [gpb.JOB_STATUS_FAILED, gpb.JOB_STATUS_ARCHIVED]),
+    gpb.JOB_STATUS_CANCELLED: (False, [gpb.JOB_STATUS_CANCELLED]),
 }
 MOVES = [(source, target) for source in PATHS for target in PATHS]
 
@@ -224,9 +228,22 @@ def _name(status: gpb.JobStatus.ValueType) -> str:
     return gpb.JobStatus.Name(status).removeprefix("JOB_STATUS_")
 
 
-async def _move(generation: GenerationStub, job_id: str, status: int, message: str = "") -> gpb.Job:
-    request = gpb.UpdateGenerationJobStatusRequest(job_id=job_id, status=status, error_message=message)  # type: ignore[arg-type]
+async def _move(generation: GenerationStub, job_id: str, status: int, message: str = "", lease_id: str = "") -> gpb.Job:
+    request = gpb.UpdateGenerationJobStatusRequest(
+        job_id=job_id,
+        status=status,  # type: ignore[arg-type]
+        error_message=message,
+        lease_id=lease_id,
+    )
     return (await generation.UpdateGenerationJobStatus(request)).job
+
+
+async def _step(generation: GenerationStub, job: gpb.Job, status: int) -> gpb.Job:
+    """A move by the job's worker (its lease), or by the user for CANCELLED."""
+    if status == gpb.JOB_STATUS_CANCELLED:
+        cancel = gpb.CancelGenerationJobRequest(job_id=job.job_id, user_id=job.user_id)
+        return (await generation.CancelGenerationJob(cancel)).job
+    return await _move(generation, job.job_id, status, lease_id=job.lease_id)
 
 
 @pytest.mark.parametrize(("source", "target"), MOVES, ids=[f"{_name(s)}-{_name(t)}" for s, t in MOVES])
@@ -234,18 +251,21 @@ async def test_each_move_of_the_state_machine(
     generation: GenerationStub, token: TokenStub, source: gpb.JobStatus.ValueType, target: gpb.JobStatus.ValueType
 ) -> None:
     user_id = await support.user_with_balance(token, 10)
-    job = await create_job(generation, user_id)
-    for step in PATHS[source]:
-        job = await _move(generation, job.job_id, step)
+    claimed, steps = PATHS[source]
+    job = await (running_job if claimed else create_job)(generation, user_id)
+    for step in steps:
+        job = await _step(generation, job, step)
     assert job.status == source
-    if (source, target) in ALLOWED or source == target:
-        moved = await _move(generation, job.job_id, target)
+    if (source, target) in ALLOWED or (source == target and target != gpb.JOB_STATUS_RUNNING):
+        moved = await _move(generation, job.job_id, target, lease_id=job.lease_id)
         assert moved.status == target
         if source == target:
             assert moved.updated_at == job.updated_at, "a no-op writes nothing"
     else:
         error = await support.expect_error(
-            _move(generation, job.job_id, target), grpc.StatusCode.FAILED_PRECONDITION, "INVALID_TRANSITION"
+            _move(generation, job.job_id, target, lease_id=job.lease_id),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "INVALID_TRANSITION",
         )
         assert support.error_info(error).metadata["current_status"] == _name(source)
 
@@ -254,7 +274,7 @@ async def test_moves_stamp_times(generation: GenerationStub, token: TokenStub) -
     user_id = await support.user_with_balance(token, 10)
     job = await running_job(generation, user_id)
     assert job.HasField("started_at") and not job.HasField("completed_at")
-    done = await _move(generation, job.job_id, gpb.JOB_STATUS_SUCCEEDED)
+    done = await _move(generation, job.job_id, gpb.JOB_STATUS_SUCCEEDED, lease_id=job.lease_id)
     assert done.HasField("completed_at")
     assert done.started_at == job.started_at
     assert done.completed_at.ToDatetime() >= done.started_at.ToDatetime()
@@ -266,9 +286,9 @@ async def test_failing_refunds_exactly_once(
     user_id = await support.user_with_balance(token, 20)
     job = await running_job(generation, user_id, cost=6)
     assert await balance(token, user_id) == 14
-    failed = await _move(generation, job.job_id, gpb.JOB_STATUS_FAILED, "out of GPU memory")
+    failed = await _move(generation, job.job_id, gpb.JOB_STATUS_FAILED, "out of GPU memory", job.lease_id)
     assert failed.status == gpb.JOB_STATUS_FAILED and failed.error_message == "out of GPU memory"
-    again = await _move(generation, job.job_id, gpb.JOB_STATUS_FAILED, "again")
+    again = await _move(generation, job.job_id, gpb.JOB_STATUS_FAILED, "again", job.lease_id)
     assert again.error_message == "out of GPU memory"
     await _move(generation, job.job_id, gpb.JOB_STATUS_ARCHIVED)
     assert await balance(token, user_id) == 20
@@ -287,8 +307,8 @@ async def test_racing_moves_cannot_both_win(
     for _ in range(10):
         job = await running_job(generation, user_id)
         results = await asyncio.gather(
-            _move(generation, job.job_id, gpb.JOB_STATUS_SUCCEEDED),
-            _move(generation, job.job_id, gpb.JOB_STATUS_FAILED),
+            _move(generation, job.job_id, gpb.JOB_STATUS_SUCCEEDED, lease_id=job.lease_id),
+            _move(generation, job.job_id, gpb.JOB_STATUS_FAILED, lease_id=job.lease_id),
             return_exceptions=True,
         )
         wins = [r for r in results if isinstance(r, gpb.Job)]
@@ -320,6 +340,7 @@ async def test_the_caller_request_id_follows_the_charge_into_the_token_service(
     }
     assert calls == {
         ("/blumpo.generation.v1.GenerationService/CreateGenerationJob", "OK"),
+        ("/blumpo.token.v1.TokenService/GetTokenBalance", "OK"),
         ("/blumpo.token.v1.TokenService/AppendLedgerEntry", "OK"),
     }
 

@@ -24,9 +24,10 @@ async def _bulk_jobs(
     rows = await admin.fetch(
         """
         INSERT INTO generation.generation_job (id, user_id, prompt, params, tokens_cost, status, request_digest,
-                                               completed_at)
+                                               completed_at, lease_expires_at)
         SELECT gen_random_uuid(), gen_random_uuid(), 'bulk', '{}'::jsonb, 1, $2, '\\x00'::bytea,
-               now() - make_interval(days => $3)
+               now() - make_interval(days => $3),
+               CASE WHEN $2 = 'RUNNING' THEN now() + interval '1 hour' END
         FROM generate_series(1, $1)
         RETURNING id
         """,
@@ -48,11 +49,12 @@ async def test_archive_completed_jobs_in_batches(generation: GenerationStub, adm
     count = store.MAINTENANCE_BATCH * 2 + 10
     old = await _bulk_jobs(admin, count, "SUCCEEDED", completed_days_ago=100)
     old_failed = await _bulk_jobs(admin, 5, "FAILED", completed_days_ago=100)
+    old_failed += await _bulk_jobs(admin, 5, "CANCELLED", completed_days_ago=100)
     recent = await _bulk_jobs(admin, 5, "SUCCEEDED", completed_days_ago=10)
     old_running = await _bulk_jobs(admin, 5, "RUNNING", completed_days_ago=100)
     archived = await generation.ArchiveCompletedJobs(gpb.ArchiveCompletedJobsRequest())
-    assert archived.archived >= count + 5
-    assert await _statuses(admin, old + old_failed) == {"ARCHIVED": count + 5}
+    assert archived.archived >= count + 10
+    assert await _statuses(admin, old + old_failed) == {"ARCHIVED": count + 10}
     assert await _statuses(admin, recent) == {"SUCCEEDED": 5}
     assert await _statuses(admin, old_running) == {"RUNNING": 5}
     again = await generation.ArchiveCompletedJobs(gpb.ArchiveCompletedJobsRequest(older_than_days=90))

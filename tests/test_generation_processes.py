@@ -34,6 +34,7 @@ from tests.generation_support import (
     ledger_matches_jobs,
     no_mismatches,
     references,
+    running_job,
 )
 
 pytestmark = pytest.mark.slow
@@ -95,10 +96,7 @@ async def _token_down_then_back(
     generation: GenerationStub, token: TokenStub, token_process: ServiceProcess, admin: asyncpg.Connection
 ) -> None:
     user_id = await support.user_with_balance(token, 20)
-    failing = (await generation.CreateGenerationJob(job_request(user_id, cost=2))).job
-    await generation.UpdateGenerationJobStatus(
-        gpb.UpdateGenerationJobStatusRequest(job_id=failing.job_id, status=gpb.JOB_STATUS_RUNNING)
-    )
+    failing = await running_job(generation, user_id, cost=2)
     assert await balance(token, user_id) == 18
 
     token_process.kill(signal.SIGKILL)
@@ -115,7 +113,9 @@ async def _token_down_then_back(
         assert await _status(admin, request.job_id) == "CHARGING"
     # Failing a job while the token service is down succeeds; the refund is owed.
     failed = await generation.UpdateGenerationJobStatus(
-        gpb.UpdateGenerationJobStatusRequest(job_id=failing.job_id, status=gpb.JOB_STATUS_FAILED, error_message="gpu")
+        gpb.UpdateGenerationJobStatusRequest(
+            job_id=failing.job_id, status=gpb.JOB_STATUS_FAILED, error_message="gpu", lease_id=failing.lease_id
+        )
     )
     assert failed.job.status == gpb.JOB_STATUS_FAILED
     owed = await admin.fetchval(

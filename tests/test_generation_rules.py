@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import pytest
@@ -17,30 +19,58 @@ from tests.support import expect_error
 
 
 def test_state_machine_is_the_contracts() -> None:
-    assert rules.sources(JobState.RUNNING) == [JobState.QUEUED]
+    # RUNNING is entered only by a claim.
+    assert rules.sources(JobState.RUNNING) == []
     assert rules.sources(JobState.FAILED) == [JobState.QUEUED, JobState.RUNNING]
-    assert rules.sources(JobState.ARCHIVED) == [JobState.FAILED, JobState.SUCCEEDED]
+    assert rules.sources(JobState.CANCELLED) == [JobState.RUNNING]
+    assert rules.sources(JobState.ARCHIVED) == [JobState.CANCELLED, JobState.FAILED, JobState.SUCCEEDED]
     assert rules.sources(JobState.QUEUED) == [JobState.PAUSED]
     # Internal statuses are never a source or a target of a caller's move.
     for source, target in rules.ALLOWED:
         assert {source, target} <= rules.VISIBLE
-    assert {JobState.SUCCEEDED, JobState.FAILED, JobState.ARCHIVED} == rules.TERMINAL
+    assert {JobState.SUCCEEDED, JobState.FAILED, JobState.ARCHIVED, JobState.CANCELLED} == rules.TERMINAL
+    for current in (JobState.SUCCEEDED, JobState.QUEUED, JobState.RUNNING):
+        with pytest.raises(ServiceError) as refused:
+            rules.refused_move(uuid.uuid4(), _job(current), JobState.RUNNING, None)
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert refused.value.reason == "INVALID_TRANSITION"
+        assert refused.value.metadata["current_status"] == current
+
+
+def test_a_running_job_moves_only_under_its_live_lease() -> None:
+    lease = uuid.uuid4()
+    live = _job(JobState.RUNNING, lease_id=lease, lease_expires_at=datetime.now(UTC) + timedelta(minutes=1))
+    ran_out = _job(JobState.RUNNING, lease_id=lease, lease_expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    for job, given in ((live, None), (live, uuid.uuid4()), (ran_out, lease)):
+        with pytest.raises(ServiceError) as refused:
+            rules.refused_move(job.id, job, JobState.SUCCEEDED, given)
+        assert refused.value.reason == "LEASE_LOST"
+    # The worker's retry of a move that was applied is no change; another worker's is LEASE_LOST.
+    done = _job(JobState.SUCCEEDED, lease_id=lease)
+    assert rules.refused_move(done.id, done, JobState.SUCCEEDED, lease) is done
     with pytest.raises(ServiceError) as refused:
-        rules.refused_move(uuid.uuid4(), _job(JobState.SUCCEEDED), JobState.RUNNING)
-    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION and refused.value.reason == "INVALID_TRANSITION"
-    assert refused.value.metadata["current_status"] == "SUCCEEDED"
+        rules.refused_move(done.id, done, JobState.SUCCEEDED, uuid.uuid4())
+    assert refused.value.reason == "LEASE_LOST"
+    with pytest.raises(ServiceError) as refused:
+        rules.refused_move(live.id, live, JobState.CANCELLED, lease)
+    assert refused.value.reason == "INVALID_TRANSITION", "no cancel was asked for"
+    delivered = _job(JobState.RUNNING, lease_id=lease, lease_expires_at=live.lease_expires_at, has_assets=True)
+    for target in (JobState.FAILED, JobState.CANCELLED):
+        with pytest.raises(ServiceError) as refused:
+            rules.refused_move(delivered.id, delivered, target, lease)
+        assert refused.value.reason == "JOB_HAS_ASSETS"
 
 
-def test_only_a_failure_owes_a_refund() -> None:
-    assert [s for s in JobState if rules.owes_refund_on(s)] == [JobState.FAILED]
+def test_failures_and_cancels_owe_a_refund() -> None:
+    assert [s for s in JobState if rules.owes_refund_on(s)] == [JobState.FAILED, JobState.CANCELLED]
     assert rules.refund_owed(_job(JobState.FAILED, RefundState.PENDING))
     assert not rules.refund_owed(_job(JobState.FAILED, RefundState.DONE))
     assert not rules.refund_owed(_job(JobState.SUCCEEDED))
 
 
-def _job(status: JobState, refund: RefundState = RefundState.NONE) -> Job:
+def _job(status: JobState, refund: RefundState = RefundState.NONE, **changes: Any) -> Job:
     now = datetime.now(UTC)
-    return Job(
+    job = Job(
         id=uuid.uuid4(),
         user_id=uuid.uuid4(),
         prompt="p",
@@ -50,8 +80,14 @@ def _job(status: JobState, refund: RefundState = RefundState.NONE) -> Job:
         request_digest=b"",
         error_message=None,
         worker_id=None,
+        lease_id=None,
         lease_expires_at=None,
         lost_leases=0,
+        priority=0,
+        progress_percent=0,
+        progress_message="",
+        cancel_requested=False,
+        has_assets=False,
         refund_state=refund,
         pause_requested=False,
         claims=0,
@@ -61,6 +97,7 @@ def _job(status: JobState, refund: RefundState = RefundState.NONE) -> Job:
         completed_at=None,
         updated_at=now,
     )
+    return dataclasses.replace(job, **changes)
 
 
 def _error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:

@@ -43,6 +43,7 @@ def _attach(**change: Any) -> gpb.AttachAssetToJobRequest:
 def _variant(**change: Any) -> gpb.AddAssetVariantRequest:
     request = gpb.AddAssetVariantRequest(
         asset_id=str(uuid.uuid4()),
+        user_id=USER,
         kind=gpb.VARIANT_KIND_WEB,
         storage_key="k",
         mime_type="image/png",
@@ -51,6 +52,13 @@ def _variant(**change: Any) -> gpb.AddAssetVariantRequest:
         height=1,
         format=gpb.IMAGE_FORMAT_PNG,
     )
+    for name, value in change.items():
+        setattr(request, name, value)
+    return request
+
+
+def _renew(**change: Any) -> gpb.RenewJobLeaseRequest:
+    request = gpb.RenewJobLeaseRequest(job_id=JOB, worker_id="w", lease_id=str(uuid.uuid4()), lease_seconds=30)
     for name, value in change.items():
         setattr(request, name, value)
     return request
@@ -82,8 +90,44 @@ CASES: list[tuple[str, Callable[[], Any], str]] = [
     ("CreateGenerationJob", lambda: _create(**{"params.steps": 0}), "params.steps"),
     ("CreateGenerationJob", lambda: _create(**{"params.steps": 201}), "params.steps"),
     ("CreateGenerationJob", lambda: _create(**{"params.model": "m" * 201}), "params.model"),
-    ("CreateGenerationJob", lambda: _create(tokens_cost=0), "tokens_cost"),
     ("CreateGenerationJob", lambda: _create(tokens_cost=-5), "tokens_cost"),
+    ("CreateGenerationJob", lambda: _create(**{"params.model": "no-such-model"}), "params.model"),
+    ("QuoteGenerationJob", lambda: gpb.QuoteGenerationJobRequest(), "params"),
+    (
+        "QuoteGenerationJob",
+        lambda: gpb.QuoteGenerationJobRequest(params=gpb.GenerationParams(width=64, height=64, steps=0)),
+        "params.steps",
+    ),
+    (
+        "QuoteGenerationJob",
+        lambda: gpb.QuoteGenerationJobRequest(params=gpb.GenerationParams(width=64, height=64, steps=1, model="nope")),
+        "params.model",
+    ),
+    *[("RenewJobLease", lambda v=v: _renew(job_id=v), "job_id") for v in BAD_IDS],
+    *[("RenewJobLease", lambda v=v: _renew(lease_id=v), "lease_id") for v in BAD_IDS],
+    ("RenewJobLease", lambda: _renew(lease_seconds=0), "lease_seconds"),
+    ("RenewJobLease", lambda: _renew(progress_percent=101), "progress_percent"),
+    ("RenewJobLease", lambda: _renew(progress_percent=-1), "progress_percent"),
+    ("RenewJobLease", lambda: _renew(progress_message="m" * 501), "progress_message"),
+    ("RenewJobLease", lambda: _renew(progress_message="a\x00"), "progress_message"),
+    *[
+        ("CancelGenerationJob", lambda v=v: gpb.CancelGenerationJobRequest(job_id=v, user_id=USER), "job_id")
+        for v in BAD_IDS
+    ],
+    *[
+        ("CancelGenerationJob", lambda v=v: gpb.CancelGenerationJobRequest(job_id=JOB, user_id=v), "user_id")
+        for v in BAD_IDS
+    ],
+    (
+        "UpdateGenerationJobStatus",
+        lambda: gpb.UpdateGenerationJobStatusRequest(job_id=JOB, status=gpb.JOB_STATUS_FAILED, lease_id="x"),
+        "lease_id",
+    ),
+    ("ClaimNextJob", lambda: gpb.ClaimNextJobRequest(worker_id="w", lease_seconds=10, models=[""]), "models"),
+    ("ClaimNextJob", lambda: gpb.ClaimNextJobRequest(worker_id="w", lease_seconds=10, models=["m"] * 101), "models"),
+    ("AttachAssetToJob", lambda: _attach(lease_id="x"), "lease_id"),
+    *[("AddAssetVariant", lambda v=v: _variant(user_id=v), "user_id") for v in BAD_IDS],
+    ("AddAssetVariant", lambda: _variant(lease_id="nope"), "lease_id"),
     *[("GetGenerationJob", lambda v=v: gpb.GetGenerationJobRequest(job_id=v), "job_id") for v in BAD_IDS],
     ("ListGenerationJobs", lambda: gpb.ListGenerationJobsRequest(user_id="x"), "user_id"),
     ("ListGenerationJobs", lambda: gpb.ListGenerationJobsRequest(user_id=USER, page_size=501), "page_size"),
@@ -164,7 +208,7 @@ async def test_bad_field_is_invalid_argument_and_writes_nothing(
 
 
 async def test_every_bad_field_is_named_at_once(generation: GenerationStub) -> None:
-    request = gpb.CreateGenerationJobRequest(user_id="x", job_id="y", tokens_cost=0)
+    request = gpb.CreateGenerationJobRequest(user_id="x", job_id="y", tokens_cost=-1)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await generation.CreateGenerationJob(request)
     assert set(support.bad_fields(caught.value)) >= {

@@ -28,7 +28,8 @@ from generation_service.watch import Hub, ReadJob, WatchSettings
 from harness.processes import ServiceProcess, free_port
 from tests import support
 from tests.certificates import production_security
-from tests.generation_support import GenerationStub, TokenStub, create_job
+from tests.generation_support import GenerationStub, TokenStub, claim_this
+from tests.generation_support import lane_job as create_job
 
 STEP_SECONDS = 5.0
 # Watch streams are long-lived; their calls get a deadline well past every wait below.
@@ -36,7 +37,14 @@ STREAM_TIMEOUT = 60.0
 
 
 async def _move(generation: GenerationStub, job_id: str, status: int) -> None:
-    await generation.UpdateGenerationJobStatus(gpb.UpdateGenerationJobStatusRequest(job_id=job_id, status=status))  # type: ignore[arg-type]
+    """RUNNING: claimed by a worker (the jobs here are each in a lane of their own); other
+    statuses: asked for under the job's current lease."""
+    job = (await generation.GetGenerationJob(gpb.GetGenerationJobRequest(job_id=job_id))).job
+    if status == gpb.JOB_STATUS_RUNNING:
+        await claim_this(generation, job)
+        return
+    request = gpb.UpdateGenerationJobStatusRequest(job_id=job_id, status=status, lease_id=job.lease_id)  # type: ignore[arg-type]
+    await generation.UpdateGenerationJobStatus(request)
 
 
 async def test_watcher_sees_each_status_in_order_and_the_stream_ends(

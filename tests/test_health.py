@@ -65,8 +65,8 @@ async def test_token_health_is_not_serving_while_its_schema_is_missing(
     ("take_away", "give_back"),
     [
         (
-            "ALTER TABLE generation.generation_job RENAME COLUMN claims TO claims_gone",
-            "ALTER TABLE generation.generation_job RENAME COLUMN claims_gone TO claims",
+            "ALTER TABLE generation.generation_job RENAME COLUMN has_assets TO has_assets_gone",
+            "ALTER TABLE generation.generation_job RENAME COLUMN has_assets_gone TO has_assets",
         ),
         (
             "ALTER TABLE generation.asset_image_variant RENAME TO gone",

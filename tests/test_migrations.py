@@ -3,12 +3,14 @@ and db/schema.sql kept current."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from harness import ROOT, databases
@@ -95,3 +97,41 @@ def test_schema_file_matches_the_migrations(database_url: str, tmp_path: Path) -
     )
     committed = (ROOT / "db/schema.sql").read_text()
     assert dumped.read_text() == committed, "db/schema.sql is stale: run `make schema`"
+
+
+WORKERS_MIGRATION = "20261127200001_workers_priority_pricing.sql"
+
+
+def migrate_up_to(migration: str, url: str, scratch: Path) -> None:
+    """Applies every migration before the named one (and not it), as a database of that time was."""
+    before = scratch / "migrations"
+    before.mkdir()
+    for name in MIGRATIONS[: MIGRATIONS.index(migration)]:
+        (before / name).write_text((ROOT / "db/migrations" / name).read_text())
+    up_to_before = [str(databases.DBMATE), "--url", url, "--migrations-dir", str(before)]
+    subprocess.run([*up_to_before, "--no-dump-schema", "up"], check=True, capture_output=True)
+
+
+async def test_running_jobs_without_a_fenced_lease_are_left_to_the_sweep(empty_database: str, tmp_path: Path) -> None:
+    """Jobs moved to RUNNING by hand (no lease) or claimed before leases were fenced (no lease id)
+    get a lease that has run out, so the next sweep takes them, and nothing is stuck RUNNING."""
+    await asyncio.to_thread(migrate_up_to, WORKERS_MIGRATION, empty_database, tmp_path)
+    conn = await asyncpg.connect(empty_database)
+    try:
+        await conn.execute(
+            "INSERT INTO generation.generation_job (id, user_id, prompt, params, tokens_cost, status, request_digest,"
+            " worker_id, lease_expires_at) VALUES"
+            " (gen_random_uuid(), gen_random_uuid(), 'by hand', '{}', 1, 'RUNNING', '\\x00', NULL, NULL),"
+            " (gen_random_uuid(), gen_random_uuid(), 'claimed', '{}', 1, 'RUNNING', '\\x00', 'gpu-1',"
+            "  now() + interval '1 hour')"
+        )
+        await asyncio.to_thread(make, "migrate", empty_database)
+        ran_out = await conn.fetchval(
+            "SELECT count(*) FROM generation.generation_job"
+            " WHERE status = 'RUNNING' AND lease_expires_at <= now() AND lease_id IS NULL"
+        )
+        assert ran_out == 2
+        # The owners' running counts start from their jobs.
+        assert await conn.fetchval("SELECT sum(running) FROM generation.job_owner") == 2
+    finally:
+        await conn.close()

@@ -33,15 +33,16 @@ from blumpo.generation.v1 import generation_pb2 as gpb
 from blumpo.token.v1 import token_pb2 as tpb
 from generation_service.charging import ReconcilerSettings
 from tests import support
+from tests.generation_support import flat_model, params_costing
 from tests.model_support import Refusal, World, answer, machine_settings, now_and_then, run_machine
 from tests.support import GenerationStub, TokenStub
 
 QUEUED, RUNNING, SUCCEEDED = gpb.JOB_STATUS_QUEUED, gpb.JOB_STATUS_RUNNING, gpb.JOB_STATUS_SUCCEEDED
 FAILED, ARCHIVED, PAUSED = gpb.JOB_STATUS_FAILED, gpb.JOB_STATUS_ARCHIVED, gpb.JOB_STATUS_PAUSED
 STATUSES = [QUEUED, RUNNING, SUCCEEDED, FAILED, ARCHIVED, PAUSED]
-# The moves the contract allows; setting the status a job has is a no-op; anything else is refused.
+# The moves the contract allows (a RUNNING job's under its live lease; RUNNING itself is reached
+# only by a claim); setting the status a job has is a no-op; anything else is refused.
 ALLOWED = {
-    (QUEUED, RUNNING),
     (QUEUED, PAUSED),
     (PAUSED, QUEUED),
     (RUNNING, SUCCEEDED),
@@ -54,8 +55,7 @@ MAX_LOST_LEASES = 3  # the third lost lease fails the job (docs/generation.md)
 LEASE_SECONDS = 300  # never runs out by itself during a run: the machine makes it run out
 GHOST = "00000000-0000-4000-8000-000000000000"  # a user id no example creates
 EPOCH = Timestamp(seconds=0)
-PARAMS = gpb.GenerationParams(width=1024, height=768, steps=30, seed=42, model="sdxl")
-PARAMS.extra.update({"style": "watercolor"})
+
 PROMPTS = st.sampled_from(["a lighthouse at dusk", "a storm over wheat fields"])
 COSTS = st.integers(1, 60)
 OLD = st.sampled_from([2, 10, 100])  # days ago a completed job is made to have completed
@@ -70,8 +70,11 @@ def moment(stamp: Timestamp) -> datetime:
 
 
 def create_request(user_id: str, job_id: str, prompt: str, cost: int) -> gpb.CreateGenerationJobRequest:
+    """A job of a model of the tests' price list that costs cost, at that price."""
+    params = params_costing(cost)
+    params.extra.update({"style": "watercolor"})
     return gpb.CreateGenerationJobRequest(
-        user_id=user_id, job_id=job_id, prompt=prompt, params=PARAMS, tokens_cost=cost
+        user_id=user_id, job_id=job_id, prompt=prompt, params=params, tokens_cost=cost
     )
 
 
@@ -84,6 +87,8 @@ class ModelJob:
     status: gpb.JobStatus.ValueType = QUEUED
     error_message: str = ""
     worker_id: str = ""
+    # The current lease's id, kept after the job leaves RUNNING (cleared by the sweep).
+    lease_id: str = ""
     leased: bool = False
     lease_ran_out: bool = False
     lost_leases: int = 0
@@ -165,7 +170,7 @@ class Model:
         swept = [job for job in self.jobs.values() if job.status == RUNNING and job.lease_ran_out]
         for job in swept:
             job.lost_leases += 1
-            job.worker_id, job.leased, job.lease_ran_out = "", False, False
+            job.worker_id, job.lease_id, job.leased, job.lease_ran_out = "", "", False, False
             if job.lost_leases >= MAX_LOST_LEASES:
                 job.status, job.completed, job.completed_days_ago = FAILED, True, 0
                 job.error_message = f"the worker lease expired {job.lost_leases} times"
@@ -183,21 +188,20 @@ class Model:
         return oldest
 
     def move(self, job_id: str, target: gpb.JobStatus.ValueType, error_message: str) -> ModelJob | Refusal:
+        """A move asked under the job's current lease (what its worker holds)."""
         job = self.jobs.get(job_id)
         if job is None:
             return Refusal(grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND", {"key": job_id})
+        held = {"job_id": job_id, "current_status": status_name(job.status), "requested_status": status_name(target)}
+        if target == RUNNING:
+            return Refusal(grpc.StatusCode.FAILED_PRECONDITION, "INVALID_TRANSITION", held)
+        if job.status == RUNNING and job.lease_ran_out:
+            return Refusal(grpc.StatusCode.FAILED_PRECONDITION, "LEASE_LOST", {"job_id": job_id})
         if (job.status, target) not in ALLOWED:
             if job.status == target:
                 return job
-            held = {
-                "job_id": job_id,
-                "current_status": status_name(job.status),
-                "requested_status": status_name(target),
-            }
             return Refusal(grpc.StatusCode.FAILED_PRECONDITION, "INVALID_TRANSITION", held)
         job.status, job.leased, job.lease_ran_out = target, False, False
-        if target == RUNNING:
-            job.started = True
         if target in (SUCCEEDED, FAILED):
             job.completed, job.completed_days_ago = True, 0
         if target == FAILED:
@@ -312,6 +316,7 @@ class JobsMachine(RuleBasedStateMachine):
             asked.prompt += " (again)"
         elif change == "cost":
             asked.tokens_cost += 1
+            asked.params.model = flat_model(asked.tokens_cost)
         else:
             asked.user_id = user if user != asked.user_id else GHOST
         self._create(asked)
@@ -329,6 +334,7 @@ class JobsMachine(RuleBasedStateMachine):
         else:
             assert claimed.HasField("job"), f"nothing claimed, expected {predicted.request.job_id}"
             predicted.check(claimed.job)
+            predicted.lease_id = claimed.job.lease_id
         self.world.seen["claim" if predicted else "claim of an empty queue"] += 1
         self.world.seen["lease lost"] += len(swept)
         self.world.seen["failed after lost leases"] += sum(1 for job in swept if job.status == FAILED)
@@ -367,8 +373,11 @@ class JobsMachine(RuleBasedStateMachine):
 
     def _move(self, job_id: str, to: gpb.JobStatus.ValueType, error_message: str) -> None:
         before = self.model.jobs[job_id].status if job_id in self.model.jobs else None
+        lease_id = self.model.jobs[job_id].lease_id if job_id in self.model.jobs else ""
         predicted = self.model.move(job_id, to, error_message)
-        asked = gpb.UpdateGenerationJobStatusRequest(job_id=job_id, status=to, error_message=error_message)
+        asked = gpb.UpdateGenerationJobStatusRequest(
+            job_id=job_id, status=to, error_message=error_message, lease_id=lease_id
+        )
         got = job_of(self.world.run(lambda: answer(self.generation.UpdateGenerationJobStatus(asked))))
         check_answer(predicted, got)
         what = predicted.reason if isinstance(predicted, Refusal) else "no-op" if before == to else "moved"

@@ -22,13 +22,13 @@ from harness import ROOT
 from harness.processes import ServiceProcess, free_port
 from harness.tcp_proxy import TcpProxy
 from tests import support
-from tests.generation_support import GenerationStub, TokenStub, create_job, job_request
+from tests.generation_support import GenerationStub, TokenStub, create_job, job_request, running_job
 
 REFUSED = 50
 
 
-async def _move(generation: GenerationStub, job_id: str, status: int) -> gpb.Job:
-    request = gpb.UpdateGenerationJobStatusRequest(job_id=job_id, status=status)  # type: ignore[arg-type]
+async def _move(generation: GenerationStub, job: gpb.Job, status: int) -> gpb.Job:
+    request = gpb.UpdateGenerationJobStatusRequest(job_id=job.job_id, status=status, lease_id=job.lease_id)  # type: ignore[arg-type]
     return (await generation.UpdateGenerationJobStatus(request)).job
 
 
@@ -62,19 +62,17 @@ async def _starve(
     generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection, user_id: str, stuck: list[uuid.UUID]
 ) -> None:
     for _ in range(REFUSED):
-        job = await create_job(generation, user_id)
+        job = await running_job(generation, user_id)
         stuck.append(uuid.UUID(job.job_id))
-        await _move(generation, job.job_id, gpb.JOB_STATUS_RUNNING)
         # Another client already used the refund's reference (with another delta): refused for good.
         await token.AppendLedgerEntry(
             tpb.AppendLedgerEntryRequest(
                 user_id=user_id, delta=5, reason=tpb.LEDGER_REASON_ADJUSTMENT, reference_id=f"{job.job_id}:refund"
             )
         )
-        await _move(generation, job.job_id, gpb.JOB_STATUS_FAILED)
+        await _move(generation, job, gpb.JOB_STATUS_FAILED)
     victim = await support.user_with_balance(token, 10)
-    owed = await create_job(generation, victim, cost=4)
-    await _move(generation, owed.job_id, gpb.JOB_STATUS_RUNNING)
+    owed = await running_job(generation, victim, cost=4)
     # A crash right after FAILED was committed, before the refund call: the reconciler owes it.
     await admin.execute(
         "UPDATE generation.generation_job SET status = 'FAILED', completed_at = now(), refund_state = 'PENDING',"

@@ -222,7 +222,11 @@ async def test_service_processes_export_one_trace_by_otlp(database_url: str, tmp
     [create] = [span for service, span in collector.spans if span.name.endswith("/CreateGenerationJob")]
     in_trace = [(service, span) for service, span in collector.spans if span.trace_id == create.trace_id]
     [append_server] = [
-        span for service, span in in_trace if service == "token_service" and span.kind == Span.SPAN_KIND_SERVER
+        span
+        for service, span in in_trace
+        if service == "token_service"
+        and span.kind == Span.SPAN_KIND_SERVER
+        and span.name.endswith("/AppendLedgerEntry")
     ]
     [append_client] = [
         span
