@@ -9,6 +9,7 @@ from google.rpc import status_pb2
 
 from blumpo.token.v1 import token_pb2 as pb
 from blumpo.token.v1 import token_pb2_grpc
+from blumpo_common.callers import caller_of
 from blumpo_common.enums import ProtoEnum
 from blumpo_common.errors import ServiceError, to_status
 from blumpo_common.pagination import PageTokens, int64_tiebreak
@@ -16,6 +17,7 @@ from blumpo_common.server import Context
 from blumpo_common.timestamps import to_proto
 from blumpo_common.validation import Checker
 from token_service import errors, ledger, otp, refill
+from token_service.group_commit import GroupCommit
 from token_service.model import (
     Account,
     BalanceMismatch,
@@ -123,6 +125,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         self.store = store
         self.logins = logins
         self.pages = pages
+        self.group_commit = GroupCommit(store)
 
     async def CreateUser(self, request: pb.CreateUserRequest, context: Context) -> pb.CreateUserResponse:
         check = Checker()
@@ -167,7 +170,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
     async def AppendLedgerEntry(
         self, request: pb.AppendLedgerEntryRequest, context: Context
     ) -> pb.AppendLedgerEntryResponse:
-        [outcome] = await ledger.append(self.store, [entry_request(request)])
+        outcome = await self.group_commit.append(entry_request(request), caller_of(context))
         return pb.AppendLedgerEntryResponse(entry=entry_message(raise_error(outcome)), replayed=outcome.replayed)
 
     async def AppendLedgerEntries(
@@ -187,7 +190,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
                 results.append(None)
             except ServiceError as error:
                 results.append(_result(ledger.Outcome(error=error)))
-        outcomes = iter(await ledger.append(self.store, valid))
+        outcomes = iter(await ledger.append(self.store, valid, caller_of(context)))
         return pb.AppendLedgerEntriesResponse(results=[result or _result(next(outcomes)) for result in results])
 
     async def ListLedgerEntries(

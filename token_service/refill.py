@@ -23,6 +23,8 @@ from token_service.store import Store
 BATCH_SIZE = 1000
 _PERIOD = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
 _FIRST = uuid.UUID(int=0)
+# What the refill's entries name as their writer.
+REFILL_CALLER = "monthly-refill"
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ async def run(store: Store, period: str, batch_size: int = BATCH_SIZE, max_batch
                 for account in accounts
                 if account.monthly_allowance > 0
             ]
-            outcomes = await ledger.append(store, requests, conn=conn)
+            outcomes = await ledger.append(store, requests, REFILL_CALLER, conn=conn)
         result.finished = len(accounts) < batch_size
         if not accounts:
             break
