@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -137,18 +138,35 @@ def record(cls: type[R], row: asyncpg.Record, **special: Converted | Nested | Ma
     """A dataclass built from the row's columns of the same names; `special` says how the fields
     that need more than a column's value are made (enums, decoded JSON, records of their own)."""
     values: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        spec = special.get(field.name)
+    for name, spec in _fields(cls, tuple(special.items())):
         if spec is None:
-            values[field.name] = row[field.name]
+            values[name] = row[name]
         elif isinstance(spec, Converted):
-            values[field.name] = spec.convert(row[spec.column or field.name])
+            values[name] = spec.convert(row[spec.column or name])
         elif isinstance(spec, Nested):
             skip = spec.unless_null is not None and row[spec.unless_null] is None
-            values[field.name] = None if skip else spec.build(row)
+            values[name] = None if skip else spec.build(row)
         else:
-            values[field.name] = tuple(spec.build(r) for r in row.get(field.name) or ())
+            values[name] = tuple(spec.build(r) for r in row.get(name) or ())
     return cls(**values)
+
+
+@functools.cache
+def _fields(
+    cls: type[Any], special: tuple[tuple[str, Converted | Nested | Many], ...]
+) -> tuple[tuple[str, Converted | Nested | Many | None], ...]:
+    """Each field of cls with how it is made, worked out once per record type (a batch builds
+    a thousand records of one type): the converters are module-level, so the cache stays small."""
+    how = dict(special)
+    return tuple((field.name, how.get(field.name)) for field in dataclasses.fields(cls))
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    """What a connection needs before it goes back to the pool: only an open transaction ended.
+    The services keep no session state (see create_pool), so asyncpg's default reset (RESET ALL,
+    UNLISTEN *, ...) would cost a round trip per statement for nothing."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
 
 
 async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
@@ -162,6 +180,7 @@ async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
         statement_cache_size=config.statement_cache_size,
         timeout=min(config.timeout_ms / 1000, 10.0),
         command_timeout=config.timeout_ms / 1000,
+        reset=_reset,
     )
     assert pool is not None
     return pool

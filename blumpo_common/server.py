@@ -273,7 +273,7 @@ class RunningServer:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-def _check_bindable(address: str) -> None:
+def _check_bindable(address: str, share_port: bool) -> None:
     """OSError unless a server could listen on address (checked here, so gRPC has no failure to log)."""
     host, _, port = address.rpartition(":")
     family, kind, proto, _, sockaddr = socket.getaddrinfo(
@@ -281,6 +281,7 @@ def _check_bindable(address: str) -> None:
     )[0]
     with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(share_port))
         sock.bind(sockaddr)
 
 
@@ -289,10 +290,16 @@ async def start(
     pool: asyncpg.Pool,
     listen_addr: str,
     max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS,
+    *,
+    share_port: bool = False,
 ) -> RunningServer:
-    """Serves the service on listen_addr; OSError when that address cannot be used."""
+    """Serves the service on listen_addr; OSError when that address cannot be used. With
+    share_port, the other workers of the service listen on it too (SO_REUSEPORT)."""
     admission = Admission(max_concurrent_calls)
-    server = grpc.aio.server(interceptors=[CallInterceptor(service.error_domain, admission)])
+    server = grpc.aio.server(
+        interceptors=[CallInterceptor(service.error_domain, admission)],
+        options=[("grpc.so_reuseport", int(share_port))],
+    )
     service.register(server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -300,7 +307,7 @@ async def start(
     for name in names:  # until the database has answered once
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    _check_bindable(listen_addr)
+    _check_bindable(listen_addr, share_port)
     port = server.add_insecure_port(listen_addr)
     await server.start()
     tasks = [asyncio.create_task(watch_database(pool, health_servicer, names, service.probe))]
@@ -308,17 +315,20 @@ async def start(
     return RunningServer(server, port, health_servicer, admission, tasks, service.on_shutdown)
 
 
-async def serve(service: Service, pool: asyncpg.Pool, config: ServerConfig) -> None:
-    """Runs until SIGTERM or SIGINT, then shuts down gracefully.
+async def serve(service: Service, pool: asyncpg.Pool, config: ServerConfig, *, worker: bool = False) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully. A worker (one of several
+    processes, workers.py) shares the listening port with the others, and leaves the metrics
+    to its supervisor.
 
     An address that cannot be used stops start-up with one line naming its setting (exit 2)."""
     host, _, port = config.metrics_addr.rpartition(":")
     try:
-        prometheus_client.start_http_server(int(port), host)
+        if not worker:
+            prometheus_client.start_http_server(int(port), host)
     except OSError as exc:
         exit_on(service.name, ConfigError(f"{config.metrics_setting} {config.metrics_addr} cannot be used: {exc}"))
     try:
-        running = await start(service, pool, config.listen_addr, config.max_concurrent_calls)
+        running = await start(service, pool, config.listen_addr, config.max_concurrent_calls, share_port=worker)
     except OSError as exc:
         exit_on(service.name, ConfigError(f"{config.listen_setting} {config.listen_addr} cannot be used: {exc}"))
     log.info("serving", extra={"grpc_service": service.full_name, "listen": config.listen_addr, "port": running.port})

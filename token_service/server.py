@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 
 import grpc
+import uvloop
 
 from blumpo.token.v1 import token_pb2, token_pb2_grpc
-from blumpo_common import db, logs, server
+from blumpo_common import db, logs, server, workers
 from blumpo_common.config import PAGE_TOKEN_SECRET_MADE_UP, load_or_exit
 from blumpo_common.pagination import PageTokens
 from token_service import config as token_config
@@ -51,13 +51,15 @@ def service(store: Store, logins: otp.OtpLogins | None = None, pages: PageTokens
     )
 
 
-async def run(config: token_config.Config) -> None:
+async def run(config: token_config.Config, *, worker: bool = False) -> None:
     pool = await db.create_pool(config.database)
     store = Store(pool, config.database.timeout_ms / 1000)
     logins = otp.OtpLogins(
         store, otp_sender.from_config(config.otp), otp.SystemClock(), config.otp.secret, config.otp.ttl_seconds
     )
-    await server.serve(service(store, logins, PageTokens(config.page_tokens.secret)), pool, config.server)
+    await server.serve(
+        service(store, logins, PageTokens(config.page_tokens.secret)), pool, config.server, worker=worker
+    )
 
 
 def main() -> None:
@@ -69,5 +71,21 @@ def main() -> None:
         log.warning(PAGE_TOKEN_SECRET_MADE_UP)
     if config.otp.smtp is None:
         log.warning("login codes are written to this log (development sender); set OTP_SMTP_HOST to mail them")
-    log.info("starting", extra={"development": config.development, "otp_ttl_seconds": config.otp.ttl_seconds})
-    asyncio.run(run(config))
+    log.info(
+        "starting",
+        extra={
+            "development": config.development,
+            "otp_ttl_seconds": config.otp.ttl_seconds,
+            "workers": config.server.workers,
+        },
+    )
+    if config.server.workers > 1:
+        # The workers get this config, page-token secret included, so each accepts the others' tokens.
+        workers.supervise("token_service", config.server, worker, config)
+    uvloop.run(run(config))
+
+
+def worker(config: token_config.Config) -> None:
+    """One of config.server.workers processes (workers.py)."""
+    logs.configure("token_service", config.server.log_level)
+    uvloop.run(run(config, worker=True))

@@ -130,10 +130,12 @@ BEGIN
     LEFT JOIN token.token_account a ON a.user_id = q.user_id AND NOT q.wrong_sign
     LEFT JOIN token.token_ledger e
       ON e.user_id = q.user_id AND e.reference_id = q.reference_id AND NOT q.wrong_sign
+    -- OFFSET 0 keeps the refund test inside, so the debit is looked up for refunds only.
     LEFT JOIN LATERAL (
       SELECT -l.delta AS refunded FROM token.token_ledger l
       WHERE q.reason = 'GENERATION_REFUND' AND l.user_id = q.user_id AND right(q.reference_id, 7) = ':refund'
         AND l.reference_id = left(q.reference_id, -7) AND l.reason = 'GENERATION'
+      OFFSET 0
     ) d ON true
   ), written AS (
     INSERT INTO token.token_ledger AS l (user_id, delta, reason, reference_id, balance_after, created_by)

@@ -1,0 +1,91 @@
+"""A service as WORKERS server processes sharing one listening port.
+
+One Python process serves gRPC on one core at most. With WORKERS > 1 the process started
+becomes a supervisor: it serves the metrics of all workers (prometheus_client's
+multiprocess mode), starts the workers, passes SIGTERM and SIGINT on to them and exits when
+they have. Each worker is a whole server on the same address (gRPC listens with
+SO_REUSEPORT, so the kernel spreads connections over them) with its own connection pool.
+A worker that dies takes the others down, so whatever supervises the service sees it fail;
+and a worker dies with its supervisor, so a killed service leaves nothing listening.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import prometheus_client
+from prometheus_client import multiprocess
+
+from blumpo_common.config import ConfigError, ServerConfig, exit_on
+
+log = logging.getLogger(__name__)
+
+METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+_PR_SET_PDEATHSIG = 1
+
+
+def supervise(name: str, config: ServerConfig, worker: Callable[[Any], None], argument: Any) -> NoReturn:
+    """Runs config.workers processes of worker(argument) (a module-level function), then exits
+    with the status of the first that stopped (0 after a requested shutdown)."""
+    metrics_dir = tempfile.mkdtemp(prefix=f"{name}-metrics-")
+    # Read by prometheus_client in each worker when it starts.
+    os.environ[METRICS_DIR] = metrics_dir
+    try:
+        registry = prometheus_client.CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+        host, _, port = config.metrics_addr.rpartition(":")
+        try:
+            prometheus_client.start_http_server(int(port), host, registry=registry)
+        except OSError as exc:
+            exit_on(name, ConfigError(f"{config.metrics_setting} {config.metrics_addr} cannot be used: {exc}"))
+        context = multiprocessing.get_context("spawn")
+        workers = [
+            context.Process(target=_worker, args=(os.getpid(), worker, argument), name=f"{name}-{n}")
+            for n in range(config.workers)
+        ]
+        stopping = False
+
+        def stop(signum: int, frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+            for process in workers:
+                if process.pid is not None and process.exitcode is None:
+                    os.kill(process.pid, signal.SIGTERM)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stop)
+        for process in workers:
+            process.start()
+        log.info("workers started", extra={"workers": config.workers})
+        multiprocessing.connection.wait([p.sentinel for p in workers])
+        first = next(p for p in workers if p.exitcode is not None)
+        status = first.exitcode or 0
+        if not stopping:
+            log.error("a worker stopped: stopping the others", extra={"worker": first.name, "exit_status": status})
+            stop(signal.SIGTERM, None)
+            status = status or 1
+        for process in workers:
+            process.join()
+        sys.exit(0 if stopping and status in (0, -signal.SIGTERM) else status)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _worker(supervisor: int, worker: Callable[[Any], None], argument: Any) -> None:
+    # Dies with the supervisor, however that ends (Linux).
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != supervisor:  # it was gone before the line above
+        sys.exit(1)
+    worker(argument)
