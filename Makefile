@@ -11,10 +11,10 @@ GENERATED := blumpo/.generated
 DB_URL = $(shell scripts/database-url)
 DBMATE = $(VENV)/bin/dbmate --migrations-dir db/migrations --schema-file db/schema.sql --wait
 
-.PHONY: help install proto migrate rollback migrate-status schema run stop test test-faults test-pooler lint seed bench clean
+.PHONY: help install proto migrate rollback migrate-status schema run stop test test-faults test-pooler lint seed bench bench-scale clean
 
 help:
-	@echo "make run | stop | test | test-faults | test-pooler | lint | migrate | rollback | migrate-status | schema | seed | bench | proto | clean"
+	@echo "make run | stop | test | test-faults | test-pooler | lint | migrate | rollback | migrate-status | schema | seed | bench | bench-scale | proto | clean"
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -90,6 +90,10 @@ seed: $(GENERATED)
 
 bench: $(GENERATED)
 	DATABASE_URL='$(DB_URL)' $(PY) -m bench
+
+# The reads and bulk jobs at 1M accounts, 10M ledger entries and 1M assets (minutes of seeding).
+bench-scale: $(GENERATED)
+	DATABASE_URL='$(DB_URL)' $(PY) -m bench scale
 
 clean:
 	rm -rf $(VENV) blumpo node_modules .pytest_cache .mypy_cache .ruff_cache *.egg-info

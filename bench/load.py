@@ -18,6 +18,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 import grpc
 
@@ -28,6 +29,7 @@ from blumpo.token.v1 import token_pb2_grpc
 # What each call does: "spread" a debit of 1 on a random account, "hot" the same on one
 # account, "batch" AppendLedgerEntries of a debit on each of the accounts (in random order).
 KINDS = ("spread", "hot", "batch")
+CLIENTS_PER_CONNECTION = 4
 
 
 @dataclass
@@ -60,22 +62,23 @@ class Load:
         return statistics.quantiles(self.latencies_ms, n=100)[q - 1]
 
 
-def _request(kind: str, label: str, client: int, call: int, rng: random.Random) -> object:
+_ACCOUNT_IDS = [common.account_id(n) for n in range(1, common.ACCOUNTS + 1)]
+
+
+def _request(kind: str, label: str, client: int, call: int, rng: random.Random) -> Any:
     reference = f"{label}-{os.getpid()}-{client}-{call}"
     if kind == "batch":
-        accounts = list(range(1, common.ACCOUNTS + 1))
-        rng.shuffle(accounts)
         return tpb.AppendLedgerEntriesRequest(
             entries=[
                 tpb.AppendLedgerEntryRequest(
-                    user_id=common.account_id(n), delta=-1, reason=tpb.LEDGER_REASON_GENERATION, reference_id=reference
+                    user_id=user_id, delta=-1, reason=tpb.LEDGER_REASON_GENERATION, reference_id=reference
                 )
-                for n in accounts
+                for user_id in rng.sample(_ACCOUNT_IDS, len(_ACCOUNT_IDS))
             ]
         )
-    account = 1 if kind == "hot" else rng.randint(1, common.ACCOUNTS)
+    user_id = _ACCOUNT_IDS[0] if kind == "hot" else rng.choice(_ACCOUNT_IDS)
     return tpb.AppendLedgerEntryRequest(
-        user_id=common.account_id(account), delta=-1, reason=tpb.LEDGER_REASON_GENERATION, reference_id=reference
+        user_id=user_id, delta=-1, reason=tpb.LEDGER_REASON_GENERATION, reference_id=reference
     )
 
 
@@ -100,17 +103,27 @@ async def _share(share: Share) -> tuple[int, list[float], int]:
             call += 1
             started = time.perf_counter()
             try:
-                await method(request, timeout=30)  # type: ignore[operator]
+                await method(request, timeout=30)
             except grpc.aio.AioRpcError:
                 errors += 1
                 continue
             latencies.append((time.perf_counter() - started) * 1000)
 
-    async with grpc.aio.insecure_channel(share.address) as channel:
-        stub = token_pb2_grpc.TokenServiceStub(channel)
-        await stub.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=common.account_id(1)), timeout=10)
+    # A connection per CLIENTS_PER_CONNECTION clients (gRPC would share one otherwise), so that
+    # the kernel spreads them over the service's worker processes.
+    channels = [
+        grpc.aio.insecure_channel(share.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(max(1, share.clients // CLIENTS_PER_CONNECTION))
+    ]
+    try:
+        stubs = [token_pb2_grpc.TokenServiceStub(channel) for channel in channels]
+        for stub in stubs:
+            await stub.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=common.account_id(1)), timeout=10)
         await asyncio.sleep(max(0.0, share.start_at - time.time()))
-        await asyncio.gather(*(client(stub, n) for n in range(share.clients)))
+        await asyncio.gather(*(client(stubs[n % len(stubs)], n) for n in range(share.clients)))
+    finally:
+        for channel in channels:
+            await channel.close(None)
     return len(latencies), latencies, errors
 
 

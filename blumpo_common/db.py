@@ -138,7 +138,8 @@ def record(cls: type[R], row: asyncpg.Record, **special: Converted | Nested | Ma
     """A dataclass built from the row's columns of the same names; `special` says how the fields
     that need more than a column's value are made (enums, decoded JSON, records of their own)."""
     values: dict[str, Any] = {}
-    for name, spec in _fields(cls, tuple(special.items())):
+    kind: Any = cls
+    for name, spec in _fields(kind, tuple(special.items())):
         if spec is None:
             values[name] = row[name]
         elif isinstance(spec, Converted):

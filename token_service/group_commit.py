@@ -105,4 +105,3 @@ def _context(group: list[_Waiting]) -> contextvars.Context:
     context = contextvars.copy_context()
     context.run(db.call_deadline.set, latest)
     return context
-
