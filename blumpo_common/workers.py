@@ -36,8 +36,9 @@ _PR_SET_PDEATHSIG = 1
 
 
 def supervise(name: str, config: ServerConfig, worker: Callable[[Any], None], argument: Any) -> NoReturn:
-    """Runs config.workers processes of worker(argument) (a module-level function), then exits
-    with the status of the first that stopped (0 after a requested shutdown)."""
+    """Runs config.workers processes of worker(argument) (a module-level function) until SIGTERM
+    or SIGINT (then exits 0 once they have stopped), or until one stops by itself (then stops
+    the others and exits non-zero)."""
     metrics_dir = tempfile.mkdtemp(prefix=f"{name}-metrics-")
     # Read by prometheus_client in each worker when it starts.
     os.environ[METRICS_DIR] = metrics_dir
@@ -69,15 +70,17 @@ def supervise(name: str, config: ServerConfig, worker: Callable[[Any], None], ar
             process.start()
         log.info("workers started", extra={"workers": config.workers})
         multiprocessing.connection.wait([p.sentinel for p in workers])
-        first = next(p for p in workers if p.exitcode is not None)
-        status = first.exitcode or 0
         if not stopping:
-            log.error("a worker stopped: stopping the others", extra={"worker": first.name, "exit_status": status})
+            first = next(p for p in workers if p.exitcode is not None)
+            log.error("a worker stopped: stopping the others", extra={"worker": first.name, "exit": first.exitcode})
             stop(signal.SIGTERM, None)
-            status = status or 1
+            for process in workers:
+                process.join()
+            # A worker killed by a signal has a negative exit code: the service failed all the same.
+            sys.exit(first.exitcode if first.exitcode and first.exitcode > 0 else 1)
         for process in workers:
             process.join()
-        sys.exit(0 if stopping and status in (0, -signal.SIGTERM) else status)
+        sys.exit(0 if all(p.exitcode in (0, -signal.SIGTERM) for p in workers) else 1)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 

@@ -1,0 +1,123 @@
+"""WORKERS: server processes sharing one port, their metrics served together, and none
+outliving the process that started them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+
+from blumpo.token.v1 import token_pb2 as tpb
+from blumpo.token.v1 import token_pb2_grpc
+from harness.processes import ServiceProcess, free_port
+from tests.test_token_process import read_metrics
+
+pytestmark = pytest.mark.slow
+
+CONNECTIONS = 8
+CALLS = 5
+
+
+def workers_process(tmp_path: Path, database_url: str) -> tuple[ServiceProcess, int]:
+    port, metrics = free_port(), free_port()
+    env = {
+        "DATABASE_URL": database_url,
+        "TOKEN_LISTEN_ADDR": f"127.0.0.1:{port}",
+        "TOKEN_METRICS_ADDR": f"127.0.0.1:{metrics}",
+        "WORKERS": "2",
+    }
+    return ServiceProcess("token_service", env, port, tmp_path / "token.log"), metrics
+
+
+def workers_of(pid: int) -> list[int]:
+    """The worker processes of the service pid (not multiprocessing's resource tracker)."""
+    found = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return [child for child in found if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its parent's wait is missing.
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+async def test_workers_serve_one_port_and_report_their_calls_together(database_url: str, tmp_path: Path) -> None:
+    service, metrics = workers_process(tmp_path, database_url)
+    await service.start()
+    try:
+        assert service.process is not None
+        assert len(workers_of(service.process.pid)) == 2
+        # Connections of their own (not one shared), so the kernel spreads them over the workers.
+        channels = [
+            grpc.aio.insecure_channel(service.address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(CONNECTIONS)
+        ]
+        try:
+            for channel in channels:
+                stub = token_pb2_grpc.TokenServiceStub(channel)
+                for _ in range(CALLS):
+                    with pytest.raises(grpc.aio.AioRpcError) as error:
+                        await stub.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=str(uuid.uuid4())), timeout=10)
+                    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            for channel in channels:
+                await channel.close(None)
+        text = await asyncio.to_thread(read_metrics, metrics)
+        counted = re.search(
+            r'grpc_server_handled_total\{code="NOT_FOUND",method="/blumpo.token.v1.TokenService/GetTokenBalance"\} '
+            r"([0-9.]+)",
+            text,
+        )
+        assert counted is not None and float(counted.group(1)) == CONNECTIONS * CALLS, text
+        assert service.stop() == 0
+    finally:
+        if service.process is not None and service.process.poll() is None:
+            service.kill()
+
+
+async def test_a_killed_service_leaves_no_worker_behind(database_url: str, tmp_path: Path) -> None:
+    service, _ = workers_process(tmp_path, database_url)
+    await service.start()
+    assert service.process is not None
+    workers = workers_of(service.process.pid)
+    assert len(workers) == 2
+    service.kill(signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not any(alive(pid) for pid in workers)
+    assert port_free(service.port)
+
+
+async def test_a_worker_that_dies_stops_the_service(database_url: str, tmp_path: Path) -> None:
+    """Whatever supervises the service sees it fail, rather than serve on at half strength."""
+    service, _ = workers_process(tmp_path, database_url)
+    await service.start()
+    assert service.process is not None
+    first, second = workers_of(service.process.pid)
+    os.kill(first, signal.SIGKILL)
+    assert await asyncio.to_thread(service.process.wait, 30) != 0
+    deadline = time.monotonic() + 10
+    while alive(second) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not alive(second)
