@@ -273,7 +273,7 @@ class RunningServer:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-def _check_bindable(address: str, share_port: bool) -> None:
+def check_bindable(address: str, share_port: bool) -> None:
     """OSError unless a server could listen on address (checked here, so gRPC has no failure to log)."""
     host, _, port = address.rpartition(":")
     family, kind, proto, _, sockaddr = socket.getaddrinfo(
@@ -307,7 +307,7 @@ async def start(
     for name in names:  # until the database has answered once
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    _check_bindable(listen_addr, share_port)
+    check_bindable(listen_addr, share_port)
     port = server.add_insecure_port(listen_addr)
     await server.start()
     tasks = [asyncio.create_task(watch_database(pool, health_servicer, names, service.probe))]

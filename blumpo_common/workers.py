@@ -28,6 +28,7 @@ import prometheus_client
 from prometheus_client import multiprocess
 
 from blumpo_common.config import ConfigError, ServerConfig, exit_on
+from blumpo_common.server import check_bindable
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,11 @@ def supervise(name: str, config: ServerConfig, worker: Callable[[Any], None], ar
     """Runs config.workers processes of worker(argument) (a module-level function) until SIGTERM
     or SIGINT (then exits 0 once they have stopped), or until one stops by itself (then stops
     the others and exits non-zero)."""
+    try:
+        # Here, so that an address no worker could use is one line, not one per worker.
+        check_bindable(config.listen_addr, share_port=False)
+    except OSError as exc:
+        exit_on(name, ConfigError(f"{config.listen_setting} {config.listen_addr} cannot be used: {exc}"))
     metrics_dir = tempfile.mkdtemp(prefix=f"{name}-metrics-")
     # Read by prometheus_client in each worker when it starts.
     os.environ[METRICS_DIR] = metrics_dir
@@ -69,9 +75,10 @@ def supervise(name: str, config: ServerConfig, worker: Callable[[Any], None], ar
         for process in workers:
             process.start()
         log.info("workers started", extra={"workers": config.workers})
-        multiprocessing.connection.wait([p.sentinel for p in workers])
+        ended = multiprocessing.connection.wait([p.sentinel for p in workers])
         if not stopping:
-            first = next(p for p in workers if p.exitcode is not None)
+            first = next(p for p in workers if p.sentinel in ended)
+            first.join()
             log.error("a worker stopped: stopping the others", extra={"worker": first.name, "exit": first.exitcode})
             stop(signal.SIGTERM, None)
             for process in workers:

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import socket
-import time
 import uuid
 from pathlib import Path
 
@@ -50,6 +49,15 @@ def alive(pid: int) -> bool:
         return False
     # A zombie has exited; only its parent's wait is missing.
     return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+
+
+async def ended(pids: list[int], seconds: float = 10.0) -> bool:
+    """Whether every one of pids has ended, waiting up to seconds."""
+    for _ in range(int(seconds * 10)):
+        if not any(alive(pid) for pid in pids):
+            return True
+        await asyncio.sleep(0.1)
+    return not any(alive(pid) for pid in pids)
 
 
 def port_free(port: int) -> bool:
@@ -102,10 +110,7 @@ async def test_a_killed_service_leaves_no_worker_behind(database_url: str, tmp_p
     workers = workers_of(service.process.pid)
     assert len(workers) == 2
     service.kill(signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert not any(alive(pid) for pid in workers)
+    assert await ended(workers)
     assert port_free(service.port)
 
 
@@ -117,7 +122,4 @@ async def test_a_worker_that_dies_stops_the_service(database_url: str, tmp_path:
     first, second = workers_of(service.process.pid)
     os.kill(first, signal.SIGKILL)
     assert await asyncio.to_thread(service.process.wait, 30) != 0
-    deadline = time.monotonic() + 10
-    while alive(second) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert not alive(second)
+    assert await ended([second])
