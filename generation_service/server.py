@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from dataclasses import dataclass
 
 import asyncpg
 import grpc
+import uvloop
 
 from blumpo.generation.v1 import generation_pb2, generation_pb2_grpc
 from blumpo.token.v1 import token_pb2_grpc
-from blumpo_common import db, logs, retry, server
+from blumpo_common import db, logs, retry, server, workers
 from blumpo_common.config import PAGE_TOKEN_SECRET_MADE_UP, DatabaseConfig, load_or_exit
 from blumpo_common.pagination import PageTokens
 from blumpo_common.retry import RetryPolicy
@@ -75,7 +75,7 @@ def service(p: Parts) -> server.Service:
     )
 
 
-async def run(config: generation_config.Config) -> None:
+async def run(config: generation_config.Config, *, worker: bool = False) -> None:
     pool = await db.create_pool(config.database)
     async with grpc.aio.insecure_channel(config.token_service_target, options=retry.CHANNEL_OPTIONS) as channel:
         pages = PageTokens(config.page_tokens.secret)
@@ -88,7 +88,7 @@ async def run(config: generation_config.Config) -> None:
             watch=config.watch,
             pages=pages,
         )
-        await server.serve(service(wired), pool, config.server)
+        await server.serve(service(wired), pool, config.server, worker=worker)
 
 
 def main() -> None:
@@ -97,5 +97,13 @@ def main() -> None:
     log = logging.getLogger(__name__)
     if config.page_tokens.generated:
         log.warning(PAGE_TOKEN_SECRET_MADE_UP)
-    log.info("starting", extra={"token_service": config.token_service_target})
-    asyncio.run(run(config))
+    log.info("starting", extra={"token_service": config.token_service_target, "workers": config.server.workers})
+    if config.server.workers > 1:
+        workers.supervise("generation_service", config.server, worker, config)
+    uvloop.run(run(config))
+
+
+def worker(config: generation_config.Config) -> None:
+    """One of config.server.workers processes (blumpo_common/workers.py)."""
+    logs.configure("generation_service", config.server.log_level)
+    uvloop.run(run(config, worker=True))
