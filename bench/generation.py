@@ -46,6 +46,7 @@ def create_script() -> str:
             "params": f"'{json.dumps(PARAMS)}'",
             "tokens_cost": str(COST),
             "request_digest": "'\\x00'::bytea",
+            "claim_seconds": "10",
         },
     )
     debit = common.one_line(
@@ -75,7 +76,12 @@ def create_script() -> str:
 def claim_script() -> str:
     sweep = common.one_line(
         GQ["sweep_expired_leases"],
-        {"batch": "100", "max_lost_leases": str(rules.MAX_LOST_LEASES), "failure_owes_refund": "true"},
+        {
+            "batch": "100",
+            "max_lost_leases": str(rules.MAX_LOST_LEASES),
+            "failure_owes_refund": "true",
+            "claim_seconds": "10",
+        },
     )
     claim = common.one_line(GQ["claim_next"], {1: "'pgbench-' || :client_id", 2: "300"})
     return f"{sweep};\n{claim};\n"
