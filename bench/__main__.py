@@ -1,4 +1,5 @@
-"""`python -m bench [refill] [append] [--write-docs]`: runs the benchmarks on a scratch database."""
+"""`python -m bench [append] [generation] [refill] [scale] [--write-docs]`: runs the benchmarks on a
+scratch database; all but scale (minutes of seeding: `make bench-scale`) by default."""
 
 import argparse
 import asyncio
@@ -7,18 +8,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import append, common, generation, refill
+from bench import append, common, generation, refill, scale
 from harness import databases
 from token_service import refill as refill_job
 
 
 async def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("which", nargs="*", help="append, generation, refill (default: all)")
+    parser.add_argument("which", nargs="*", help="append, generation, refill, scale (default: all but scale)")
     parser.add_argument("--accounts", type=int, default=100_000, help="accounts for the refill")
     parser.add_argument("--write-docs", action="store_true", help="put the figures into docs/benchmarks.md")
     args = parser.parse_args(argv)
-    unknown = set(args.which) - {"append", "generation", "refill"}
+    unknown = set(args.which) - {"append", "generation", "refill", "scale"}
     if unknown:
         parser.error(f"unknown benchmark {', '.join(sorted(unknown))}")
     base = os.environ.get("DATABASE_URL") or os.environ.get("POSTGRES_URL")
@@ -33,7 +34,7 @@ async def main(argv: list[str]) -> int:
                 lines = await refill.bench(url, args.accounts, refill_job.BATCH_SIZE)
             else:
                 with tempfile.TemporaryDirectory() as work_dir:
-                    run = append.bench if which == "append" else generation.bench
+                    run = {"append": append.bench, "generation": generation.bench, "scale": scale.bench}[which]
                     lines = await run(url, Path(work_dir))
         finally:
             databases.drop_database(url)
@@ -43,4 +44,6 @@ async def main(argv: list[str]) -> int:
     return 0
 
 
-sys.exit(asyncio.run(main(sys.argv[1:])))
+# Guarded: the load generator's processes (spawned) import this module again.
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(sys.argv[1:])))

@@ -2,7 +2,7 @@
 against pgbench running the same SQL in the same run.
 
 A create is three statements: the intent (generation's insert_intent), the debit
-(token's append_entries, reached through the token service) and the settle
+(token's append_entry, reached through the token service) and the settle
 (finish_charged); the baseline runs those three statements with pgbench. A claim is
 sweep_expired_leases then claim_next; the baseline runs those two. Both services run as
 their own processes.
@@ -46,17 +46,18 @@ def create_script() -> str:
             "params": f"'{json.dumps(PARAMS)}'",
             "tokens_cost": str(COST),
             "request_digest": "'\\x00'::bytea",
+            "claim_seconds": "10",
         },
     )
     debit = common.one_line(
-        TQ["append_entries"],
+        TQ["append_entry"],
         {
-            1: "ARRAY[md5(:u::text)::uuid]",
-            2: f"ARRAY[-{COST}]",
-            3: "ARRAY['GENERATION']",
-            4: f"ARRAY[{job}::text]",
-            5: str(ledger.MAX_BALANCE),
-            6: "'bench'",
+            "user_id": "md5(:u::text)::uuid",
+            "delta": f"-{COST}::bigint",
+            "reason": "'GENERATION'",
+            "reference_id": f"{job}::text",
+            "max_balance": str(ledger.MAX_BALANCE),
+            "created_by": "'bench'",
         },
     )
     settle = common.one_line(GQ["finish_charged"], {1: job})
@@ -75,7 +76,12 @@ def create_script() -> str:
 def claim_script() -> str:
     sweep = common.one_line(
         GQ["sweep_expired_leases"],
-        {"batch": "100", "max_lost_leases": str(rules.MAX_LOST_LEASES), "failure_owes_refund": "true"},
+        {
+            "batch": "100",
+            "max_lost_leases": str(rules.MAX_LOST_LEASES),
+            "failure_owes_refund": "true",
+            "claim_seconds": "10",
+        },
     )
     claim = common.one_line(GQ["claim_next"], {1: "'pgbench-' || :client_id", 2: "300"})
     return f"{sweep};\n{claim};\n"
