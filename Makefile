@@ -11,7 +11,7 @@ GENERATED := blumpo/.generated
 DB_URL = $(shell scripts/database-url)
 DBMATE = $(VENV)/bin/dbmate --migrations-dir db/migrations --schema-file db/schema.sql --wait
 
-.PHONY: help install lock proto migrate rollback migrate-status schema run stop test test-faults test-pooler test-embedded lint lint-deploy seed backup restore bench certs clean
+.PHONY: help install lock proto migrate rollback migrate-status schema run stop test test-faults test-pooler test-embedded lint lint-deploy seed backup restore bench bench-scale certs clean
 
 help: ## list the targets, one line each
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -127,6 +127,10 @@ restore: $(INSTALLED) ## FILE=backups/... [TARGET_DATABASE_URL=...]: restore a d
 
 bench: $(GENERATED) ## the benchmarks of docs/benchmarks.md
 	@DATABASE_URL='$(DB_URL)' $(PY) -m bench
+
+# The reads and bulk jobs at 1M accounts, 10M ledger entries and 1M assets (minutes of seeding).
+bench-scale: $(GENERATED) ## the reads and bulk jobs at 1M accounts and 10M ledger entries
+	@DATABASE_URL='$(DB_URL)' $(PY) -m bench scale
 
 # Development certificates for mutual TLS (`TLS=on make run`): a CA and one certificate per
 # caller of deploy/policy.toml, under .data/certs/.

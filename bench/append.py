@@ -1,93 +1,145 @@
-"""Ledger appends: AppendLedgerEntry over gRPC against pgbench running the same SQL.
+"""Ledger appends over gRPC against pgbench running the same SQL, in the same run.
 
-Each service call runs one statement of token_service/queries.sql, append_entries (the
-ledger function); the baseline runs that same statement with pgbench, with as many
-clients, on the same accounts, in the same run, so the difference is what the service
-adds: gRPC, validation, the connection pool and Python.
+Each AppendLedgerEntry runs one statement of token_service/queries.sql, append_entry (the
+lean ledger function); the baseline runs that statement with pgbench, with as many clients,
+on the same accounts, just before, so the difference is what the service adds: gRPC,
+validation, the connection pool and Python. The service's clients run in processes of their
+own (bench/load.py), whose CPU is reported. Measured:
+
+- debits spread over the accounts, against the number of clients;
+- the latency at half the service's peak rate (16 and 64 clients);
+- one hot account (every client on one account), where group commit comes in;
+- the ledger function against one set-based statement doing the same append;
+- AppendLedgerEntries of a debit on each of 1,000 accounts (the set-based batch path).
 """
 
 from __future__ import annotations
 
-import asyncio
+import os
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
-import grpc
 
-from bench import common
-from blumpo.token.v1 import token_pb2 as tpb
-from blumpo.token.v1 import token_pb2_grpc
+from bench import common, load
 from harness.processes import ServiceProcess, free_port
 from token_service import ledger
 from token_service.store import Q
 
-# (clients, calls per client)
-RUNS = ((1, 2000), (16, 1000))
+CLIENTS = (1, 4, 16, 64, 256)
+HALF_PEAK_CLIENTS = (16, 64)
+HOT_CLIENTS = 16
+SECONDS = 4.0
+BATCH_CLIENTS = 1
+SQL_ROUNDS, SQL_SECONDS = 3, 3.0
+LEAN = "`token.append_entry` (one entry, lean)"
+LOOP = "`token.append_entries` (the batch loop, one entry)"
+SET = "one set-based statement (`UPDATE … RETURNING` → `INSERT`)"
+# The service as deployed by default (WORKERS = the CPUs), its bound on calls raised so that
+# 256 clients are served rather than refused.
+SERVICE_ENV = {"DB_POOL_SIZE": "20", "LOG_LEVEL": "WARNING", "MAX_CONCURRENT_CALLS": "1000"}
+
+RANDOM_ACCOUNT = f"\\set u random(1, {common.ACCOUNTS})"
+REFERENCE = "\\set r random(1, 9000000000000000000)"
 
 
-def pgbench_script() -> str:
-    """One debit of 1 token on a random account, as AppendLedgerEntry runs it."""
-    append = common.one_line(
-        Q["append_entries"],
+def append_entry_script(account: str) -> str:
+    """One debit of 1 token, as AppendLedgerEntry runs it."""
+    statement = common.one_line(
+        Q["append_entry"],
         {
-            1: "ARRAY[md5(:u::text)::uuid]",
-            2: "ARRAY[-1]",
-            3: "ARRAY['GENERATION']",
-            4: "ARRAY[('ref-' || :client_id || '-' || :r)]",
-            5: str(ledger.MAX_BALANCE),
-            6: "'bench'",
+            "user_id": "md5(:u::text)::uuid",
+            "delta": "-1::bigint",
+            "reason": "'GENERATION'",
+            "reference_id": "('lean-' || :client_id || '-' || :r)",
+            "max_balance": str(ledger.MAX_BALANCE),
+            "created_by": "'bench'",
         },
     )
-    return "\n".join(
-        [
-            f"\\set u random(1, {common.ACCOUNTS})",
-            "\\set r random(1, 9000000000000000000)",
-            f"{append};",
-            "",
-        ]
+    return f"{account}\n{REFERENCE}\n{statement};\n"
+
+
+def append_entries_script() -> str:
+    """The same debit through the batch function (one entry), as every append ran before."""
+    statement = common.one_line(
+        Q["append_entries"],
+        {
+            "user_ids": "ARRAY[md5(:u::text)::uuid]",
+            "deltas": "ARRAY[-1]",
+            "reasons": "ARRAY['GENERATION']",
+            "reference_ids": "ARRAY[('loop-' || :client_id || '-' || :r)]",
+            "max_balance": str(ledger.MAX_BALANCE),
+            "created_by": "'bench'",
+        },
     )
+    return f"{RANDOM_ACCOUNT}\n{REFERENCE}\n{statement};\n"
+
+
+# The least one debit can be: one statement that takes the row lock, checks the reference and
+# the balance, updates the balance and writes the entry.
+SET_BASED = (
+    "WITH account AS (UPDATE token.token_account a SET balance = a.balance - 1, updated_at = now() "
+    "WHERE a.user_id = md5(:u::text)::uuid AND a.balance >= 1 AND NOT EXISTS (SELECT FROM token.token_ledger l "
+    "WHERE l.user_id = md5(:u::text)::uuid AND l.reference_id = ('set-' || :client_id || '-' || :r)) "
+    "RETURNING a.user_id, a.balance) "
+    "INSERT INTO token.token_ledger (user_id, delta, reason, reference_id, balance_after, created_by) "
+    "SELECT user_id, -1, 'GENERATION', ('set-' || :client_id || '-' || :r), balance, 'bench' FROM account "
+    "RETURNING id, balance_after, occurred_at"
+)
+
+
+def set_based_script() -> str:
+    return f"{RANDOM_ACCOUNT}\n{REFERENCE}\n{SET_BASED};\n"
+
+
+def batch_script() -> str:
+    """A debit on each account, in random order, through the set-based batch function."""
+    statement = common.one_line(
+        Q["append_distinct_entries"],
+        {
+            "user_ids": f"(SELECT array_agg(md5(n::text)::uuid ORDER BY random()) "
+            f"FROM generate_series(1, {common.ACCOUNTS}) n)",
+            "deltas": f"array_fill(-1::bigint, ARRAY[{common.ACCOUNTS}])",
+            "reasons": f"array_fill('GENERATION'::text, ARRAY[{common.ACCOUNTS}])",
+            "reference_ids": f"array_fill(('batch-' || :client_id || '-' || :r), ARRAY[{common.ACCOUNTS}])",
+            "max_balance": str(ledger.MAX_BALANCE),
+            "created_by": "'bench'",
+        },
+    )
+    return f"{REFERENCE}\nSELECT count(*) FROM ({statement}) b;\n"
 
 
 @dataclass
-class ServiceRun:
-    calls: int
-    seconds: float
-    latencies_ms: list[float]
+class Point:
+    label: str
+    clients: int
+    baseline: common.Pgbench
+    service: load.Load
+    # Entries per call (1, or the batch's).
+    entries: int = 1
 
-    def percentile(self, q: int) -> float:
-        return statistics.quantiles(self.latencies_ms, n=100)[q - 1]
+    @property
+    def ratio(self) -> float:
+        return self.service.rate / self.baseline.tps
 
-
-async def run_service(address: str, clients: int, calls_per_client: int) -> ServiceRun:
-    latencies: list[float] = []
-
-    async def client(stub: token_pb2_grpc.TokenServiceAsyncStub, number: int) -> None:
-        for call in range(calls_per_client):
-            request = tpb.AppendLedgerEntryRequest(
-                user_id=common.account_id(1 + (number * 7919 + call * 104729) % common.ACCOUNTS),
-                delta=-1,
-                reason=tpb.LEDGER_REASON_GENERATION,
-                reference_id=f"grpc-{clients}-{number}-{call}",
-            )
-            started = time.perf_counter()
-            await stub.AppendLedgerEntry(request, timeout=30)
-            latencies.append((time.perf_counter() - started) * 1000)
-
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = token_pb2_grpc.TokenServiceStub(channel)
-        await stub.GetTokenBalance(tpb.GetTokenBalanceRequest(user_id=common.account_id(1)), timeout=10)  # warm up
-        started = time.perf_counter()
-        await asyncio.gather(*(client(stub, n) for n in range(clients)))
-        seconds = time.perf_counter() - started
-    return ServiceRun(clients * calls_per_client, seconds, latencies)
+    def row(self) -> str:
+        s, b = self.service, self.baseline
+        unit = "calls/s" if self.entries == 1 else f"batches/s ({s.rate * self.entries:,.0f} entries/s)"
+        base_unit = "tx/s" if self.entries == 1 else f"tx/s ({b.tps * self.entries:,.0f} entries/s)"
+        return (
+            f"| {self.label} | {self.clients} | {b.tps:,.0f} {base_unit} ({b.latency_ms:.2f} ms) "
+            f"| {s.rate:,.0f} {unit} | {s.percentile(50):.2f} / {s.percentile(99):.2f} ms "
+            f"| {s.client_cpu_seconds / s.seconds:.2f} | {self.ratio:.2f} |"
+        )
 
 
 async def bench(url: str, work_dir: Path) -> list[str]:
     admin = await asyncpg.connect(url)
-    rows = []
+    points: list[Point] = []
+    half_peak: list[tuple[int, float, load.Load]] = []
+    sql_paths: dict[str, list[float]] = {}
     try:
         await admin.execute(common.SEED_ACCOUNTS_SQL)
         await admin.execute("ANALYZE")
@@ -97,17 +149,38 @@ async def bench(url: str, work_dir: Path) -> list[str]:
             "DATABASE_URL": url,
             "TOKEN_LISTEN_ADDR": f"127.0.0.1:{port}",
             "TOKEN_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+            **SERVICE_ENV,
         }
-        env |= {"DB_POOL_SIZE": "20", "LOG_LEVEL": "WARNING"}
         service = ServiceProcess("token_service", env, port, work_dir / "token.log")
         await service.start()
+        spread = append_entry_script(RANDOM_ACCOUNT)
+
+        def measure(label: str, script: str, kind: str, clients: int, entries: int = 1) -> Point:
+            baseline = common.run_pgbench(url, script, clients, 0, "token", seconds=SECONDS)
+            measured = load.run(service.address, kind, clients, SECONDS, label=f"{label}-{clients}")
+            assert measured.errors == 0, f"{measured.errors} calls failed"
+            point = Point(label, clients, baseline, measured, entries)
+            points.append(point)
+            return point
+
         try:
-            for clients, per_client in RUNS:
-                await admin.execute("CHECKPOINT")
-                baseline = common.run_pgbench(url, pgbench_script(), clients, per_client, "token")
-                await admin.execute("CHECKPOINT")
-                measured = await run_service(service.address, clients, per_client)
-                rows.append((clients, baseline, measured))
+            peaks = {}
+            for clients in CLIENTS:
+                peaks[clients] = measure("spread", spread, "spread", clients).service.rate
+            for clients in HALF_PEAK_CLIENTS:
+                rate = peaks[clients] / 2
+                half_peak.append((clients, rate, load.run(service.address, "spread", clients, SECONDS, rate=rate)))
+            measure("hot account", append_entry_script("\\set u 1"), "hot", HOT_CLIENTS)
+            measure("batch of 1,000", batch_script(), "batch", BATCH_CLIENTS, entries=common.ACCOUNTS)
+            # Interleaved, a few rounds: on a shared machine one run of each is noise.
+            for _ in range(SQL_ROUNDS):
+                for name, script in (
+                    (LEAN, spread),
+                    (LOOP, append_entries_script()),
+                    (SET, set_based_script()),
+                ):
+                    run = common.run_pgbench(url, script, 16, 0, "token", seconds=SQL_SECONDS)
+                    sql_paths.setdefault(name, []).append(run.tps)
         finally:
             service.stop()
         mismatches = await admin.fetchval(
@@ -117,18 +190,37 @@ async def bench(url: str, work_dir: Path) -> list[str]:
         assert mismatches == 0, f"{mismatches} accounts disagree with their ledger"
     finally:
         await admin.close()
+    workers = os.cpu_count() or 1
     lines = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {common.machine()}, PostgreSQL "
-        f"{pg_version} (stock settings), debits of 1 token spread over {common.ACCOUNTS:,} accounts; the token service "
-        "runs as its own process with its default pool of 20 connections.",
+        f"{pg_version} (stock settings), debits of 1 token over {common.ACCOUNTS:,} accounts, {SECONDS:.0f} s a point; "
+        f"the token service runs as its own process with {workers} workers (WORKERS, default: the CPUs), a pool of "
+        "20 connections each, MAX_CONCURRENT_CALLS=1000; its clients run in processes of their own.",
         "",
-        "| clients | pgbench (same SQL) | service over gRPC | service p50 / p99 latency | service / baseline |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+        "| load | clients | pgbench (same SQL) | service over gRPC | service p50 / p99 | client CPU (cores) "
+        "| service / pgbench |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(point.row() for point in points),
+        "",
+        "At half the service's peak rate (open loop, same debits):",
+        "",
+        "| clients | rate asked | served | p50 / p99 |",
+        "| ---: | ---: | ---: | ---: |",
+        *(
+            f"| {clients} | {rate:,.0f} calls/s | {measured.rate:,.0f} calls/s "
+            f"| {measured.percentile(50):.2f} / {measured.percentile(99):.2f} ms |"
+            for clients, rate, measured in half_peak
+        ),
+        "",
+        f"The ledger's SQL for one debit, pgbench, 16 clients, {SQL_ROUNDS} rounds of {SQL_SECONDS:.0f} s "
+        "interleaved (the cost: the set-based statement's rate over the statement's, per round, the median):",
+        "",
+        "| statement | pgbench, each round | cost against the set-based statement |",
+        "| --- | ---: | ---: |",
+        *(
+            f"| {name} | {' / '.join(f'{tps:,.0f}' for tps in rates)} tx/s "
+            f"| {statistics.median(s / r for s, r in zip(sql_paths[SET], rates, strict=True)):.2f}x |"
+            for name, rates in sql_paths.items()
+        ),
     ]
-    for clients, baseline, measured in rows:
-        rate = measured.calls / measured.seconds
-        lines.append(
-            f"| {clients} | {baseline.tps:,.0f} tx/s ({baseline.latency_ms:.2f} ms) | {rate:,.0f} calls/s "
-            f"| {measured.percentile(50):.2f} / {measured.percentile(99):.2f} ms | {rate / baseline.tps:.2f} |"
-        )
     return lines

@@ -45,8 +45,8 @@ WITH g AS (
 ), accounts AS (
   INSERT INTO token.token_account (user_id, balance, plan_code) SELECT id, {START_BALANCE}, 'free' FROM g
 )
-INSERT INTO token.token_ledger (user_id, delta, reason, reference_id, balance_after)
-SELECT id, {START_BALANCE}, 'PURCHASE', 'bench-start', {START_BALANCE} FROM g
+INSERT INTO token.token_ledger (user_id, delta, reason, reference_id, balance_after, created_by)
+SELECT id, {START_BALANCE}, 'PURCHASE', 'bench-start', {START_BALANCE}, 'bench' FROM g
 """
 
 
@@ -80,15 +80,19 @@ class Pgbench:
     wall_seconds: float
 
 
-def run_pgbench(url: str, script: str, clients: int, transactions_per_client: int, search_path: str) -> Pgbench:
-    """Runs a custom script with the prepared protocol (as asyncpg uses), no vacuum."""
+def run_pgbench(
+    url: str, script: str, clients: int, transactions_per_client: int, search_path: str, *, seconds: float = 0
+) -> Pgbench:
+    """Runs a custom script with the prepared protocol (as asyncpg uses), no vacuum: the given
+    transactions per client, or for the given seconds."""
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as file:
         file.write(script)
     try:
         env = {**os.environ, "PGOPTIONS": f"-c search_path={search_path}"}
         threads = min(clients, os.cpu_count() or 1)
         cmd = [pgbench_binary(), "-n", "-M", "prepared", "-c", str(clients), "-j", str(threads)]
-        cmd += ["-t", str(transactions_per_client), "-f", file.name, url]
+        cmd += ["-T", str(max(1, round(seconds)))] if seconds else ["-t", str(transactions_per_client)]
+        cmd += ["-f", file.name, url]
         started = time.perf_counter()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - started
@@ -96,9 +100,10 @@ def run_pgbench(url: str, script: str, clients: int, transactions_per_client: in
         os.unlink(file.name)
     latency = re.search(r"latency average = ([0-9.]+) ms", done.stdout)
     tps = re.search(r"tps = ([0-9.]+)", done.stdout)
-    if done.returncode != 0 or latency is None or tps is None:
+    processed = re.search(r"number of transactions actually processed: ([0-9]+)", done.stdout)
+    if done.returncode != 0 or latency is None or tps is None or processed is None:
         raise SystemExit(f"pgbench failed:\n{done.stdout}\n{done.stderr}")
-    return Pgbench(clients * transactions_per_client, float(latency.group(1)), float(tps.group(1)), wall)
+    return Pgbench(int(processed.group(1)), float(latency.group(1)), float(tps.group(1)), wall)
 
 
 def machine() -> str:

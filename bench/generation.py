@@ -2,7 +2,7 @@
 against pgbench running the same SQL in the same run.
 
 A create is three statements: the intent (generation's insert_intent), the debit
-(token's append_entries, reached through the token service) and the settle
+(token's append_entry, reached through the token service) and the settle
 (finish_charged); the baseline runs those three statements with pgbench. A claim is
 sweep_expired_leases then claim_next; the baseline runs those two. Both services run as
 their own processes.
@@ -52,14 +52,14 @@ def create_script() -> str:
         },
     )
     debit = common.one_line(
-        TQ["append_entries"],
+        TQ["append_entry"],
         {
-            1: "ARRAY[md5(:u::text)::uuid]",
-            2: f"ARRAY[-{COST}]",
-            3: "ARRAY['GENERATION']",
-            4: f"ARRAY[{job}::text]",
-            5: str(ledger.MAX_BALANCE),
-            6: "'bench'",
+            "user_id": "md5(:u::text)::uuid",
+            "delta": f"-{COST}::bigint",
+            "reason": "'GENERATION'",
+            "reference_id": f"{job}::text",
+            "max_balance": str(ledger.MAX_BALANCE),
+            "created_by": "'bench'",
         },
     )
     settle = common.one_line(GQ["finish_charged"], {1: job})

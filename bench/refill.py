@@ -4,7 +4,7 @@ Builds a scratch database with the dbmate migrations, bulk-inserts users, accoun
 and their signup entries with generate_series, then in the same run:
 
 1. baseline: pgbench runs the statements of one refill batch (refill_batch, then
-   append_entries, taken from token_service/queries.sql) once per batch of 1000
+   append_distinct_entries, taken from token_service/queries.sql) once per batch of 1000
    accounts, one client, prepared protocol as asyncpg uses; the arrays the service
    builds between the two are built in SQL and passed on with \\gset;
 2. RunMonthlyRefill over a real gRPC channel to an in-process token server, for
@@ -44,8 +44,8 @@ WITH g AS (
   INSERT INTO token.token_account (user_id, balance, plan_code, created_at)
   SELECT id, 100, CASE WHEN n % 5 = 0 THEN 'pro' ELSE 'free' END, '2000-01-01T00:00:00Z' FROM g
 )
-INSERT INTO token.token_ledger (user_id, delta, reason, reference_id, balance_after)
-SELECT id, 100, 'SIGNUP_BONUS', 'signup', 100 FROM g
+INSERT INTO token.token_ledger (user_id, delta, reason, reference_id, balance_after, created_by)
+SELECT id, 100, 'SIGNUP_BONUS', 'signup', 100, 'bench' FROM g
 """
 
 # The keyset start of each batch, so every pgbench transaction takes the next batch.
@@ -66,8 +66,15 @@ def pgbench_script(period: str, batch_size: int) -> str:
     end = f"'{refill_job.period_end(period).isoformat()}'::timestamptz"
     select_batch = common.one_line(Q["refill_batch"], {1: ":after_id::uuid", 2: str(batch_size), 3: end})
     append = common.one_line(
-        Q["append_entries"],
-        {1: ":ids", 2: ":allowances", 3: ":reasons", 4: ":refs", 5: str(ledger.MAX_BALANCE), 6: "'bench'"},
+        Q["append_distinct_entries"],
+        {
+            "user_ids": ":ids",
+            "deltas": ":allowances",
+            "reasons": ":reasons",
+            "reference_ids": ":refs",
+            "max_balance": str(ledger.MAX_BALANCE),
+            "created_by": "'bench'",
+        },
     )
     eligible = "FILTER (WHERE monthly_allowance > 0)"
     count = f"count(*) {eligible}"

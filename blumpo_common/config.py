@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 from collections.abc import Callable, Mapping
@@ -72,6 +73,8 @@ class ServerConfig:
     # The settings the addresses came from, to name them when one cannot be used.
     listen_setting: str
     metrics_setting: str
+    # Server processes sharing the listening port (WORKERS, default: the CPUs); see workers.py.
+    workers: int = 1
 
 
 def development(env: Mapping[str, str]) -> bool:
@@ -198,6 +201,7 @@ def load_server(env: Mapping[str, str], prefix: str, port: int, metrics_port: in
         max_concurrent_calls=integer(env, "MAX_CONCURRENT_CALLS", DEFAULT_MAX_CONCURRENT_CALLS, 1, 100_000),
         listen_setting=listen_setting,
         metrics_setting=metrics_setting,
+        workers=integer(env, "WORKERS", os.cpu_count() or 1, 1, 256),
     )
 
 

@@ -137,19 +137,43 @@ class Many:
 def record(cls: type[R], row: asyncpg.Record, **special: Converted | Nested | Many) -> R:
     """A dataclass built from the row's columns of the same names; `special` says how the fields
     that need more than a column's value are made (enums, decoded JSON, records of their own)."""
-    values: dict[str, Any] = {}
+    return reader(cls, **special)(row)
+
+
+def reader(cls: type[R], **special: Converted | Nested | Many) -> Callable[[asyncpg.Record], R]:
+    """record(cls, row, **special) worked out once, as a function of the row: for a record type
+    read by the thousand (a batch's answers), made once at import."""
+    fields: list[Callable[[asyncpg.Record], Any]] = []
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        spec = special.get(field.name)
-        if spec is None:
-            values[field.name] = row[field.name]
-        elif isinstance(spec, Converted):
-            values[field.name] = spec.convert(row[spec.column or field.name])
-        elif isinstance(spec, Nested):
-            skip = spec.unless_null is not None and row[spec.unless_null] is None
-            values[field.name] = None if skip else spec.build(row)
-        else:
-            values[field.name] = tuple(spec.build(r) for r in row.get(field.name) or ())
-    return cls(**values)
+        fields.append(_field_reader(field.name, special.get(field.name)))
+
+    def read(row: asyncpg.Record) -> R:
+        return cls(*[read_field(row) for read_field in fields])
+
+    return read
+
+
+def _field_reader(name: str, spec: Converted | Nested | Many | None) -> Callable[[asyncpg.Record], Any]:
+    if spec is None:
+        return lambda row: row[name]
+    if isinstance(spec, Converted):
+        convert, column = spec.convert, spec.column or name
+        return lambda row: convert(row[column])
+    if isinstance(spec, Nested):
+        build, unless_null = spec.build, spec.unless_null
+        if unless_null is None:
+            return build
+        return lambda row: None if row[unless_null] is None else build(row)
+    many = spec.build
+    return lambda row: tuple(many(r) for r in row.get(name) or ())
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    """What a connection needs before it goes back to the pool: only an open transaction ended.
+    The services keep no session state (see create_pool), so asyncpg's default reset (RESET ALL,
+    UNLISTEN *, ...) would cost a round trip per statement for nothing."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
 
 
 async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
@@ -163,6 +187,7 @@ async def create_pool(config: DatabaseConfig) -> asyncpg.Pool:
         statement_cache_size=config.statement_cache_size,
         timeout=min(config.timeout_ms / 1000, 10.0),
         command_timeout=config.timeout_ms / 1000,
+        reset=_reset,
     )
     assert pool is not None
     metrics.watch_pool(pool)

@@ -7,9 +7,10 @@ so dashboards and alerts written for them apply. docs/observability.md lists eve
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import grpc
@@ -193,4 +194,48 @@ class _PoolCollector(Collector):
         yield from (size, in_use, most, waiting)
 
 
-prometheus_client.REGISTRY.register(_PoolCollector())
+# How the supervisor of several workers (workers.py) joins a gauge read at scrape time.
+Join = Literal["livesum", "livemostrecent"]
+PER_PROCESS: Join = "livesum"  # each worker's own (its pool): summed
+ONE_FOR_ALL: Join = "livemostrecent"  # the same fact read by every worker (the database's backlog): the latest
+# Gauges read at scrape time, and how workers' values are joined.
+_scraped: list[tuple[Collector, Join]] = []
+# A worker's copies of them, refreshed this often.
+PUBLISH_SECONDS = 1.0
+
+
+def register_scraped(collector: Collector, join: Join) -> None:
+    """Registers a collector of gauges read at scrape time; join (PER_PROCESS or ONE_FOR_ALL) says
+    how a supervisor joins the values of its workers."""
+    prometheus_client.REGISTRY.register(collector)
+    _scraped.append((collector, join))
+
+
+def _collected(collector: Collector) -> list[Metric]:
+    return list(collector.collect())
+
+
+async def publish_scraped() -> None:
+    """In a worker, whose supervisor serves the metrics (prometheus_client's multiprocess mode,
+    where only counters, histograms and gauges written to its files are seen): the gauges read
+    at scrape time copied there every PUBLISH_SECONDS (so that much behind), until cancelled."""
+    copies: dict[str, prometheus_client.Gauge] = {}
+    while True:
+        for collector, join in _scraped:
+            # In a thread: a collector may wait for this loop (the backlog's query).
+            for family in await asyncio.to_thread(_collected, collector):
+                for sample in family.samples:
+                    gauge = copies.get(sample.name)
+                    if gauge is None:
+                        gauge = copies[sample.name] = prometheus_client.Gauge(
+                            sample.name,
+                            family.documentation,
+                            list(sample.labels),
+                            registry=None,
+                            multiprocess_mode=join,
+                        )
+                    (gauge.labels(**sample.labels) if sample.labels else gauge).set(sample.value)
+        await asyncio.sleep(PUBLISH_SECONDS)
+
+
+register_scraped(_PoolCollector(), PER_PROCESS)

@@ -339,7 +339,7 @@ class RunningServer:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-def _check_bindable(address: str) -> None:
+def check_bindable(address: str, share_port: bool) -> None:
     """OSError unless a server could listen on address (checked here, so gRPC has no failure to log)."""
     host, _, port = address.rpartition(":")
     family, kind, proto, _, sockaddr = socket.getaddrinfo(
@@ -347,6 +347,7 @@ def _check_bindable(address: str) -> None:
     )[0]
     with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(share_port))
         sock.bind(sockaddr)
 
 
@@ -356,15 +357,18 @@ async def start(
     listen_addr: str,
     max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS,
     security: Security | None = None,
+    *,
+    share_port: bool = False,
 ) -> RunningServer:
     """Serves the service on listen_addr, with mutual TLS and the policy of security (without:
-    plaintext, everything allowed); OSError when that address cannot be used."""
+    plaintext, everything allowed); OSError when that address cannot be used. With share_port,
+    the other workers of the service listen on it too (SO_REUSEPORT)."""
     security = security or Security()
     certificates = None if security.tls is None else tls.ServerCertificates(security.tls)
     admission = Admission(max_concurrent_calls)
     gate = authz.Gate(security.policy, mutual_tls=certificates is not None)
     interceptors = [*tracing.server_interceptors(), CallInterceptor(service.error_domain, admission, gate)]
-    server = grpc.aio.server(interceptors=interceptors)
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", int(share_port))])
     service.register(server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -372,7 +376,7 @@ async def start(
     for name in names:  # until the database has answered once
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    _check_bindable(listen_addr)
+    check_bindable(listen_addr, share_port)
     if certificates is None:
         port = server.add_insecure_port(listen_addr)
     else:
@@ -383,19 +387,29 @@ async def start(
     return RunningServer(server, port, health_servicer, admission, tasks, service.on_shutdown, certificates)
 
 
-async def serve(service: Service, pool: asyncpg.Pool, config: ServerConfig, security: Security) -> None:
+async def serve(
+    service: Service, pool: asyncpg.Pool, config: ServerConfig, security: Security, *, worker: bool = False
+) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully; SIGHUP re-reads the certificates.
+    A worker (one of several processes, workers.py) shares the listening port with the others,
+    and leaves the metrics to its supervisor.
 
     An address that cannot be used stops start-up with one line naming its setting (exit 2)."""
     host, _, port = config.metrics_addr.rpartition(":")
     try:
-        prometheus_client.start_http_server(int(port), host)
+        if not worker:
+            prometheus_client.start_http_server(int(port), host)
     except OSError as exc:
         exit_on(service.name, ConfigError(f"{config.metrics_setting} {config.metrics_addr} cannot be used: {exc}"))
     try:
-        running = await start(service, pool, config.listen_addr, config.max_concurrent_calls, security)
+        running = await start(
+            service, pool, config.listen_addr, config.max_concurrent_calls, security, share_port=worker
+        )
     except OSError as exc:
         exit_on(service.name, ConfigError(f"{config.listen_setting} {config.listen_addr} cannot be used: {exc}"))
+    if worker:
+        # The supervisor serves the metrics; what is read at scrape time here is copied out for it.
+        running.tasks.append(asyncio.create_task(metrics.publish_scraped()))
     log.info(
         "serving",
         extra={

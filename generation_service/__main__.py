@@ -9,5 +9,6 @@ def entry() -> None:
     cli.run("blumpo-generation-service", __doc__ or "", main)
 
 
+# Guarded: worker processes (spawned) import this module again.
 if __name__ == "__main__":
     entry()

@@ -12,11 +12,11 @@ from typing import Any
 
 import asyncpg
 import grpc
-import prometheus_client
+import uvloop
 
 from blumpo.generation.v1 import generation_pb2, generation_pb2_grpc
 from blumpo.token.v1 import token_pb2_grpc
-from blumpo_common import db, logs, metrics, retry, server, tls, tracing
+from blumpo_common import db, logs, metrics, retry, server, tls, tracing, workers
 from blumpo_common.config import PAGE_TOKEN_SECRET_MADE_UP, DatabaseConfig, load_or_exit
 from blumpo_common.pagination import PageTokens
 from blumpo_common.retry import RetryPolicy
@@ -104,7 +104,7 @@ def token_channel(config: generation_config.Config) -> tls.RotatingChannel:
     return tls.RotatingChannel(open_channel, drain_seconds=config.token_retry.total_timeout_seconds + 1)
 
 
-async def run(config: generation_config.Config) -> None:
+async def run(config: generation_config.Config, *, worker: bool = False) -> None:
     pool = await db.create_pool(config.database)
     channel = token_channel(config)
     try:
@@ -119,8 +119,10 @@ async def run(config: generation_config.Config) -> None:
             pages=pages,
             aging_seconds=config.aging_seconds,
         )
-        prometheus_client.REGISTRY.register(BacklogCollector(wired.store, asyncio.get_running_loop()))
-        await server.serve(service(wired, on_reload=(channel.reload,)), pool, config.server, config.security)
+        metrics.register_scraped(BacklogCollector(wired.store, asyncio.get_running_loop()), metrics.ONE_FOR_ALL)
+        await server.serve(
+            service(wired, on_reload=(channel.reload,)), pool, config.server, config.security, worker=worker
+        )
     finally:
         await channel.close()
 
@@ -132,5 +134,15 @@ def main() -> None:
     log = logging.getLogger(__name__)
     if config.page_tokens.generated:
         log.warning(PAGE_TOKEN_SECRET_MADE_UP)
-    log.info("starting", extra={"token_service": config.token_service_target})
-    asyncio.run(run(config))
+    log.info("starting", extra={"token_service": config.token_service_target, "workers": config.server.workers})
+    if config.server.workers > 1:
+        # Each worker loads the certificates itself, and again on the SIGHUP passed on to it.
+        workers.supervise("generation_service", config.server, worker, config, reload=config.security.tls is not None)
+    uvloop.run(run(config))
+
+
+def worker(config: generation_config.Config) -> None:
+    """One of config.server.workers processes (blumpo_common/workers.py)."""
+    logs.configure("generation_service", config.server.log_level)
+    load_or_exit("generation_service", functools.partial(tracing.configure, "generation_service"), os.environ)
+    uvloop.run(run(config, worker=True))

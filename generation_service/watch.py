@@ -41,7 +41,10 @@ LISTENING_POLL_SECONDS = 60.0
 DOWN_POLL_SECONDS = 1.0
 RECONNECT_MAX_SECONDS = 5.0
 
-STREAMS = prometheus_client.Gauge("generation_watch_streams", "Open WatchGenerationJob streams.")
+# Summed over the live worker processes, when there are several (workers.py).
+STREAMS = prometheus_client.Gauge(
+    "generation_watch_streams", "Open WatchGenerationJob streams.", multiprocess_mode="livesum"
+)
 READS = prometheus_client.Counter(
     "generation_watch_reads_total", "Reads of a watched job, each shared by all watchers of that job."
 )

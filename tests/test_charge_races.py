@@ -60,7 +60,7 @@ async def test_refusal_racing_a_parallel_retry_strands_no_charge(
         await account_tx.start()
         await account_lock.execute("SELECT FROM token.token_account WHERE user_id = $1 FOR UPDATE", uuid.UUID(user_id))
         q = asyncio.ensure_future(generation.CreateGenerationJob(request))
-        await waiting_on_a_lock(admin, "append_entries")
+        await waiting_on_a_lock(admin, "append_entry")
         job_tx = job_lock.transaction()
         await job_tx.start()
         await job_lock.execute("SELECT FROM generation.generation_job WHERE id = $1 FOR UPDATE", job_id)

@@ -115,6 +115,8 @@ async def test_sighup_rotates_the_certificates_while_a_call_is_in_flight(
         "TLS_KEY_FILE": str(key),
         "TLS_CA_FILE": str(bundle),
         "AUTHZ_POLICY_FILE": str(POLICY),
+        # Worker processes: the SIGHUP the supervisor gets is passed on, and each re-reads its files.
+        "WORKERS": "2",
     }
     service = ServiceProcess("token_service", env, int(env["TOKEN_LISTEN_ADDR"].rpartition(":")[2]), tmp_path / "log")
     service.spawn()

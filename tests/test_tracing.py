@@ -114,7 +114,7 @@ async def test_create_job_is_one_trace_across_both_services(traced: Traced, capl
             if s.kind is SpanKind.CLIENT and s.attributes and s.attributes.get("db.system") == "postgresql"
         ]
 
-    assert any("append_entries" in sql for sql in statements(append_server)), statements(append_server)
+    assert any("append_entry(" in sql for sql in statements(append_server)), statements(append_server)
     # Each service's log line of its call names the trace.
     trace_id = format(create.context.trace_id, "032x")
     assert {(r.message, getattr(r, "method", ""), getattr(r, "trace_id", None)) for r in caplog.records} >= {

@@ -18,6 +18,7 @@ from blumpo_common.server import Context
 from blumpo_common.timestamps import to_proto
 from blumpo_common.validation import Checker
 from token_service import errors, ledger, otp, refill
+from token_service.group_commit import GroupCommit
 from token_service.model import (
     Account,
     BalanceMismatch,
@@ -132,6 +133,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         self.store = store
         self.logins = logins
         self.pages = pages
+        self.group_commit = GroupCommit(store)
 
     async def CreateUser(self, request: pb.CreateUserRequest, context: Context) -> pb.CreateUserResponse:
         check = Checker()
@@ -177,7 +179,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
     async def AppendLedgerEntry(
         self, request: pb.AppendLedgerEntryRequest, context: Context
     ) -> pb.AppendLedgerEntryResponse:
-        [outcome] = await ledger.append(self.store, [entry_request(request)], caller_of(context))
+        outcome = await self.group_commit.append(entry_request(request), caller_of(context))
         return pb.AppendLedgerEntryResponse(entry=entry_message(raise_error(outcome)), replayed=outcome.replayed)
 
     async def AppendLedgerEntries(

@@ -1,8 +1,11 @@
 """The ledger's limits, and what each requested entry came to: an entry or an error.
 
-The rules themselves run in the database, in the function token.append_entries
-(migration 20261127100001), so that one call applies a whole batch in one round trip
-with the accounts locked. Here each result it reports becomes an entry or an error.
+The rules themselves run in the database, in three functions that answer alike
+(migrations 20261127100001, 20261127500001), each in one round trip with the accounts
+locked: token.append_entry for one entry (the common case, kept lean),
+token.append_distinct_entries for a batch naming each account once (set-based), and
+token.append_entries, entry by entry, for a batch naming an account more than once. Here
+the path is chosen, and each result reported becomes an entry or an error (and is counted).
 """
 
 from __future__ import annotations
@@ -65,7 +68,12 @@ async def append(
     per request, in order."""
     if not requests:
         return []
-    results = await store.append_entries(requests, MAX_BALANCE, created_by, conn=conn)
+    if len(requests) == 1:
+        results = [await store.append_entry(requests[0], MAX_BALANCE, created_by, conn=conn)]
+    elif len({r.user_id for r in requests}) == len(requests):
+        results = await store.append_distinct_entries(requests, MAX_BALANCE, created_by, conn=conn)
+    else:
+        results = await store.append_entries(requests, MAX_BALANCE, created_by, conn=conn)
     outcomes = [outcome_of(result) for result in results]
     for outcome in outcomes:
         if outcome.entry is not None and not outcome.replayed:

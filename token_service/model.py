@@ -14,7 +14,7 @@ from datetime import datetime
 
 import asyncpg
 
-from blumpo_common.db import Converted, Nested, record
+from blumpo_common.db import Converted, Nested, reader, record
 
 
 class LedgerReason(enum.StrEnum):
@@ -98,7 +98,7 @@ class LedgerEntry:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> LedgerEntry:
-        return record(cls, row, id=Converted(column="entry_id"), reason=Converted(LedgerReason))
+        return _read_ledger_entry(row)
 
 
 @dataclass(frozen=True)
@@ -135,13 +135,17 @@ class AppendResult:
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> AppendResult:
-        return record(
-            cls,
-            row,
-            outcome=Converted(AppendOutcome),
-            entry=Nested(LedgerEntry.from_row, unless_null="entry_id"),
-            reason=Converted(LedgerReason),
-        )
+        return _read_append_result(row)
+
+
+# Read by the thousand (a batch's answers): worked out once.
+_read_ledger_entry = reader(LedgerEntry, id=Converted(column="entry_id"), reason=Converted(LedgerReason))
+_read_append_result = reader(
+    AppendResult,
+    outcome=Converted(AppendOutcome),
+    entry=Nested(_read_ledger_entry, unless_null="entry_id"),
+    reason=Converted(LedgerReason),
+)
 
 
 @dataclass(frozen=True)

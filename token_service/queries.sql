@@ -27,6 +27,17 @@ SELECT outcome, entry_id, user_id, delta, reason, reference_id, balance_after, o
 FROM append_entries(:user_ids::uuid[], :deltas::bigint[], :reasons::text[], :reference_ids::text[], :max_balance::bigint,
   :created_by::text);
 
+-- name: append_entry
+-- One entry, by the lean function (migration 20261127500001): the same rules and answers.
+SELECT outcome, entry_id, user_id, delta, reason, reference_id, balance_after, occurred_at, balance, created_by
+FROM append_entry(:user_id, :delta, :reason, :reference_id, :max_balance, :created_by);
+
+-- name: append_distinct_entries
+-- A batch naming each account once, judged set-based (migration 20261127500001).
+SELECT outcome, entry_id, user_id, delta, reason, reference_id, balance_after, occurred_at, balance, created_by
+FROM append_distinct_entries(:user_ids::uuid[], :deltas::bigint[], :reasons::text[], :reference_ids::text[],
+  :max_balance::bigint, :created_by);
+
 -- name: list_entries
 -- Newest first, after the keyset ($2, $3); the first page passes ('infinity', max bigint).
 SELECT id AS entry_id, user_id, delta, reason, reference_id, balance_after, occurred_at, created_by, seq
@@ -164,5 +175,6 @@ LIMIT $2;
 -- Serving needs the schema and the functions the service calls, reachable by its login's
 -- search_path (a rollback or a wrong role makes this false, or fail).
 SELECT to_regclass('token_ledger') IS NOT NULL AND to_regclass('token_account') IS NOT NULL
-  AND (SELECT count(DISTINCT proname) = 2 FROM pg_proc
-       WHERE pronamespace = to_regnamespace(current_schema()) AND proname IN ('append_entries', 'create_user'));
+  AND (SELECT count(DISTINCT proname) = 4 FROM pg_proc
+       WHERE pronamespace = to_regnamespace(current_schema())
+         AND proname IN ('append_entries', 'append_entry', 'append_distinct_entries', 'create_user'));

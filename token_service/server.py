@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
 
 import grpc
+import uvloop
 
 from blumpo.token.v1 import token_pb2, token_pb2_grpc
-from blumpo_common import db, logs, server, tracing
+from blumpo_common import db, logs, server, tracing, workers
 from blumpo_common.config import PAGE_TOKEN_SECRET_MADE_UP, load_or_exit
 from blumpo_common.pagination import PageTokens
 from token_service import config as token_config
@@ -52,7 +52,7 @@ def service(store: Store, logins: otp.OtpLogins | None = None, pages: PageTokens
     )
 
 
-async def run(config: token_config.Config) -> None:
+async def run(config: token_config.Config, *, worker: bool = False) -> None:
     pool = await db.create_pool(config.database)
     store = Store(pool, config.database.timeout_ms / 1000)
     logins = otp.OtpLogins(
@@ -64,7 +64,11 @@ async def run(config: token_config.Config) -> None:
         config.otp.limits,
     )
     await server.serve(
-        service(store, logins, PageTokens(config.page_tokens.secret)), pool, config.server, config.security
+        service(store, logins, PageTokens(config.page_tokens.secret)),
+        pool,
+        config.server,
+        config.security,
+        worker=worker,
     )
 
 
@@ -78,5 +82,23 @@ def main() -> None:
         log.warning(PAGE_TOKEN_SECRET_MADE_UP)
     if config.otp.smtp is None:
         log.warning("login codes are written to this log (development sender); set OTP_SMTP_HOST to mail them")
-    log.info("starting", extra={"development": config.development, "otp_ttl_seconds": config.otp.ttl_seconds})
-    asyncio.run(run(config))
+    log.info(
+        "starting",
+        extra={
+            "development": config.development,
+            "otp_ttl_seconds": config.otp.ttl_seconds,
+            "workers": config.server.workers,
+        },
+    )
+    if config.server.workers > 1:
+        # The workers get this config, page-token secret included, so each accepts the others' tokens;
+        # each loads the certificates itself, and again on the SIGHUP passed on to it.
+        workers.supervise("token_service", config.server, worker, config, reload=config.security.tls is not None)
+    uvloop.run(run(config))
+
+
+def worker(config: token_config.Config) -> None:
+    """One of config.server.workers processes (workers.py)."""
+    logs.configure("token_service", config.server.log_level)
+    load_or_exit("token_service", functools.partial(tracing.configure, "token_service"), os.environ)
+    uvloop.run(run(config, worker=True))

@@ -102,6 +102,40 @@ class Store(db.BaseStore):
         assert len(rows) == len(requests), "token.append_entries answers once per entry"
         return [AppendResult.from_row(row) for row in rows]
 
+    async def append_entry(
+        self, request: EntryRequest, max_balance: int, created_by: str, *, conn: db.Connection | None = None
+    ) -> AppendResult:
+        """Applies one request by the lean single-entry function."""
+        row = await self.fetchrow(
+            "append_entry",
+            user_id=request.user_id,
+            delta=request.delta,
+            reason=request.reason,
+            reference_id=request.reference_id,
+            max_balance=max_balance,
+            created_by=created_by,
+            conn=conn,
+        )
+        assert row is not None, "token.append_entry answers once"
+        return AppendResult.from_row(row)
+
+    async def append_distinct_entries(
+        self, requests: Sequence[EntryRequest], max_balance: int, created_by: str, *, conn: db.Connection | None = None
+    ) -> list[AppendResult]:
+        """Applies requests naming each account once, set-based; one result per request, in order."""
+        rows = await self.fetch(
+            "append_distinct_entries",
+            user_ids=[r.user_id for r in requests],
+            deltas=[r.delta for r in requests],
+            reasons=[r.reason for r in requests],
+            reference_ids=[r.reference_id for r in requests],
+            max_balance=max_balance,
+            created_by=created_by,
+            conn=conn,
+        )
+        assert len(rows) == len(requests), "token.append_distinct_entries answers once per entry"
+        return [AppendResult.from_row(row) for row in rows]
+
     async def list_entries(
         self, user_id: uuid.UUID, after: tuple[datetime, int] | None, limit: int, *, conn: db.Connection | None = None
     ) -> list[ListedEntry]:
