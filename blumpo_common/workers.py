@@ -81,10 +81,12 @@ def supervise(
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, stop)
-        if reload:
-            signal.signal(signal.SIGHUP, pass_on)
         for process in workers:
             process.start()
+        # After the start: the workers inherit SIGHUP ignored (not this handler, which exec would
+        # reset to the default, ending them) until each installs its own.
+        if reload:
+            signal.signal(signal.SIGHUP, pass_on)
         log.info("workers started", extra={"workers": config.workers})
         ended = multiprocessing.connection.wait([p.sentinel for p in workers])
         if not stopping:

@@ -173,3 +173,45 @@ async def test_sighup_rotates_the_certificates_while_a_call_is_in_flight(
         assert "certificates not reloaded" in service.logs()
     finally:
         service.stop()
+
+
+def ignores_sighup(pid: int) -> bool:
+    mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+
+
+@pytest.mark.slow
+async def test_sighup_while_starting_does_not_end_the_service(database_url: str, tmp_path: Path) -> None:
+    """A rotation that lands while the supervisor or a worker is still starting is ignored until
+    the handler is in place (the files are read at start anyway), instead of ending the service."""
+    authority = Authority(tmp_path, "ca")
+    served = authority.server("token")
+    env = {
+        "DATABASE_URL": database_url,
+        "TOKEN_LISTEN_ADDR": f"127.0.0.1:{free_port()}",
+        "TOKEN_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+        "TLS_CERT_FILE": str(served.cert),
+        "TLS_KEY_FILE": str(served.key),
+        "TLS_CA_FILE": str(authority.bundle),
+        "AUTHZ_POLICY_FILE": str(POLICY),
+        "WORKERS": "2",
+    }
+    service = ServiceProcess("token_service", env, int(env["TOKEN_LISTEN_ADDR"].rpartition(":")[2]), tmp_path / "log")
+    service.spawn()
+    try:
+        assert service.process is not None
+        client = authority.issue("admin")
+        deadline = asyncio.get_running_loop().time() + READY_SECONDS
+        # From the service's first act on (SIGHUP ignored), through loading, workers and serving.
+        while not ignores_sighup(service.process.pid):
+            assert service.process.poll() is None and asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        while not await answers(service.address, authority, client):
+            assert asyncio.get_running_loop().time() < deadline, service.logs()
+            if service.process.poll() is None:
+                service.process.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.05)
+        assert service.process.poll() is None, service.logs()
+        assert service.stop() == 0
+    finally:
+        service.stop()
