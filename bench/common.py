@@ -59,7 +59,9 @@ def one_line(query: Query, values: Mapping[int | str, str]) -> str:
     """A statement of queries.sql as one pgbench line, its parameters (by number, or by name
     for a statement with `:name` parameters) replaced by pgbench expressions."""
     numbered = {query.params.index(k) + 1 if isinstance(k, str) else k: v for k, v in values.items()}
-    text = " ".join(line.strip() for line in query.sql.splitlines()).rstrip(";")
+    # Comments go first: joined into one line, one would hide the rest of the statement.
+    lines = (re.sub(r"--.*$", "", line).strip() for line in query.sql.splitlines())
+    text = " ".join(line for line in lines if line).rstrip(";")
     return re.sub(r"\$(\d+)", lambda m: numbered[int(m.group(1))], text)
 
 
