@@ -89,6 +89,7 @@ async def test_a_change_committed_while_the_sweep_runs_decides_the_job(
     row = await admin.fetchrow(
         "SELECT status, refund_state, lease_id FROM generation.generation_job WHERE id = $1", job_id
     )
+    assert row is not None
     assert (row["status"], row["lease_id"]) == (expected, None)
     assert row["refund_state"] == ("DONE" if refunded else "NONE")
     assert await balance(token, user_id) == (20 if refunded else 13)
