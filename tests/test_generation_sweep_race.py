@@ -51,6 +51,17 @@ async def _sweep_with_pause(parts: GenerationParts) -> list[Job]:
     return swept
 
 
+async def _paused(admin: asyncpg.Connection) -> None:
+    """Waits until the sweep's statement is in its pause."""
+    for _ in range(int(PAUSE_SECONDS / 0.01)):
+        if await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'"
+        ):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the sweep never reached its pause")
+
+
 @pytest.mark.parametrize(
     ("change", "lost_leases", "expected", "refunded"),
     [
@@ -81,7 +92,7 @@ async def test_a_change_committed_while_the_sweep_runs_decides_the_job(
         lost_leases,
     )
     sweep = asyncio.ensure_future(_sweep_with_pause(generation_parts))
-    await asyncio.sleep(PAUSE_SECONDS / 4)  # the sweep's snapshot is taken; it pauses before its scan
+    await _paused(admin)  # the sweep's snapshot is taken; it pauses before its scan
     await admin.execute(f"UPDATE generation.generation_job SET {change} WHERE id = $1", job_id)
     assert not sweep.done(), "the change must commit while the sweep runs"
     swept = await sweep
