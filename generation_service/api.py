@@ -234,18 +234,21 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         digest = request_digest(user_id, prompt, params, request.tokens_cost)
         price = await self._price(params)
         if request.tokens_cost and request.tokens_cost != price.tokens_cost:
-            existing = await self.store.get_job(job_id)
-            if existing is not None and existing.request_digest == digest:
-                return pb.CreateGenerationJobResponse(job=job_message(existing))  # made before the change
-            raise errors.price_changed(price.tokens_cost, request.tokens_cost)
-        job = NewJob(
-            id=job_id,
-            user_id=user_id,
-            prompt=prompt,
-            params={**params, "model": price.model},
-            tokens_cost=price.tokens_cost,
-            request_digest=digest,
-        )
+            # A retry of a request made before the change (its job may still be being charged)
+            # goes on at its recorded cost; only a request with no job of its own is refused.
+            existing = await self.store.job_any_status(job_id)
+            if existing is None or existing.request_digest != digest or existing.status is JobState.REJECTED:
+                raise errors.price_changed(price.tokens_cost, request.tokens_cost)
+            job: NewJob = existing  # the request as recorded, at its cost
+        else:
+            job = NewJob(
+                id=job_id,
+                user_id=user_id,
+                prompt=prompt,
+                params={**params, "model": price.model},
+                tokens_cost=price.tokens_cost,
+                request_digest=digest,
+            )
         return pb.CreateGenerationJobResponse(job=job_message(await self.charger.create(job)))
 
     async def QuoteGenerationJob(

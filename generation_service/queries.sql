@@ -193,8 +193,11 @@ RETURNING *;
 -- The lease id is cleared: the old worker's later calls get LEASE_LOST. The owners' counter
 -- rows (which the trigger decrements) are locked first, in user order, so two sweeps of jobs
 -- of the same users cannot deadlock.
+-- The target is judged only from the columns `expired` read as it locked each row: the lock
+-- re-reads the row as it is now (an asset attached or a cancel asked for since the statement
+-- began is seen), while a second read of generation_job would see the statement's start.
 WITH expired AS (
-  SELECT id, user_id FROM generation_job
+  SELECT id, user_id, has_assets, cancel_requested, lost_leases FROM generation_job
   WHERE status = 'RUNNING' AND lease_expires_at < now()
   ORDER BY lease_expires_at
   LIMIT :batch
@@ -204,11 +207,11 @@ WITH expired AS (
   ORDER BY user_id
   FOR UPDATE
 ), judged AS (
-  SELECT j.id, CASE WHEN j.has_assets THEN 'SUCCEEDED'
-                    WHEN j.cancel_requested THEN 'CANCELLED'
-                    WHEN j.lost_leases + 1 >= :max_lost_leases THEN 'FAILED'
-                    ELSE 'QUEUED' END AS target
-  FROM generation_job j JOIN expired USING (id)
+  SELECT id, CASE WHEN has_assets THEN 'SUCCEEDED'
+                  WHEN cancel_requested THEN 'CANCELLED'
+                  WHEN lost_leases + 1 >= :max_lost_leases THEN 'FAILED'
+                  ELSE 'QUEUED' END AS target
+  FROM expired
   WHERE (SELECT count(*) FROM owners) >= 0  -- takes the owners' locks before any job changes
 ), owing AS (
   SELECT id, target, target = ANY(:owing::text[]) AS owes FROM judged

@@ -14,7 +14,12 @@ import pytest
 from blumpo.generation.v1 import generation_pb2 as gpb
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo_common.config import ConfigError
+from blumpo_common.validation import Checker
 from generation_service import config as generation_config
+from generation_service.api import check_params
+from generation_service.charging import request_digest
+from generation_service.model import NewJob
+from generation_service.server import Parts as GenerationParts
 from generation_service.store import Q
 from tests import support
 from tests.generation_support import (
@@ -579,6 +584,43 @@ async def test_the_service_prices_each_job(
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
+    await ledger_matches_jobs(admin, token, [user_id])
+
+
+async def test_a_retry_of_a_job_being_charged_when_the_price_changes_is_charged_its_price_once(
+    generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection, generation_parts: GenerationParts
+) -> None:
+    """A create whose debit got no answer left its job CHARGING; the price changes; the client
+    retries the same request (several times at once): no PRICE_CHANGED, the job is charged the
+    price it was made at, once."""
+    user_id = await support.user_with_balance(token, 100)
+    sdxl = gpb.GenerationParams(width=1024, height=1024, steps=30, model="sdxl")
+    request = gpb.CreateGenerationJobRequest(
+        user_id=user_id, job_id=str(uuid.uuid4()), prompt="p", params=sdxl, tokens_cost=10
+    )
+    # The intent exactly as the create recorded it before its debit, still claimed by that call.
+    params = check_params(Checker(), request.params)
+    intent = NewJob(
+        id=uuid.UUID(request.job_id),
+        user_id=uuid.UUID(user_id),
+        prompt="p",
+        params={**params, "model": "sdxl"},
+        tokens_cost=10,
+        request_digest=request_digest(uuid.UUID(user_id), "p", params, 10),
+    )
+    assert await generation_parts.store.insert_intent(intent, plan=None) is not None
+    await admin.execute("UPDATE generation.model_price SET base_tokens = 5 WHERE model = 'sdxl'")
+    try:
+        assert (await generation.QuoteGenerationJob(gpb.QuoteGenerationJobRequest(params=sdxl))).tokens_cost == 12
+        retries = [generation.CreateGenerationJob(request, timeout=30) for _ in range(5)]
+        jobs = {(await r).job.SerializeToString(deterministic=True) for r in asyncio.as_completed(retries)}
+    finally:
+        await admin.execute("UPDATE generation.model_price SET base_tokens = 3 WHERE model = 'sdxl'")
+    assert len(jobs) == 1, "every retry answers the same job"
+    job = gpb.Job.FromString(jobs.pop())
+    assert (job.status, job.tokens_cost) == (gpb.JOB_STATUS_QUEUED, 10)
+    assert await references(admin, user_id) == {request.job_id: 1}
+    assert await balance(token, user_id) == 90
     await ledger_matches_jobs(admin, token, [user_id])
 
 
