@@ -19,7 +19,7 @@ from generation_service.store import LEASE_SWEEP_BATCH, Q
 from tests import support
 from tests.generation_support import GenerationStub, TokenStub, balance, ledger_matches_jobs, running_job
 
-PAUSE_SECONDS = 1.0
+PAUSE_SECONDS = 3.0
 _SCAN = "WHERE status = 'RUNNING' AND lease_expires_at < now()"
 # The sweep statement as it is, with a pause (an InitPlan run once, after the statement's
 # snapshot is taken and before the first row is read and locked). Test-only.
