@@ -3,8 +3,8 @@
 -- Wrong login codes, counted per (email, client) and per client, instead of against the codes:
 -- a wrong guess no longer kills a code, so someone else's guesses never take away the codes a
 -- person holds (docs/security.md). The client is the calling service and the end user's address
--- it passed on, or the calling service alone. Rows older than the longest window (an hour) are
--- deleted by DeleteExpiredOtps.
+-- it passed on, or the calling service alone. DeleteExpiredOtps deletes the rows before its
+-- cutoff (at least an hour, the longest window). auth_otp.attempts is no longer written (kept for migrating down).
 CREATE TABLE token.auth_otp_failure (
   id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
   email text NOT NULL,
