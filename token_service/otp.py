@@ -188,7 +188,7 @@ class OtpLogins:
         grant written by caller) on success, ending the email's other codes. A wrong code counts
         against the client (client_key's, or the caller alone), never against the codes."""
         now = self.clock.now()
-        guesser = client or caller
+        guesser = client or caller[:MAX_CLIENT]
         async with self.store.transaction() as conn:
             await self.store.lock_email(email, conn=conn)
             if client:
