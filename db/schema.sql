@@ -520,6 +520,33 @@ CREATE TABLE token.auth_otp (
 
 
 --
+-- Name: auth_otp_failure; Type: TABLE; Schema: token; Owner: -
+--
+
+CREATE TABLE token.auth_otp_failure (
+    id bigint NOT NULL,
+    email text NOT NULL,
+    client text NOT NULL,
+    failed_at timestamp with time zone NOT NULL,
+    CONSTRAINT auth_otp_failure_client_check CHECK ((char_length(client) <= 256))
+);
+
+
+--
+-- Name: auth_otp_failure_id_seq; Type: SEQUENCE; Schema: token; Owner: -
+--
+
+ALTER TABLE token.auth_otp_failure ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME token.auth_otp_failure_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
+
+--
 -- Name: plan; Type: TABLE; Schema: token; Owner: -
 --
 
@@ -666,6 +693,14 @@ ALTER TABLE ONLY token.app_user
 
 
 --
+-- Name: auth_otp_failure auth_otp_failure_pkey; Type: CONSTRAINT; Schema: token; Owner: -
+--
+
+ALTER TABLE ONLY token.auth_otp_failure
+    ADD CONSTRAINT auth_otp_failure_pkey PRIMARY KEY (id);
+
+
+--
 -- Name: auth_otp auth_otp_pkey; Type: CONSTRAINT; Schema: token; Owner: -
 --
 
@@ -804,6 +839,27 @@ CREATE INDEX idx_auth_otp_expires ON token.auth_otp USING btree (expires_at);
 
 
 --
+-- Name: idx_auth_otp_failure_client; Type: INDEX; Schema: token; Owner: -
+--
+
+CREATE INDEX idx_auth_otp_failure_client ON token.auth_otp_failure USING btree (client, failed_at);
+
+
+--
+-- Name: idx_auth_otp_failure_email_client; Type: INDEX; Schema: token; Owner: -
+--
+
+CREATE INDEX idx_auth_otp_failure_email_client ON token.auth_otp_failure USING btree (email, client, failed_at);
+
+
+--
+-- Name: idx_auth_otp_failure_time; Type: INDEX; Schema: token; Owner: -
+--
+
+CREATE INDEX idx_auth_otp_failure_time ON token.auth_otp_failure USING btree (failed_at);
+
+
+--
 -- Name: idx_token_account_plan; Type: INDEX; Schema: token; Owner: -
 --
 
@@ -914,4 +970,5 @@ INSERT INTO public.schema_migrations (version) VALUES
     ('20261127100001'),
     ('20261127100002'),
     ('20261127200001'),
-    ('20261127500001');
+    ('20261127500001'),
+    ('20261127600001');

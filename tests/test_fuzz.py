@@ -70,7 +70,7 @@ RAW = settings(FUZZ, max_examples=6)
 TOKENS = settings(FUZZ, max_examples=40)
 
 # A refused call of these writes by design, so for them only INVALID_ARGUMENT must write nothing:
-# a wrong login code counts an attempt; a job the token service refuses is kept as REJECTED
+# a wrong login code is recorded against its client; a job the token service refuses is kept as REJECTED
 # (nothing charged or listed: docs/charging.md).
 RECORDED_REFUSALS = {"VerifyOtp", "CreateGenerationJob"}
 # A call cut short by its deadline may have written just before; it says nothing either way.

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import asyncpg
 import grpc
@@ -20,7 +18,6 @@ from tests import support
 from tests.support import OtpHarness
 from token_service import otp as otp_rules
 from token_service.config import OtpLimits, SmtpConfig
-from token_service.model import OtpChallenge
 from token_service.otp_sender import DeliveryError, LogSender, SmtpSender
 from token_service.store import Store
 
@@ -131,21 +128,26 @@ async def test_a_new_request_leaves_the_earlier_code_working_until_one_logs_in(
     assert active == {first.challenge_id: True, second.challenge_id: False}
 
 
-async def test_five_wrong_codes_kill_the_challenge(otp: OtpHarness, admin: asyncpg.Connection) -> None:
+async def test_five_wrong_codes_refuse_the_client_and_leave_the_code_working(
+    otp: OtpHarness, admin: asyncpg.Connection
+) -> None:
     email = support.new_email()
     _, code = await request(otp, email)
     for _ in range(1, otp_rules.MAX_ATTEMPTS):
         await verify_error(otp, email, wrong(code), UNAUTHENTICATED)
-    await verify_error(otp, email, wrong(code), EXHAUSTED, "OTP_ATTEMPTS_EXHAUSTED")
-    # Dead: even the right code is refused now, and no further attempt is counted.
-    await verify_error(otp, email, code, EXHAUSTED)
+    otp.clock.advance(60)
+    error = await verify_error(otp, email, wrong(code), EXHAUSTED, "OTP_ATTEMPTS_EXHAUSTED")
+    # The first miss leaves the window (one code lifetime) in 600 - 60 seconds.
+    assert support.retry_delay_seconds(error) == 600 - 60
+    # This client is refused from now on, even with the right code, and nothing more is counted.
+    await verify_error(otp, email, code, EXHAUSTED, "OTP_ATTEMPTS_EXHAUSTED")
+    failures = "SELECT count(*) FROM token.auth_otp_failure WHERE email = $1"
+    assert await admin.fetchval(failures, email) == otp_rules.MAX_ATTEMPTS
+    # The code itself is untouched: another client (the person, from their own address) logs in.
     [row] = await challenges(admin, email)
-    assert row["attempts"] == otp_rules.MAX_ATTEMPTS
-    assert row["invalidated_at"] is not None and row["consumed_at"] is None
-    assert await admin.fetchval("SELECT count(*) FROM token.app_user WHERE email = $1", email) == 0
-    # A new code starts over.
-    _, code = await request(otp, email)
-    assert (await otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=code))).created
+    assert row["invalidated_at"] is None and row["consumed_at"] is None
+    metadata = [("x-forwarded-for", "192.0.2.44")]
+    assert (await otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=code), metadata=metadata)).created
 
 
 async def test_per_email_codes_within_one_lifetime_then_resource_exhausted_with_retry_delay(
@@ -190,7 +192,13 @@ async def test_concurrent_verifies_with_the_right_code_exactly_one_succeeds(
 ) -> None:
     email = support.new_email()
     _, code = await request(otp, email)
-    calls = [otp.token.VerifyOtp(tpb.VerifyOtpRequest(email=email, code=code)) for _ in range(20)]
+    # From 20 addresses: the used code is a wrong one for the 19 others, one miss each.
+    calls = [
+        otp.token.VerifyOtp(
+            tpb.VerifyOtpRequest(email=email, code=code), metadata=[("x-forwarded-for", f"198.51.100.{index}")]
+        )
+        for index in range(20)
+    ]
     results = await asyncio.gather(*calls, return_exceptions=True)
     successes = [r for r in results if isinstance(r, tpb.VerifyOtpResponse)]
     failures = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
@@ -244,17 +252,24 @@ async def test_failed_delivery_writes_nothing_and_keeps_the_previous_code(
 async def test_cleanup_deletes_challenges_expired_long_enough_ago(otp: OtpHarness, admin: asyncpg.Connection) -> None:
     old = [support.new_email() for _ in range(3)]
     for email in old:
-        await request(otp, email)
+        _, code = await request(otp, email)
+        await verify_error(otp, email, wrong(code), UNAUTHENTICATED)
     otp.clock.advance(600 + 24 * 3600 + 1)  # expired just over 24 hours ago
     recent = support.new_email()
-    await request(otp, recent)
+    _, code = await request(otp, recent)
+    await verify_error(otp, recent, wrong(code), UNAUTHENTICATED)
     otp.clock.advance(600 + 3600 + 1)  # the recent one expired just over an hour ago
     deleted = (await otp.token.DeleteExpiredOtps(tpb.DeleteExpiredOtpsRequest())).deleted
     assert deleted >= len(old)
     assert await admin.fetchval("SELECT count(*) FROM token.auth_otp WHERE email = ANY($1)", old) == 0
+    # The wrong codes go with them: every window that counts them is shorter than the cutoff.
+    failures = "SELECT count(*) FROM token.auth_otp_failure WHERE email = ANY($1)"
+    assert await admin.fetchval(failures, old) == 0
     assert len(await challenges(admin, recent)) == 1
+    assert await admin.fetchval(failures, [recent]) == 1
     assert (await otp.token.DeleteExpiredOtps(tpb.DeleteExpiredOtpsRequest(older_than_hours=1))).deleted >= 1
     assert await challenges(admin, recent) == []
+    assert await admin.fetchval(failures, [recent]) == 0
 
 
 async def test_cleanup_works_in_batches(token_store: Store, admin: asyncpg.Connection) -> None:
@@ -292,30 +307,6 @@ def test_codes_are_six_digits_and_vary() -> None:
     codes = {otp_rules.generate_code() for _ in range(200)}
     assert all(otp_rules.is_well_formed(code) for code in codes)
     assert len(codes) > 190
-
-
-def challenge_row(**overrides: Any) -> OtpChallenge:
-    now = datetime.now(UTC)
-    row = OtpChallenge(
-        uuid.uuid4(), b"", expires_at=now + timedelta(minutes=5), attempts=0, consumed_at=None, invalidated_at=None
-    )
-    return dataclasses.replace(row, **overrides)
-
-
-@pytest.mark.parametrize(
-    ("row", "code_ok", "verdict"),
-    [
-        (None, False, otp_rules.Verdict.INVALID),
-        (challenge_row(), True, otp_rules.Verdict.ACCEPTED),
-        (challenge_row(), False, otp_rules.Verdict.INVALID),
-        (challenge_row(expires_at=datetime.now(UTC) - timedelta(seconds=1)), True, otp_rules.Verdict.INVALID),
-        (challenge_row(consumed_at=datetime.now(UTC)), True, otp_rules.Verdict.INVALID),
-        (challenge_row(invalidated_at=datetime.now(UTC), attempts=1), True, otp_rules.Verdict.INVALID),
-        (challenge_row(invalidated_at=datetime.now(UTC), attempts=5), True, otp_rules.Verdict.EXHAUSTED),
-    ],
-)
-def test_the_rules_of_a_verification(row: OtpChallenge | None, code_ok: bool, verdict: otp_rules.Verdict) -> None:
-    assert otp_rules.judge(row, datetime.now(UTC), code_ok) is verdict
 
 
 class SmtpSink:

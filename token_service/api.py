@@ -39,9 +39,11 @@ DEFAULT_OTP_CLEANUP_HOURS = 24
 MAX_OTP_CLEANUP_HOURS = 24 * 366
 
 REASONS = ProtoEnum(pb.LedgerReason, LedgerReason)
-# The end user's address, as the web tier passes it on (for the login-code limit per client).
+# The end user's address, as the web tier passes it on (for the login-code limits per client).
+# Read whole (gRPC bounds metadata at 8 KiB): the address that counts is the last entry, so a
+# long header written by the end user must not push it out.
 FORWARDED_FOR = "x-forwarded-for"
-MAX_FORWARDED_FOR = 256
+MAX_FORWARDED_FOR = 8192
 
 
 def check_email(check: Checker, field: str, raw: str) -> str:
@@ -267,7 +269,9 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         if not otp.is_well_formed(request.code):
             check.add("code", f"must be the {otp.CODE_DIGITS}-digit code from the email")
         check.done()
-        login = await self.logins.verify(email, request.code, caller_of(context))
+        caller = caller_of(context)
+        client = otp.client_key(caller, metadata_value(context, FORWARDED_FOR, MAX_FORWARDED_FOR))
+        login = await self.logins.verify(email, request.code, caller, client)
         return pb.VerifyOtpResponse(user=user_message(login.user), created=login.created)
 
     async def DeleteExpiredOtps(

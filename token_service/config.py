@@ -45,11 +45,13 @@ class SmtpConfig:
 class OtpLimits:
     """How many login codes may be mailed: per email within one code lifetime (so when it is
     reached, a code mailed to that address still works), per client per hour, and in all per
-    minute (what the mail relay is trusted with). See docs/security.md."""
+    minute (what the mail relay is trusted with); and wrong codes per client per hour over
+    every email. See docs/security.md."""
 
     per_email: int = 3
     per_client_per_hour: int = 20
     mails_per_minute: int = 120
+    failures_per_client_per_hour: int = 50
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,9 @@ def load_otp(env: Mapping[str, str], development: bool) -> OtpConfig:
             per_email=integer(env, "OTP_MAX_PER_EMAIL", OtpLimits.per_email, 1, 100),
             per_client_per_hour=integer(env, "OTP_MAX_PER_CLIENT_PER_HOUR", OtpLimits.per_client_per_hour, 1, 100_000),
             mails_per_minute=integer(env, "OTP_MAX_MAILS_PER_MINUTE", OtpLimits.mails_per_minute, 1, 1_000_000),
+            failures_per_client_per_hour=integer(
+                env, "OTP_MAX_FAILURES_PER_CLIENT_PER_HOUR", OtpLimits.failures_per_client_per_hour, 1, 100_000
+            ),
         ),
     )
 

@@ -98,12 +98,28 @@ def otp_invalid() -> ServiceError:
     )
 
 
-def otp_attempts_exhausted(max_attempts: int) -> ServiceError:
+def otp_attempts_exhausted(retry_after_seconds: int, max_attempts: int, window: timedelta) -> ServiceError:
+    """This client's wrong codes for the email: its codes still work for whoever holds them."""
+    seconds = int(window.total_seconds())
     return ServiceError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "OTP_ATTEMPTS_EXHAUSTED",
-        f"{max_attempts} wrong codes: this code no longer works; request a new one",
-        {"max_attempts": str(max_attempts)},
+        f"{max_attempts} wrong codes for this email from this client within {seconds} seconds; "
+        f"retry in {retry_after_seconds} seconds",
+        {"max_attempts": str(max_attempts), "window_seconds": str(seconds)},
+        retry_delay_seconds=retry_after_seconds,
+    )
+
+
+def otp_client_guesses_limited(retry_after_seconds: int, limit: int, window: timedelta) -> ServiceError:
+    """This client's wrong codes over every email."""
+    seconds = int(window.total_seconds())
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "OTP_CLIENT_RATE_LIMITED",
+        f"at most {limit} wrong codes per client per {seconds} seconds; retry in {retry_after_seconds} seconds",
+        {"limit": str(limit), "window_seconds": str(seconds)},
+        retry_delay_seconds=retry_after_seconds,
     )
 
 

@@ -169,7 +169,6 @@ class OtpChallenge:
     id: uuid.UUID
     code_hash: bytes
     expires_at: datetime
-    attempts: int
     consumed_at: datetime | None
     invalidated_at: datetime | None
 
@@ -180,7 +179,8 @@ class OtpChallenge:
 
 @dataclass(frozen=True)
 class OtpRequests:
-    """The challenges an email asked for within a window: how many, and the oldest's time."""
+    """What a rate-limit window holds (challenges asked for, or wrong codes): how many, and the
+    oldest's time."""
 
     count: int
     oldest: datetime | None

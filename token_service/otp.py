@@ -2,20 +2,21 @@
 
 A code is 6 digits from `secrets`. Only HMAC-SHA256(server secret, challenge id, code)
 is stored, so a copy of the database does not reveal live codes, and the same code
-in two challenges hashes differently. Every code mailed works until it expires, is used or
-its attempts run out: a new request never takes away a code already mailed, so someone
-asking for codes for another person's email cannot lock that person out (docs/security.md).
-A login ends the email's other codes. A wrong code counts against every live code of the
-email; MAX_ATTEMPTS of them kill a code. Limits (OtpLimits): codes per email per code
-lifetime, codes per client (the calling service and the end user's address) per hour, and
-mail per minute in all. Every step for one email runs under that email's advisory lock, and
-issuing codes under one more lock, so the counts hold under concurrent calls. The locks,
-and every transaction here, end before the code is mailed: no network call waits inside one.
+in two challenges hashes differently. Every code mailed works until it expires or is used:
+neither a new request nor wrong codes sent by someone else take away a code already mailed,
+so nobody can lock another person out (docs/security.md). A login ends the email's other
+codes. Wrong codes count against the client that sent them: MAX_ATTEMPTS for one email within
+a code lifetime, or failures_per_client_per_hour over every email, and that client is refused
+(even with the right code) until its window frees. Limits on requests (OtpLimits): codes per
+email per code lifetime, codes per client (the calling service and the end user's address)
+per hour, and mail per minute in all. Every step for one email runs under that email's
+advisory lock, issuing codes under one more lock, and a client's verifications under its own,
+so the counts hold under concurrent calls. The locks, and every transaction here, end before
+the code is mailed: no network call waits inside one.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import hmac
 import logging
@@ -29,7 +30,7 @@ from typing import Protocol
 from blumpo_common.db import Connection
 from token_service import errors, ledger
 from token_service.config import OtpLimits
-from token_service.model import EmailTaken, OtpChallenge, UnknownPlan, User
+from token_service.model import EmailTaken, UnknownPlan, User
 from token_service.otp_sender import DeliveryError, OtpSender
 from token_service.store import Store
 
@@ -71,27 +72,13 @@ def is_well_formed(code: str) -> bool:
     return len(code) == CODE_DIGITS and code.isascii() and code.isdigit()
 
 
-class Verdict(enum.Enum):
-    ACCEPTED = "accepted"
-    # Unknown, expired, superseded, consumed or wrong: one answer for all.
-    INVALID = "invalid"
-    EXHAUSTED = "exhausted"
-
-
-def judge(challenge: OtpChallenge | None, now: datetime, code_ok: bool) -> Verdict:
-    """What a verification of the email's newest challenge comes to (before counting it)."""
-    if challenge is None or challenge.expires_at <= now or challenge.consumed_at is not None:
-        return Verdict.INVALID
-    if challenge.invalidated_at is not None:
-        return Verdict.EXHAUSTED if challenge.attempts >= MAX_ATTEMPTS else Verdict.INVALID
-    return Verdict.ACCEPTED if code_ok else Verdict.INVALID
-
-
 def client_key(caller: str, forwarded_for: str) -> str:
-    """The client a request counts against: the calling service and the end user's address it
-    passed on (the first of x-forwarded-for); "" (no limit per client) without an address, as
-    for a service asking on its own behalf."""
-    address = forwarded_for.split(",")[0].strip()[:64]
+    """The client a call counts against: the calling service and the end user's address it
+    passed on, the last of x-forwarded-for (the one the web tier's own proxy saw and appended;
+    the entries before it are whatever the end user wrote); "" without an address, as for a
+    service calling on its own behalf (no limit per client on requests, and wrong codes count
+    against the calling service alone)."""
+    address = forwarded_for.split(",")[-1].strip()[:64]
     return f"{caller}|{address}"[:MAX_CLIENT] if address else ""
 
 
@@ -196,12 +183,17 @@ class OtpLogins:
             # behind only counts against the limits, and its code was never mailed.
             log.exception("could not withdraw an unsent login challenge", extra={"email": email})
 
-    async def verify(self, email: str, code: str, caller: str) -> Login:
+    async def verify(self, email: str, code: str, caller: str, client: str = "") -> Login:
         """Checks the code against the email's live challenges; logs in (or signs up, the signup
-        grant written by caller) on success, ending the email's other codes."""
+        grant written by caller) on success, ending the email's other codes. A wrong code counts
+        against the client (client_key's, or the caller alone), never against the codes."""
         now = self.clock.now()
+        guesser = client or caller[:MAX_CLIENT]
         async with self.store.transaction() as conn:
             await self.store.lock_email(email, conn=conn)
+            if client:
+                await self.store.lock_otp_client(client, conn=conn)
+            await self._check_guesses(email, guesser, client, now, conn=conn)
             live = await self.store.live_otps_for_update(email, now, conn=conn)
             matched = next((c for c in live if code_matches(self.secret, c.id, code, c.code_hash)), None)
             if matched is not None:
@@ -212,14 +204,26 @@ class OtpLogins:
                 await self.store.consume_otp(matched.id, user.id, now, conn=conn)
                 await self.store.end_other_otps(email, matched.id, now, conn=conn)
                 return Login(user, created)
-            if live:
-                # A wrong code counts against every live code; the last allowed miss kills one.
-                left = await self.store.record_otp_attempts([c.id for c in live], MAX_ATTEMPTS, now, conn=conn)
-                verdict = Verdict.EXHAUSTED if left == 0 else Verdict.INVALID
-            else:
-                verdict = judge(await self.store.newest_otp_for_update(email, conn=conn), now, code_ok=False)
-        # Out of the transaction block, so the counted attempt is committed first.
-        raise errors.otp_attempts_exhausted(MAX_ATTEMPTS) if verdict is Verdict.EXHAUSTED else errors.otp_invalid()
+            await self.store.insert_otp_failure(email, guesser, now, conn=conn)
+            failed = await self.store.otp_failures_since(email, guesser, now - self.ttl, conn=conn)
+        # Out of the transaction block, so the wrong code is committed first. The miss that
+        # uses up the client's attempts says so, with when it may try again.
+        if failed.count >= MAX_ATTEMPTS:
+            raise errors.otp_attempts_exhausted(retry_after(failed.oldest, self.ttl, now), MAX_ATTEMPTS, self.ttl)
+        raise errors.otp_invalid()
+
+    async def _check_guesses(self, email: str, guesser: str, client: str, now: datetime, *, conn: Connection) -> None:
+        """Refuses a client that has used up its wrong codes: for this email within a code
+        lifetime, or (with an end user's address) over every email within the hour."""
+        failed = await self.store.otp_failures_since(email, guesser, now - self.ttl, conn=conn)
+        if failed.count >= MAX_ATTEMPTS:
+            raise errors.otp_attempts_exhausted(retry_after(failed.oldest, self.ttl, now), MAX_ATTEMPTS, self.ttl)
+        if client:
+            limit = self.limits.failures_per_client_per_hour
+            spread = await self.store.otp_client_failures_since(client, now - CLIENT_WINDOW, conn=conn)
+            if spread.count >= limit:
+                wait = retry_after(spread.oldest, CLIENT_WINDOW, now)
+                raise errors.otp_client_guesses_limited(wait, limit, CLIENT_WINDOW)
 
     async def _sign_up(self, email: str, caller: str, *, conn: Connection) -> User:
         try:
@@ -235,4 +239,9 @@ class OtpLogins:
         return user
 
     async def delete_expired(self, older_than: timedelta) -> int:
-        return await self.store.delete_expired_otps(self.clock.now() - older_than)
+        """Deletes challenges expired before `older_than` ago, and wrong codes recorded before then
+        (older_than is at least an hour, the longest window that counts them). How many
+        challenges went."""
+        cutoff = self.clock.now() - older_than
+        await self.store.delete_old_otp_failures(cutoff)
+        return await self.store.delete_expired_otps(cutoff)

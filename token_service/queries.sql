@@ -122,36 +122,32 @@ WHERE id = $1 AND consumed_at IS NULL;
 
 -- name: live_otps_for_update
 -- Every challenge of the email whose code still works at $2, newest first.
-SELECT id, code_hash, expires_at, attempts, consumed_at, invalidated_at
+SELECT id, code_hash, expires_at, consumed_at, invalidated_at
 FROM auth_otp
 WHERE email = $1 AND consumed_at IS NULL AND invalidated_at IS NULL AND expires_at > $2
 ORDER BY created_at DESC, id DESC
 FOR UPDATE;
 
--- name: record_otp_attempts
--- A wrong code counts against every live challenge ($1) of the email; those reaching $2
--- attempts die at $3. How many still live.
-WITH counted AS (
-  UPDATE auth_otp
-  SET attempts = attempts + 1, invalidated_at = CASE WHEN attempts + 1 >= $2 THEN $3 ELSE invalidated_at END
-  WHERE id = ANY ($1::uuid[])
-  RETURNING invalidated_at
-)
-SELECT count(*) FILTER (WHERE invalidated_at IS NULL) FROM counted;
+-- name: otp_failures_since
+-- Wrong codes the client ($2) sent for the email ($1) since $3, and the oldest.
+SELECT count(*) AS requests, min(failed_at) AS oldest
+FROM auth_otp_failure
+WHERE email = $1 AND client = $2 AND failed_at > $3;
+
+-- name: otp_client_failures_since
+-- The same for the client over every email.
+SELECT count(*) AS requests, min(failed_at) AS oldest
+FROM auth_otp_failure
+WHERE client = $1 AND failed_at > $2;
+
+-- name: insert_otp_failure
+INSERT INTO auth_otp_failure (email, client, failed_at)
+VALUES ($1, $2, $3);
 
 -- name: end_other_otps
 -- A login ends the email's other live codes.
 UPDATE auth_otp SET invalidated_at = $3
 WHERE email = $1 AND id <> $2 AND consumed_at IS NULL AND invalidated_at IS NULL;
-
--- name: newest_otp_for_update
--- The newest challenge of the email (to tell exhausted apart when none is live).
-SELECT id, code_hash, expires_at, attempts, consumed_at, invalidated_at
-FROM auth_otp
-WHERE email = $1
-ORDER BY (consumed_at IS NULL AND invalidated_at IS NULL) DESC, created_at DESC
-LIMIT 1
-FOR UPDATE;
 
 -- name: consume_otp
 UPDATE auth_otp SET consumed_at = $3, user_id = $2
@@ -161,6 +157,16 @@ WHERE id = $1 AND consumed_at IS NULL AND invalidated_at IS NULL;
 -- One batch; the caller repeats until a batch comes back short.
 DELETE FROM auth_otp
 WHERE id IN (SELECT id FROM auth_otp WHERE expires_at < $1 LIMIT $2);
+
+-- name: delete_old_otp_failures
+-- One batch, as above: wrong codes from before $1.
+DELETE FROM auth_otp_failure
+WHERE id IN (SELECT id FROM auth_otp_failure WHERE failed_at < $1 LIMIT $2);
+
+-- name: lock_otp_client
+-- Serializes the verifications of one client (the end user's address), so its wrong codes over
+-- every email are counted exactly under concurrent calls.
+SELECT pg_advisory_xact_lock(hashtext('auth_otp_client'), hashtext($1));
 
 -- name: refill_batch
 -- The next accounts after $1 in user_id order, with their plan's allowance for the period

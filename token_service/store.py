@@ -217,17 +217,28 @@ class Store(db.BaseStore):
         rows = await self.fetch("live_otps_for_update", email, now, conn=conn)
         return [OtpChallenge.from_row(row) for row in rows]
 
-    async def newest_otp_for_update(self, email: str, *, conn: db.Connection) -> OtpChallenge | None:
-        """Locked until conn's transaction ends."""
-        row = await self.fetchrow("newest_otp_for_update", email, conn=conn)
-        return None if row is None else OtpChallenge.from_row(row)
+    async def lock_otp_client(self, client: str, *, conn: db.Connection) -> None:
+        """Serializes one client's verifications until conn's transaction ends (see queries.sql)."""
+        await self.execute("lock_otp_client", client, conn=conn)
 
-    async def record_otp_attempts(
-        self, challenge_ids: Sequence[uuid.UUID], max_attempts: int, now: datetime, *, conn: db.Connection | None = None
-    ) -> int:
-        """One wrong code against each challenge; those reaching max_attempts die. How many live on."""
-        live: int = await self.fetchval("record_otp_attempts", list(challenge_ids), max_attempts, now, conn=conn)
-        return live
+    async def otp_failures_since(
+        self, email: str, client: str, since: datetime, *, conn: db.Connection | None = None
+    ) -> OtpRequests:
+        row = await self.fetchrow("otp_failures_since", email, client, since, conn=conn)
+        assert row is not None
+        return OtpRequests.from_row(row)
+
+    async def otp_client_failures_since(
+        self, client: str, since: datetime, *, conn: db.Connection | None = None
+    ) -> OtpRequests:
+        row = await self.fetchrow("otp_client_failures_since", client, since, conn=conn)
+        assert row is not None
+        return OtpRequests.from_row(row)
+
+    async def insert_otp_failure(
+        self, email: str, client: str, failed_at: datetime, *, conn: db.Connection | None = None
+    ) -> None:
+        await self.execute("insert_otp_failure", email, client, failed_at, conn=conn)
 
     async def end_other_otps(
         self, email: str, kept: uuid.UUID, now: datetime, *, conn: db.Connection | None = None
@@ -249,6 +260,18 @@ class Store(db.BaseStore):
         deleted = 0
         while True:
             status = await self.execute("delete_expired_otps", expired_before, batch_size, conn=conn)
+            count = int(status.split()[-1])
+            deleted += count
+            if count < batch_size:
+                return deleted
+
+    async def delete_old_otp_failures(
+        self, before: datetime, batch_size: int = OTP_DELETE_BATCH, *, conn: db.Connection | None = None
+    ) -> int:
+        """Deletes wrong codes recorded before `before`, in batches like delete_expired_otps."""
+        deleted = 0
+        while True:
+            status = await self.execute("delete_old_otp_failures", before, batch_size, conn=conn)
             count = int(status.split()[-1])
             deleted += count
             if count < batch_size:
