@@ -268,8 +268,8 @@ async def test_the_last_forwarded_address_is_the_one_counted(limited: Serve, adm
         await otp.request(victim, VICTIM)
         code = otp.sender.last_code(victim)
         # The attacker writes a new address in front each time; its proxy appends the real one.
-        # A header longer than any bound still ends in the address that counts.
-        fronts = [f"10.9.{index}.1, " for index in range(MAX_ATTEMPTS - 1)] + ["10.9.9.9, " * 60]
+        # A header longer than the bound kept (MAX_FORWARDED_FOR) still ends in the address that counts.
+        fronts = [f"10.9.{index}.1, " for index in range(MAX_ATTEMPTS - 1)] + ["10.9.9.9, " * 300]
         for front in fronts:
             await otp.logs_in(victim, wrong(code), front + ATTACKER)
         await support.expect_error(

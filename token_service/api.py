@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime, timedelta
 
 import email_validator
@@ -40,10 +41,15 @@ MAX_OTP_CLEANUP_HOURS = 24 * 366
 
 REASONS = ProtoEnum(pb.LedgerReason, LedgerReason)
 # The end user's address, as the web tier passes it on (for the login-code limits per client).
-# Read whole (gRPC bounds metadata at 8 KiB): the address that counts is the last entry, so a
-# long header written by the end user must not push it out.
 FORWARDED_FOR = "x-forwarded-for"
-MAX_FORWARDED_FOR = 8192
+# Kept from the end: the address that counts is the last entry (the one the web tier's proxy
+# appended), so a long header written by the end user must not push it out.
+MAX_FORWARDED_FOR = 1024
+
+
+def forwarded_for(context: Context) -> str:
+    """The end of the x-forwarded-for chain (bounded), or ""."""
+    return metadata_value(context, FORWARDED_FOR, sys.maxsize)[-MAX_FORWARDED_FOR:]
 
 
 def check_email(check: Checker, field: str, raw: str) -> str:
@@ -259,7 +265,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         check = Checker()
         email = check_email(check, "email", request.email)
         check.done()
-        client = otp.client_key(caller_of(context), metadata_value(context, FORWARDED_FOR, MAX_FORWARDED_FOR))
+        client = otp.client_key(caller_of(context), forwarded_for(context))
         challenge = await self.logins.request(email, client)
         return pb.RequestOtpResponse(challenge_id=str(challenge.id), expires_at=to_proto(challenge.expires_at))
 
@@ -270,7 +276,7 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
             check.add("code", f"must be the {otp.CODE_DIGITS}-digit code from the email")
         check.done()
         caller = caller_of(context)
-        client = otp.client_key(caller, metadata_value(context, FORWARDED_FOR, MAX_FORWARDED_FOR))
+        client = otp.client_key(caller, forwarded_for(context))
         login = await self.logins.verify(email, request.code, caller, client)
         return pb.VerifyOtpResponse(user=user_message(login.user), created=login.created)
 

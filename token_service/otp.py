@@ -187,12 +187,14 @@ class OtpLogins:
         """Checks the code against the email's live challenges; logs in (or signs up, the signup
         grant written by caller) on success, ending the email's other codes. A wrong code counts
         against the client (client_key's, or the caller alone), never against the codes."""
-        now = self.clock.now()
         guesser = client or caller[:MAX_CLIENT]
         async with self.store.transaction() as conn:
             await self.store.lock_email(email, conn=conn)
             if client:
                 await self.store.lock_otp_client(client, conn=conn)
+            # Read once the locks are held: a call that waited behind others must not accept a
+            # code that expired meanwhile.
+            now = self.clock.now()
             await self._check_guesses(email, guesser, client, now, conn=conn)
             live = await self.store.live_otps_for_update(email, now, conn=conn)
             matched = next((c for c in live if code_matches(self.secret, c.id, code, c.code_hash)), None)
