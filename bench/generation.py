@@ -24,7 +24,7 @@ from blumpo.generation.v1 import generation_pb2 as gpb
 from blumpo.generation.v1 import generation_pb2_grpc
 from generation_service import rules
 from generation_service.store import Q as GQ
-from harness.processes import ServiceProcess, free_port
+from harness.processes import service_pair
 from token_service import ledger
 from token_service.store import Q as TQ
 
@@ -124,25 +124,7 @@ async def bench(url: str, work_dir: Path) -> list[str]:
         await admin.execute("UPDATE generation.plan_limit SET max_running_jobs = 1000000")
         await admin.execute("ANALYZE")
         pg_version = await admin.fetchval("SHOW server_version")
-        token_port, generation_port = free_port(), free_port()
-        quiet = {"DATABASE_URL": url, "LOG_LEVEL": "WARNING"}
-        token = ServiceProcess(
-            "token_service",
-            quiet | {"TOKEN_LISTEN_ADDR": f"127.0.0.1:{token_port}", "TOKEN_METRICS_ADDR": f"127.0.0.1:{free_port()}"},
-            token_port,
-            work_dir / "token.log",
-        )
-        generation = ServiceProcess(
-            "generation_service",
-            quiet
-            | {
-                "GENERATION_LISTEN_ADDR": f"127.0.0.1:{generation_port}",
-                "GENERATION_METRICS_ADDR": f"127.0.0.1:{free_port()}",
-                "TOKEN_SERVICE_TARGET": f"127.0.0.1:{token_port}",
-            },
-            generation_port,
-            work_dir / "generation.log",
-        )
+        token, generation = service_pair({"DATABASE_URL": url, "LOG_LEVEL": "WARNING"}, work_dir)
         await token.start()
         await generation.start()
         rows = []

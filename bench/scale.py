@@ -30,7 +30,7 @@ from blumpo.generation.v1 import generation_pb2_grpc
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
 from generation_service.store import Q as GQ
-from harness.processes import ServiceProcess, free_port
+from harness.processes import service_pair
 from token_service.store import Q as TQ
 
 ACCOUNTS = 1_000_000
@@ -127,24 +127,8 @@ async def bench(url: str, work_dir: Path) -> list[str]:
         ledger_sql = await sampled(lambda: admin.fetch(*list_entries))
         assets_sql = await sampled(lambda: admin.fetch(*assets_for_user))
 
-        token_port, generation_port = free_port(), free_port()
-        quiet = {"DATABASE_URL": url, "LOG_LEVEL": "WARNING", "DB_TIMEOUT": str(int(DEADLINE_SECONDS * 1000))}
-        token = ServiceProcess(
-            "token_service",
-            quiet | {"TOKEN_LISTEN_ADDR": f"127.0.0.1:{token_port}", "TOKEN_METRICS_ADDR": f"127.0.0.1:{free_port()}"},
-            token_port,
-            work_dir / "token.log",
-        )
-        generation = ServiceProcess(
-            "generation_service",
-            quiet
-            | {
-                "GENERATION_LISTEN_ADDR": f"127.0.0.1:{generation_port}",
-                "GENERATION_METRICS_ADDR": f"127.0.0.1:{free_port()}",
-                "TOKEN_SERVICE_TARGET": f"127.0.0.1:{token_port}",
-            },
-            generation_port,
-            work_dir / "generation.log",
+        token, generation = service_pair(
+            {"DATABASE_URL": url, "LOG_LEVEL": "WARNING", "DB_TIMEOUT": str(int(DEADLINE_SECONDS * 1000))}, work_dir
         )
         await token.start()
         await generation.start()

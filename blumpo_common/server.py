@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
+import os
 import signal
 import socket
 import time
@@ -28,7 +30,7 @@ from grpc_status import rpc_status
 
 from blumpo_common import authz, db, logs, metrics, tls, tracing
 from blumpo_common.admission import Admission
-from blumpo_common.config import DEFAULT_MAX_CONCURRENT_CALLS, ConfigError, ServerConfig, exit_on
+from blumpo_common.config import DEFAULT_MAX_CONCURRENT_CALLS, ConfigError, ServerConfig, exit_on, load_or_exit
 from blumpo_common.errors import ServiceError, from_exception, to_status
 
 log = logging.getLogger(__name__)
@@ -385,6 +387,13 @@ async def start(
     tasks = [asyncio.create_task(watch_database(pool, health_servicer, names, service.probe))]
     tasks += [asyncio.create_task(job()) for job in service.background]
     return RunningServer(server, port, health_servicer, admission, tasks, service.on_shutdown, certificates)
+
+
+def configure_process(name: str, log_level: str) -> None:
+    """Logs and (when OTEL_* ask for it) tracing of one process of a service: the one started,
+    and each worker it spawns."""
+    logs.configure(name, log_level)
+    load_or_exit(name, functools.partial(tracing.configure, name), os.environ)
 
 
 async def serve(

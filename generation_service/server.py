@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -16,7 +15,7 @@ import uvloop
 
 from blumpo.generation.v1 import generation_pb2, generation_pb2_grpc
 from blumpo.token.v1 import token_pb2_grpc
-from blumpo_common import db, logs, metrics, retry, server, tls, tracing, workers
+from blumpo_common import db, metrics, retry, server, tls, tracing, workers
 from blumpo_common.config import PAGE_TOKEN_SECRET_MADE_UP, DatabaseConfig, load_or_exit
 from blumpo_common.pagination import PageTokens
 from blumpo_common.retry import RetryPolicy
@@ -129,8 +128,7 @@ async def run(config: generation_config.Config, *, worker: bool = False) -> None
 
 def main() -> None:
     config = load_or_exit("generation_service", generation_config.load, os.environ)
-    logs.configure("generation_service", config.server.log_level)
-    load_or_exit("generation_service", functools.partial(tracing.configure, "generation_service"), os.environ)
+    server.configure_process("generation_service", config.server.log_level)
     log = logging.getLogger(__name__)
     if config.page_tokens.generated:
         log.warning(PAGE_TOKEN_SECRET_MADE_UP)
@@ -143,6 +141,5 @@ def main() -> None:
 
 def worker(config: generation_config.Config) -> None:
     """One of config.server.workers processes (blumpo_common/workers.py)."""
-    logs.configure("generation_service", config.server.log_level)
-    load_or_exit("generation_service", functools.partial(tracing.configure, "generation_service"), os.environ)
+    server.configure_process("generation_service", config.server.log_level)
     uvloop.run(run(config, worker=True))

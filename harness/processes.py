@@ -86,3 +86,27 @@ class ServiceProcess:
 
     def logs(self) -> str:
         return self.log_path.read_text()[-5000:] if self.log_path.exists() else ""
+
+
+def service_pair(env: dict[str, str], work_dir: Path) -> tuple[ServiceProcess, ServiceProcess]:
+    """A token service and a generation service that calls it, on free loopback ports, both with
+    env; not started. Logs go to work_dir."""
+    token_port, generation_port = free_port(), free_port()
+    token = ServiceProcess(
+        "token_service",
+        env | {"TOKEN_LISTEN_ADDR": f"127.0.0.1:{token_port}", "TOKEN_METRICS_ADDR": f"127.0.0.1:{free_port()}"},
+        token_port,
+        work_dir / "token.log",
+    )
+    generation = ServiceProcess(
+        "generation_service",
+        env
+        | {
+            "GENERATION_LISTEN_ADDR": f"127.0.0.1:{generation_port}",
+            "GENERATION_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+            "TOKEN_SERVICE_TARGET": token.address,
+        },
+        generation_port,
+        work_dir / "generation.log",
+    )
+    return token, generation

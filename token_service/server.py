@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 
@@ -10,7 +9,7 @@ import grpc
 import uvloop
 
 from blumpo.token.v1 import token_pb2, token_pb2_grpc
-from blumpo_common import db, logs, server, tracing, workers
+from blumpo_common import db, server, workers
 from blumpo_common.config import PAGE_TOKEN_SECRET_MADE_UP, load_or_exit
 from blumpo_common.pagination import PageTokens
 from token_service import config as token_config
@@ -74,8 +73,7 @@ async def run(config: token_config.Config, *, worker: bool = False) -> None:
 
 def main() -> None:
     config = load_or_exit("token_service", token_config.load, os.environ)
-    logs.configure("token_service", config.server.log_level)
-    load_or_exit("token_service", functools.partial(tracing.configure, "token_service"), os.environ)
+    server.configure_process("token_service", config.server.log_level)
     if config.otp.development_secret:
         log.warning("OTP_SECRET is not set: using the fixed development secret (BLUMPO_ENV=development only)")
     if config.page_tokens.generated:
@@ -99,6 +97,5 @@ def main() -> None:
 
 def worker(config: token_config.Config) -> None:
     """One of config.server.workers processes (workers.py)."""
-    logs.configure("token_service", config.server.log_level)
-    load_or_exit("token_service", functools.partial(tracing.configure, "token_service"), os.environ)
+    server.configure_process("token_service", config.server.log_level)
     uvloop.run(run(config, worker=True))

@@ -89,18 +89,7 @@ class Store(db.BaseStore):
     ) -> list[AppendResult]:
         """Applies the requests in order, in one statement, each entry written naming created_by;
         one result per request, in order."""
-        rows = await self.fetch(
-            "append_entries",
-            user_ids=[r.user_id for r in requests],
-            deltas=[r.delta for r in requests],
-            reasons=[r.reason for r in requests],
-            reference_ids=[r.reference_id for r in requests],
-            max_balance=max_balance,
-            created_by=created_by,
-            conn=conn,
-        )
-        assert len(rows) == len(requests), "token.append_entries answers once per entry"
-        return [AppendResult.from_row(row) for row in rows]
+        return await self._append_batch("append_entries", requests, max_balance, created_by, conn)
 
     async def append_entry(
         self, request: EntryRequest, max_balance: int, created_by: str, *, conn: db.Connection | None = None
@@ -123,8 +112,18 @@ class Store(db.BaseStore):
         self, requests: Sequence[EntryRequest], max_balance: int, created_by: str, *, conn: db.Connection | None = None
     ) -> list[AppendResult]:
         """Applies requests naming each account once, set-based; one result per request, in order."""
+        return await self._append_batch("append_distinct_entries", requests, max_balance, created_by, conn)
+
+    async def _append_batch(
+        self,
+        query: str,
+        requests: Sequence[EntryRequest],
+        max_balance: int,
+        created_by: str,
+        conn: db.Connection | None,
+    ) -> list[AppendResult]:
         rows = await self.fetch(
-            "append_distinct_entries",
+            query,
             user_ids=[r.user_id for r in requests],
             deltas=[r.delta for r in requests],
             reasons=[r.reason for r in requests],
@@ -133,7 +132,7 @@ class Store(db.BaseStore):
             created_by=created_by,
             conn=conn,
         )
-        assert len(rows) == len(requests), "token.append_distinct_entries answers once per entry"
+        assert len(rows) == len(requests), f"{query} answers once per entry"
         return [AppendResult.from_row(row) for row in rows]
 
     async def list_entries(
