@@ -1,11 +1,12 @@
 """Generation jobs: CreateGenerationJob (the charge saga) and ClaimNextJob, over gRPC,
 against pgbench running the same SQL in the same run.
 
-A create is three statements: the intent (generation's insert_intent), the debit
-(token's append_entry, reached through the token service) and the settle
-(finish_charged); the baseline runs those three statements with pgbench. A claim is
-sweep_expired_leases then claim_next; the baseline runs those two. Both services run as
-their own processes.
+A create whose owner's plan the service knows (PLAN_CACHE_SECONDS; after each owner's first
+create) is four statements: the price (generation's price), the intent (insert_intent), the
+debit (token's append_entry, reached through the token service) and the settle
+(finish_charged); the baseline runs those four with pgbench. A claim is claim_next (the
+lease sweep runs at most once per LEASE_SWEEP_INTERVAL_MS per process, not per claim); the
+baseline runs claim_next. Both services run as their own processes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import grpc
 from bench import common
 from blumpo.generation.v1 import generation_pb2 as gpb
 from blumpo.generation.v1 import generation_pb2_grpc
-from generation_service import rules
 from generation_service.store import Q as GQ
 from harness.processes import service_pair
 from token_service import ledger
@@ -38,6 +38,7 @@ WORKERS, CLAIMS_PER_WORKER = 16, 250
 
 def create_script() -> str:
     job = "md5(:client_id || '-' || :r)::uuid"
+    price = common.one_line(GQ["price"], {1: "'sdxl'", 2: ":width", 3: ":height", 4: ":steps"})
     intent = common.one_line(
         GQ["insert_intent"],
         {
@@ -67,6 +68,10 @@ def create_script() -> str:
         [
             f"\\set u random(1, {common.ACCOUNTS})",
             "\\set r random(1, 9000000000000000000)",
+            "\\set width 1024",
+            "\\set height 1024",
+            "\\set steps 30",
+            f"{price};",
             f"{intent};",
             f"{debit};",
             f"{settle};",
@@ -76,15 +81,6 @@ def create_script() -> str:
 
 
 def claim_script() -> str:
-    sweep = common.one_line(
-        GQ["sweep_expired_leases"],
-        {
-            "batch": "100",
-            "max_lost_leases": str(rules.MAX_LOST_LEASES),
-            "owing": "ARRAY['CANCELLED', 'FAILED']",
-            "claim_seconds": "10",
-        },
-    )
     claim = common.one_line(
         GQ["claim_next"],
         {
@@ -94,7 +90,7 @@ def claim_script() -> str:
             "aging_seconds": "300",
         },
     )
-    return f"{sweep};\n{claim};\n"
+    return f"{claim};\n"
 
 
 async def timed(clients: int, per_client: int, call: object) -> tuple[float, list[float]]:

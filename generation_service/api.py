@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -202,7 +203,13 @@ def asset_message(asset: Asset) -> pb.Asset:
 
 class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(
-        self, store: Store, charger: Charger, hub: Hub, pages: PageTokens, aging_seconds: float = 300.0
+        self,
+        store: Store,
+        charger: Charger,
+        hub: Hub,
+        pages: PageTokens,
+        aging_seconds: float = 300.0,
+        sweep_interval_seconds: float = 1.0,
     ) -> None:
         self.store = store
         self.charger = charger
@@ -210,6 +217,8 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         self.pages = pages
         # A queued job waiting longer than this is claimed as if one priority level higher.
         self.aging_seconds = aging_seconds
+        self.sweep_interval_seconds = sweep_interval_seconds
+        self._next_sweep = 0.0  # time.monotonic() from which a claim sweeps again
 
     async def _price(self, params: dict[str, Any]) -> Price:
         price = await self.store.price(params["model"], params["width"], params["height"], params["steps"])
@@ -312,8 +321,7 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
             check.add("models", f"must name at most {MAX_MODELS} models")
         models = sorted({check.text("models", m, max_len=200) for m in request.models})
         check.done()
-        for swept in await self.store.sweep_expired_leases():
-            await self.charger.refund(swept)
+        await self._sweep_when_due()
         job = await self.store.claim_next(worker_id, request.lease_seconds, models, self.aging_seconds)
         return pb.ClaimNextJobResponse(job=job_message(job) if job is not None else None)
 
@@ -457,6 +465,17 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         resumed = await self.store.resume_paused(after)
         authz.audit("paused jobs resumed", created_after=str(after), resumed=resumed)
         return pb.ResumePausedJobsResponse(resumed=resumed)
+
+    async def _sweep_when_due(self) -> None:
+        """Expired leases back to the queue (or ended, refunded) before a claim, at most once per
+        sweep interval in this process: a lease that ran out is swept by the first claim after
+        the interval (and by the reconciler's pass), not by every claim."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.sweep_interval_seconds  # before the await: one claim sweeps
+        for swept in await self.store.sweep_expired_leases():
+            await self.charger.refund(swept)
 
     async def _visible_job(self, job_id: uuid.UUID) -> Job:
         job = await self.store.get_job(job_id)

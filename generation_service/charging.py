@@ -29,6 +29,7 @@ from blumpo_common import db, retry
 from blumpo_common.errors import ServiceError
 from generation_service import errors, rules
 from generation_service.model import Job, JobState, NewJob
+from generation_service.plans import PlanCache
 from generation_service.store import Store
 from generation_service.token_client import Outcome, Result, TokenLedger
 
@@ -69,16 +70,20 @@ WAIT_POLL_SECONDS = (0.02, 0.5)
 
 
 class Charger:
-    def __init__(self, store: Store, tokens: TokenLedger) -> None:
+    def __init__(self, store: Store, tokens: TokenLedger, plan_cache_seconds: float = 60.0) -> None:
         self.store = store
         self.tokens = tokens
+        self.plans = PlanCache(plan_cache_seconds)
 
     async def plan(self, user_id: uuid.UUID) -> str | None:
-        """The user's plan code, as the token service says now (it sets the job's priority);
-        None when the token service does not answer (the saga goes on, and the plan last known
-        for the user is used). An unknown user is refused here, before anything is written."""
+        """The user's plan code, as the token service says now (it sets the job's priority),
+        recorded for the owner's cap and kept for the next creates; None when the token service
+        does not answer (the saga goes on, and the plan last known for the user is used). An
+        unknown user is refused here, before anything is written."""
         answer = await self.tokens.plan(user_id)
         if isinstance(answer, str):
+            await self.store.record_owner(user_id, answer)
+            self.plans.put(user_id, answer)
             return answer
         if answer.code == grpc.StatusCode.NOT_FOUND:
             raise errors.user_not_found(user_id)
@@ -88,19 +93,22 @@ class Charger:
     async def create(self, job: NewJob) -> Job:
         """Runs (or resumes) the saga of a job; returns it QUEUED or later.
 
-        A job made already is answered (the same request) or refused (another one) without a
-        call to the token service. Otherwise its owner's plan is asked for first (it sets the
-        priority). Only the holder of the job's claim asks for the debit; a parallel call for the
-        same job waits for it to settle (or for its claim to run out) and goes on from there.
+        The owner's plan (it sets the priority) is the one the token service told within
+        PLAN_CACHE_SECONDS, else it is asked for, after a look for the job: a job made already
+        is answered (the same request) or refused (another one) without a call to the token
+        service. With the plan known the intent's insert is the first statement, and finds a job
+        made already itself (_claim). Only the holder of the job's claim asks for the debit; a
+        parallel call for the same job waits for it to settle (or for its claim to run out) and
+        goes on from there.
         """
-        existing = await self.store.get_job(job.id)
-        if existing is not None:
-            if existing.request_digest != job.request_digest:
-                raise errors.job_id_reused(job.id)
-            return existing
-        plan = await self.plan(job.user_id)
-        if plan is not None:
-            await self.store.record_owner(job.user_id, plan)
+        plan = self.plans.get(job.user_id)
+        if plan is None:
+            existing = await self.store.get_job(job.id)
+            if existing is not None:
+                if existing.request_digest != job.request_digest:
+                    raise errors.job_id_reused(job.id)
+                return existing
+            plan = await self.plan(job.user_id)
         pause = WAIT_POLL_SECONDS[0]
         while True:
             claimed = await self._claim(job, plan)

@@ -41,6 +41,10 @@ class Config:
     security: Security
     # A queued job waiting longer than this is claimed as if one priority level higher.
     aging_seconds: float = 300.0
+    # How long an owner's plan, as the token service told it, is used without asking again.
+    plan_cache_seconds: float = 60.0
+    # ClaimNextJob sweeps expired leases at most this often per process (0: on every claim).
+    sweep_interval_seconds: float = 1.0
 
 
 def load(env: Mapping[str, str]) -> Config:
@@ -75,4 +79,6 @@ def load(env: Mapping[str, str]) -> Config:
         page_tokens=load_page_tokens(env, is_development(env)),
         security=load_security(env),
         aging_seconds=integer(env, "PRIORITY_AGING_SECONDS", 300, 1, 30 * 86_400),
+        plan_cache_seconds=integer(env, "PLAN_CACHE_SECONDS", 60, 0, 3600),
+        sweep_interval_seconds=integer(env, "LEASE_SWEEP_INTERVAL_MS", 1000, 0, 60_000) / 1000,
     )

@@ -39,6 +39,7 @@ class Parts:
     hub: Hub
     pages: PageTokens
     aging_seconds: float
+    sweep_interval_seconds: float
 
 
 def parts(
@@ -51,10 +52,12 @@ def parts(
     watch: WatchSettings | None = None,
     pages: PageTokens | None = None,
     aging_seconds: float = 300.0,
+    plan_cache_seconds: float = 60.0,
+    sweep_interval_seconds: float = 1.0,
 ) -> Parts:
     """The service's parts; without pages, page tokens are signed with a secret made up for them."""
     store = Store(pool, database.timeout_ms / 1000, settings.claim_seconds)
-    charger = Charger(store, TokenClient(token_pb2_grpc.TokenServiceStub(token_channel), policy))
+    charger = Charger(store, TokenClient(token_pb2_grpc.TokenServiceStub(token_channel), policy), plan_cache_seconds)
     return Parts(
         store,
         charger,
@@ -62,13 +65,14 @@ def parts(
         Hub(database, store.get_job, watch or WatchSettings()),
         pages or PageTokens.generated(),
         aging_seconds,
+        sweep_interval_seconds,
     )
 
 
 def service(p: Parts, on_reload: Sequence[Callable[[], object]] = ()) -> server.Service:
     def register(grpc_server: grpc.aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GenerationApi(p.store, p.charger, p.hub, p.pages, p.aging_seconds), grpc_server
+            GenerationApi(p.store, p.charger, p.hub, p.pages, p.aging_seconds, p.sweep_interval_seconds), grpc_server
         )
 
     return server.Service(
@@ -117,6 +121,8 @@ async def run(config: generation_config.Config, *, worker: bool = False) -> None
             watch=config.watch,
             pages=pages,
             aging_seconds=config.aging_seconds,
+            plan_cache_seconds=config.plan_cache_seconds,
+            sweep_interval_seconds=config.sweep_interval_seconds,
         )
         metrics.register_scraped(BacklogCollector(wired.store, asyncio.get_running_loop()), metrics.ONE_FOR_ALL)
         await server.serve(

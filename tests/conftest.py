@@ -111,13 +111,27 @@ def reconciler_settings() -> ReconcilerSettings:
 
 
 @pytest.fixture(scope="module")
+def sweep_interval_seconds() -> float:
+    """How often ClaimNextJob sweeps expired leases (the service's default); a module may override this fixture."""
+    return 1.0
+
+
+@pytest.fixture(scope="module")
 async def generation_parts(
-    database_url: str, token_address: str, reconciler_settings: ReconcilerSettings
+    database_url: str, token_address: str, reconciler_settings: ReconcilerSettings, sweep_interval_seconds: float
 ) -> AsyncIterator[GenerationParts]:
     config = database_config(database_url, "generation_service")
     pool = await create_pool(config)
     async with grpc.aio.insecure_channel(token_address) as channel:
-        yield generation_parts_for(pool, config, channel, TEST_RETRY, reconciler_settings, pages=TEST_PAGE_TOKENS)
+        yield generation_parts_for(
+            pool,
+            config,
+            channel,
+            TEST_RETRY,
+            reconciler_settings,
+            pages=TEST_PAGE_TOKENS,
+            sweep_interval_seconds=sweep_interval_seconds,
+        )
     await pool.close()
 
 

@@ -571,6 +571,12 @@ def reconciler_settings() -> ReconcilerSettings:
     return ReconcilerSettings(claim_seconds=3.0, interval_seconds=3600.0)
 
 
+@pytest.fixture(scope="module")
+def sweep_interval_seconds() -> float:
+    """Every claim sweeps, as the model says (leases run out through the admin connection, at once)."""
+    return 0.0
+
+
 async def test_the_model_predicts_every_reply_of_the_generation_service(
     token: TokenStub, generation: GenerationStub, admin: asyncpg.Connection
 ) -> None:
