@@ -44,6 +44,9 @@ class FakeLedger:
 
     script: list[object] = field(default_factory=list)
     calls: list[tuple[str, uuid.UUID, int]] = field(default_factory=list)
+    # The plan it answers, and the users whose plan was asked for.
+    plan_answer: str = "free"
+    plans_asked: list[uuid.UUID] = field(default_factory=list)
 
     async def _answer(self, kind: str, job_id: uuid.UUID, amount: int) -> Outcome:
         self.calls.append((kind, job_id, amount))
@@ -60,7 +63,8 @@ class FakeLedger:
         return await self._answer("refund", job_id, cost)
 
     async def plan(self, user_id: uuid.UUID) -> str:
-        return "free"
+        self.plans_asked.append(user_id)
+        return self.plan_answer
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +96,8 @@ async def claims_run_out(store: Store) -> None:
     await store.pool.execute("UPDATE generation_job SET claimed_until = now() - interval '1 second'")
 
 
-def new_job(cost: int = 5) -> NewJob:
-    user_id = uuid.uuid4()
+def new_job(cost: int = 5, user_id: uuid.UUID | None = None) -> NewJob:
+    user_id = user_id or uuid.uuid4()
     params = {"width": 64, "height": 64, "steps": 1, "seed": 0, "model": "m", "extra": {}}
     return NewJob(uuid.uuid4(), user_id, "p", params, cost, request_digest(user_id, "p", params, cost))
 
@@ -124,6 +128,31 @@ async def test_a_refusal_rejects_and_frees_the_id(store: Store, ledger: FakeLedg
     assert await store.get_job(job.id) is None
     # The balance grew: the same request charges and queues it.
     assert (await charger(store, ledger).create(job)).status is JobState.QUEUED
+
+
+async def test_an_owners_plan_is_asked_for_once_within_the_cache_time(store: Store, ledger: FakeLedger) -> None:
+    now = [0.0]
+    saga = Charger(store, ledger, plan_cache_seconds=60)
+    saga.plans.clock = lambda: now[0]
+    first = new_job()
+    assert (await saga.create(first)).priority == 0  # free
+    assert ledger.plans_asked == [first.user_id]
+    # The owner moves to pro: within the cache time new jobs keep the plan told, unasked.
+    ledger.plan_answer = "pro"
+    now[0] = 59.0
+    assert (await saga.create(new_job(user_id=first.user_id))).priority == 0
+    assert ledger.plans_asked == [first.user_id]
+    # After it, the plan is asked for again, and recorded for the owner's cap.
+    now[0] = 60.0
+    assert (await saga.create(new_job(user_id=first.user_id))).priority == 1
+    assert ledger.plans_asked == [first.user_id] * 2
+    assert await store.pool.fetchval("SELECT plan FROM job_owner WHERE user_id = $1", first.user_id) == "pro"
+    # A retry is answered from the job, charged once: by a process that knows the plan, and by
+    # one that does not (it looks for the job before asking for the plan).
+    assert (await saga.create(first)).id == first.id
+    assert (await Charger(store, ledger).create(first)).id == first.id
+    assert ledger.plans_asked == [first.user_id] * 2
+    assert [c for c in ledger.calls if c[1] == first.id] == [("debit", first.id, 5)]
 
 
 async def test_no_answer_leaves_an_intent_the_reconciler_settles(store: Store, ledger: FakeLedger) -> None:

@@ -11,7 +11,9 @@ import uuid
 import asyncpg
 import pytest
 
+from blumpo.generation.v1 import generation_pb2 as gpb
 from generation_service import rules
+from generation_service.api import GenerationApi
 from generation_service.charging import ReconcilerSettings
 from generation_service.model import Job
 from generation_service.server import Parts as GenerationParts
@@ -104,4 +106,41 @@ async def test_a_change_committed_while_the_sweep_runs_decides_the_job(
     assert (row["status"], row["lease_id"]) == (expected, None)
     assert row["refund_state"] == ("DONE" if refunded else "NONE")
     assert await balance(token, user_id) == (20 if refunded else 13)
+    await ledger_matches_jobs(admin, token, [user_id])
+
+
+async def test_claims_sweep_at_most_once_per_interval(
+    generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection, generation_parts: GenerationParts
+) -> None:
+    """A claim sweeps the leases that ran out when the process's last sweep is an interval old;
+    the claims in between do not (here nothing else sweeps: the reconciler makes no passes)."""
+    parts = generation_parts
+    api = GenerationApi(parts.store, parts.charger, parts.hub, parts.pages, sweep_interval_seconds=2.0)
+    user_id = await support.user_with_balance(token, 20)
+    first, second = [await running_job(generation, user_id) for _ in range(2)]
+
+    async def run_out(job: gpb.Job) -> None:
+        await admin.execute(
+            "UPDATE generation.generation_job SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+            uuid.UUID(job.job_id),
+        )
+
+    async def status(job: gpb.Job) -> str:
+        return str(
+            await admin.fetchval("SELECT status FROM generation.generation_job WHERE id = $1", uuid.UUID(job.job_id))
+        )
+
+    async def claims() -> None:
+        request = gpb.ClaimNextJobRequest(worker_id="sweeper", lease_seconds=60, models=["no-such-model"])
+        await asyncio.gather(*(api.ClaimNextJob(request, None) for _ in range(8)))  # type: ignore[arg-type]
+
+    await run_out(first)
+    await claims()
+    assert await status(first) == "QUEUED"
+    await run_out(second)
+    await claims()
+    assert await status(second) == "RUNNING", "swept within the interval"
+    await asyncio.sleep(2.1)
+    await claims()
+    assert await status(second) == "QUEUED"
     await ledger_matches_jobs(admin, token, [user_id])
