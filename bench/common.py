@@ -29,6 +29,7 @@ __all__ = [
     "account_id",
     "machine",
     "one_line",
+    "process_tree_cpu",
     "run_pgbench",
 ]
 
@@ -106,6 +107,18 @@ def run_pgbench(
     if done.returncode != 0 or latency is None or tps is None or processed is None:
         raise SystemExit(f"pgbench failed:\n{done.stdout}\n{done.stderr}")
     return Pgbench(int(processed.group(1)), float(latency.group(1)), float(tps.group(1)), wall)
+
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds (user and system) a process and its live descendants have used (Linux /proc;
+    0 elsewhere): a service's cost per call that survives a machine shared with other work."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = " ".join(p.read_text() for p in Path(f"/proc/{pid}/task").glob("*/children")).split()
+    except OSError:
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(process_tree_cpu(int(child)) for child in children)
 
 
 def machine() -> str:

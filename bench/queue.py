@@ -1,5 +1,6 @@
-"""The worker queue at growing lengths: ClaimNextJob's statements (the lease sweep, then the
-claim) as the service's store runs them, with 1,000 to 1,000,000 jobs queued.
+"""The worker queue at growing lengths: the statements of a ClaimNextJob that sweeps (the lease
+sweep, then the claim; a process's claims sweep at most once per LEASE_SWEEP_INTERVAL_MS) as
+the service's store runs them, with 1,000 to 1,000,000 jobs queued.
 
 The queue is filled with generate_series: jobs of 10,000 users on two plans (priorities 0
 and 1), of four models, created over the last two hours (so that with the default aging time

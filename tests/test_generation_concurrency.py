@@ -8,6 +8,7 @@ from collections import Counter
 
 import asyncpg
 import grpc
+import pytest
 
 from blumpo.generation.v1 import generation_pb2 as gpb
 from tests import support
@@ -21,6 +22,12 @@ from tests.generation_support import (
     no_mismatches,
     references,
 )
+
+
+@pytest.fixture(scope="module")
+def sweep_interval_seconds() -> float:
+    """Every claim sweeps: the lost-lease test ages leases through the admin connection and claims at once."""
+    return 0.0
 
 
 async def test_hundred_concurrent_creates_for_thirty_tokens(

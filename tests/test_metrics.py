@@ -111,6 +111,8 @@ async def running(database_url: str, tmp_path_factory: pytest.TempPathFactory) -
         database_url,
         logs / "generation.log",
         TOKEN_SERVICE_TARGET=token.process.address,
+        # Every create asks for its owner's plan, whichever worker serves it: the counts are exact.
+        PLAN_CACHE_SECONDS="0",
     )
     await asyncio.gather(token.process.start(), generation.process.start())
     try:
