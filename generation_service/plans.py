@@ -16,9 +16,10 @@ MAX_USERS = 100_000
 
 
 class PlanCache:
-    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic, max_users: int = MAX_USERS) -> None:
         self.seconds = seconds
         self.clock = clock
+        self.max_users = max_users
         self._plans: dict[uuid.UUID, tuple[str, float]] = {}
 
     def get(self, user_id: uuid.UUID) -> str | None:
@@ -37,5 +38,5 @@ class PlanCache:
             return
         self._plans.pop(user_id, None)  # to the end of the insertion order: the newest
         self._plans[user_id] = (plan, self.clock() + self.seconds)
-        if len(self._plans) > MAX_USERS:
+        if len(self._plans) > self.max_users:
             del self._plans[next(iter(self._plans))]

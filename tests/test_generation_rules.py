@@ -1,4 +1,5 @@
-"""The pure parts: the state machine, refunds owed, and the retry policy of calls to the token service."""
+"""The pure parts: the state machine, refunds owed, the retry policy of calls to the token service,
+and the owners' plans kept."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from blumpo_common import retry
 from blumpo_common.errors import ServiceError
 from generation_service import rules
 from generation_service.model import Job, JobState, RefundState
+from generation_service.plans import PlanCache
 from tests.support import expect_error
 
 
@@ -154,3 +156,22 @@ async def test_attempts_and_time_are_bounded() -> None:
     with pytest.raises(grpc.aio.AioRpcError):
         await retry.call(slow, Flaky(*[grpc.StatusCode.UNAVAILABLE] * 100))
     assert time.monotonic() - started < 0.5
+
+
+def test_plans_are_kept_for_their_time_and_the_oldest_makes_room() -> None:
+    now = [0.0]
+    plans = PlanCache(60, clock=lambda: now[0], max_users=2)
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    plans.put(a, "free")
+    now[0] = 59.9
+    assert plans.get(a) == "free"
+    now[0] = 60.0
+    assert plans.get(a) is None  # told a minute ago: asked again
+    plans.put(a, "pro")
+    plans.put(b, "free")
+    plans.put(a, "pro")  # told again: the newest
+    plans.put(c, "free")
+    assert (plans.get(a), plans.get(b), plans.get(c)) == ("pro", None, "free")
+    off = PlanCache(0)
+    off.put(a, "free")
+    assert off.get(a) is None

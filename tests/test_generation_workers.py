@@ -670,3 +670,14 @@ async def test_racing_sweeps_of_many_lost_leases_requeue_each_job_once(
     )
     assert [(r["running"], r["actual"]) for r in counts] == [(0, 0)] * len(users)
     await ledger_matches_jobs(admin, token, users)
+
+
+def test_the_plan_cache_and_sweep_interval_are_settings() -> None:
+    env = {"BLUMPO_ENV": "development", "DATABASE_URL": "postgresql://postgres@localhost/blumpo"}
+    default = generation_config.load(env)
+    assert (default.plan_cache_seconds, default.sweep_interval_seconds) == (60, 1.0)
+    chosen = generation_config.load({**env, "PLAN_CACHE_SECONDS": "0", "LEASE_SWEEP_INTERVAL_MS": "250"})
+    assert (chosen.plan_cache_seconds, chosen.sweep_interval_seconds) == (0, 0.25)
+    for name, bad in (("PLAN_CACHE_SECONDS", "-1"), ("LEASE_SWEEP_INTERVAL_MS", "60001")):
+        with pytest.raises(ConfigError, match=name):
+            generation_config.load({**env, name: bad})
