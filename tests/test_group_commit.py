@@ -75,7 +75,7 @@ async def test_appends_to_many_accounts_share_batches_and_get_their_serial_outco
     users = [uuid.UUID(await support.user_with_balance(token, 20)) for _ in range(30)]
     rng = random.Random(11)
     requests = []
-    for n in range(600):
+    for _ in range(600):
         user_id = rng.choice(users)
         reference = f"job-{rng.randrange(15)}"
         requests.append(EntryRequest(user_id, -rng.choice([1, 2, 3]), LedgerReason.GENERATION, reference))
@@ -108,7 +108,7 @@ async def test_many_concurrent_calls_on_many_accounts_spend_exactly_the_balances
         try:
             response = await token.AppendLedgerEntry(request)
         except grpc.aio.AioRpcError as error:
-            return support.error_info(error).reason
+            return str(support.error_info(error).reason)
         return "replayed" if response.replayed else "applied"
 
     calls = [(u, f"job-{n}") for u in users for n in range(20)] * 2
