@@ -117,6 +117,10 @@ class Point:
     clients: int
     baseline: common.Pgbench
     service: load.Load
+    # CPU seconds over the service's run: its processes'; the database's (also over pgbench's run).
+    service_cpu: float = 0.0
+    database_cpu: float = 0.0
+    baseline_database_cpu: float = 0.0
     # Entries per call (1, or the batch's).
     entries: int = 1
 
@@ -131,6 +135,8 @@ class Point:
         return (
             f"| {self.label} | {self.clients} | {b.tps:,.0f} {base_unit} ({b.latency_ms:.2f} ms) "
             f"| {s.rate:,.0f} {unit} | {s.percentile(50):.2f} / {s.percentile(99):.2f} ms "
+            f"| {1000 * self.service_cpu / s.calls:.2f} ms "
+            f"| {1000 * self.baseline_database_cpu / b.transactions:.2f} / {1000 * self.database_cpu / s.calls:.2f} ms "
             f"| {s.client_cpu_seconds / s.seconds:.2f} | {self.ratio:.2f} |"
         )
 
@@ -138,12 +144,19 @@ class Point:
 async def bench(url: str, work_dir: Path) -> list[str]:
     admin = await asyncpg.connect(url)
     points: list[Point] = []
-    half_peak: list[tuple[int, float, load.Load]] = []
+    half_peak: list[tuple[int, float, load.Load, common.Pgbench]] = []
     sql_paths: dict[str, list[float]] = {}
     try:
         await admin.execute(common.SEED_ACCOUNTS_SQL)
         await admin.execute("ANALYZE")
         pg_version = await admin.fetchval("SHOW server_version")
+        # The database's processes, when it runs on this machine (its CPU is then counted).
+        backend = await admin.fetchval("SELECT pg_backend_pid()")
+        postmaster = common.parent_pid(backend)
+
+        def database_cpu() -> float:
+            return common.cpu_seconds(postmaster) if postmaster else float("nan")
+
         port = free_port()
         env = {
             "DATABASE_URL": url,
@@ -155,11 +168,27 @@ async def bench(url: str, work_dir: Path) -> list[str]:
         await service.start()
         spread = append_entry_script(RANDOM_ACCOUNT)
 
+        assert service.process is not None
+        service_pid = service.process.pid
+
         def measure(label: str, script: str, kind: str, clients: int, entries: int = 1) -> Point:
+            database_before = database_cpu()
             baseline = common.run_pgbench(url, script, clients, 0, "token", seconds=SECONDS)
+            baseline_database = database_cpu() - database_before
+            service_before, database_before = common.cpu_seconds(service_pid), database_cpu()
             measured = load.run(service.address, kind, clients, SECONDS, label=f"{label}-{clients}")
+            service_cpu = common.cpu_seconds(service_pid) - service_before
             assert measured.errors == 0, f"{measured.errors} calls failed"
-            point = Point(label, clients, baseline, measured, entries)
+            point = Point(
+                label,
+                clients,
+                baseline,
+                measured,
+                service_cpu=service_cpu,
+                database_cpu=database_cpu() - database_before,
+                baseline_database_cpu=baseline_database,
+                entries=entries,
+            )
             points.append(point)
             return point
 
@@ -169,7 +198,12 @@ async def bench(url: str, work_dir: Path) -> list[str]:
                 peaks[clients] = measure("spread", spread, "spread", clients).service.rate
             for clients in HALF_PEAK_CLIENTS:
                 rate = peaks[clients] / 2
-                half_peak.append((clients, rate, load.run(service.address, "spread", clients, SECONDS, rate=rate)))
+                # The database's own latency at the same rate, for comparison.
+                baseline = common.run_pgbench(
+                    url, spread, clients, 0, "token", seconds=SECONDS, rate=rate, percentiles=True
+                )
+                measured = load.run(service.address, "spread", clients, SECONDS, rate=rate)
+                half_peak.append((clients, rate, measured, baseline))
             measure("hot account", append_entry_script("\\set u 1"), "hot", HOT_CLIENTS)
             measure("batch of 1,000", batch_script(), "batch", BATCH_CLIENTS, entries=common.ACCOUNTS)
             # Interleaved, a few rounds: on a shared machine one run of each is noise.
@@ -197,19 +231,21 @@ async def bench(url: str, work_dir: Path) -> list[str]:
         f"the token service runs as its own process with {workers} workers (WORKERS, default: the CPUs), a pool of "
         "20 connections each, MAX_CONCURRENT_CALLS=1000; its clients run in processes of their own.",
         "",
-        "| load | clients | pgbench (same SQL) | service over gRPC | service p50 / p99 | client CPU (cores) "
-        "| service / pgbench |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| load | clients | pgbench (same SQL) | service over gRPC | service p50 / p99 | service CPU a call "
+        "| database CPU a transaction: pgbench / service call | client CPU (cores) | service / pgbench |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *(point.row() for point in points),
         "",
-        "At half the service's peak rate (open loop, same debits):",
+        "At half the service's peak rate (open loop, same debits), and pgbench at the same rate (its latency "
+        "counted from when each transaction was due):",
         "",
-        "| clients | rate asked | served | p50 / p99 |",
-        "| ---: | ---: | ---: | ---: |",
+        "| clients | rate asked | served | p50 / p99 | pgbench at that rate: p50 / p99 |",
+        "| ---: | ---: | ---: | ---: | ---: |",
         *(
             f"| {clients} | {rate:,.0f} calls/s | {measured.rate:,.0f} calls/s "
-            f"| {measured.percentile(50):.2f} / {measured.percentile(99):.2f} ms |"
-            for clients, rate, measured in half_peak
+            f"| {measured.percentile(50):.2f} / {measured.percentile(99):.2f} ms "
+            f"| {baseline.percentile(50):.2f} / {baseline.percentile(99):.2f} ms |"
+            for clients, rate, measured, baseline in half_peak
         ),
         "",
         f"The ledger's SQL for one debit, pgbench, 16 clients, {SQL_ROUNDS} rounds of {SQL_SECONDS:.0f} s "

@@ -7,12 +7,13 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from blumpo_common.db import Query
@@ -27,9 +28,10 @@ __all__ = [
     "START_BALANCE",
     "Pgbench",
     "account_id",
+    "cpu_seconds",
     "machine",
     "one_line",
-    "process_tree_cpu",
+    "parent_pid",
     "run_pgbench",
 ]
 
@@ -81,44 +83,77 @@ class Pgbench:
     latency_ms: float
     tps: float
     wall_seconds: float
+    # Each transaction's latency, when asked for (run_pgbench's percentiles).
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def percentile(self, q: int) -> float:
+        return statistics.quantiles(self.latencies_ms, n=100)[q - 1]
 
 
 def run_pgbench(
-    url: str, script: str, clients: int, transactions_per_client: int, search_path: str, *, seconds: float = 0
+    url: str,
+    script: str,
+    clients: int,
+    transactions_per_client: int,
+    search_path: str,
+    *,
+    seconds: float = 0,
+    rate: float = 0,
+    percentiles: bool = False,
 ) -> Pgbench:
     """Runs a custom script with the prepared protocol (as asyncpg uses), no vacuum: the given
-    transactions per client, or for the given seconds."""
-    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as file:
-        file.write(script)
-    try:
+    transactions per client, or for the given seconds; at rate transactions per second in all
+    (0: as fast as it can); with percentiles, each transaction's latency is kept (pgbench's log;
+    at a rate, counted from when the transaction was due)."""
+    with tempfile.TemporaryDirectory() as work:
+        script_path = Path(work) / "script.sql"
+        script_path.write_text(script)
         env = {**os.environ, "PGOPTIONS": f"-c search_path={search_path}"}
         threads = min(clients, os.cpu_count() or 1)
         cmd = [pgbench_binary(), "-n", "-M", "prepared", "-c", str(clients), "-j", str(threads)]
         cmd += ["-T", str(max(1, round(seconds)))] if seconds else ["-t", str(transactions_per_client)]
-        cmd += ["-f", file.name, url]
+        cmd += ["-R", f"{rate:.0f}"] if rate else []
+        cmd += ["-l", "--log-prefix", f"{work}/log"] if percentiles else []
+        cmd += ["-f", str(script_path), url]
         started = time.perf_counter()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - started
-    finally:
-        os.unlink(file.name)
+        # A line of the log: client, transaction, latency (us), script, epoch, us[, schedule lag].
+        lines = [line for log in Path(work).glob("log.*") for line in log.read_text().splitlines()]
+        latencies = [int(line.split()[2]) / 1000 for line in lines]
     latency = re.search(r"latency average = ([0-9.]+) ms", done.stdout)
     tps = re.search(r"tps = ([0-9.]+)", done.stdout)
     processed = re.search(r"number of transactions actually processed: ([0-9]+)", done.stdout)
     if done.returncode != 0 or latency is None or tps is None or processed is None:
         raise SystemExit(f"pgbench failed:\n{done.stdout}\n{done.stderr}")
-    return Pgbench(int(processed.group(1)), float(latency.group(1)), float(tps.group(1)), wall)
+    return Pgbench(int(processed.group(1)), float(latency.group(1)), float(tps.group(1)), wall, latencies)
 
 
-def process_tree_cpu(pid: int) -> float:
-    """CPU seconds (user and system) a process and its live descendants have used (Linux /proc;
-    0 elsewhere): a service's cost per call that survives a machine shared with other work."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) used so far by process pid and every process under it, those
+    that ended included (Linux's /proc); 0 for a process gone or out of sight."""
+    total = 0.0
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        children = " ".join(p.read_text() for p in Path(f"/proc/{pid}/task").glob("*/children")).split()
-    except OSError:
-        return 0.0
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return own + sum(process_tree_cpu(int(child)) for child in children)
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        # utime, stime, and cutime, cstime: the children it has reaped (a database's closed connections).
+        total += sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += cpu_seconds(int(child))
+    except (OSError, IndexError, ValueError):
+        pass
+    return total
+
+
+def parent_pid(backend: int) -> int | None:
+    """The parent of a PostgreSQL backend (the postmaster), None when it cannot be seen here
+    (the database on another machine)."""
+    try:
+        if not Path(f"/proc/{backend}/cmdline").read_bytes().startswith(b"postgres"):
+            return None
+        return int(Path(f"/proc/{backend}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def machine() -> str:

