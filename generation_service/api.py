@@ -35,7 +35,7 @@ from generation_service.model import (
     Variant,
     VariantKind,
 )
-from generation_service.store import Store
+from generation_service.store import LEASE_SWEEP_BATCH, Store
 from generation_service.watch import Hub, NoSuchJobError, WatcherLimitError
 
 MAX_PROMPT = 4000
@@ -321,8 +321,12 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
             check.add("models", f"must name at most {MAX_MODELS} models")
         models = sorted({check.text("models", m, max_len=200) for m in request.models})
         check.done()
-        await self._sweep_when_due()
+        swept = await self._sweep_when_due()
         job = await self.store.claim_next(worker_id, request.lease_seconds, models, self.aging_seconds)
+        if job is None and not swept:
+            # An empty queue may hide a lease that ran out since the last sweep: sweep, ask again.
+            await self._sweep()
+            job = await self.store.claim_next(worker_id, request.lease_seconds, models, self.aging_seconds)
         return pb.ClaimNextJobResponse(job=job_message(job) if job is not None else None)
 
     async def RenewJobLease(self, request: pb.RenewJobLeaseRequest, context: Context) -> pb.RenewJobLeaseResponse:
@@ -466,16 +470,24 @@ class GenerationApi(generation_pb2_grpc.GenerationServiceServicer):
         authz.audit("paused jobs resumed", created_after=str(after), resumed=resumed)
         return pb.ResumePausedJobsResponse(resumed=resumed)
 
-    async def _sweep_when_due(self) -> None:
+    async def _sweep_when_due(self) -> bool:
         """Expired leases back to the queue (or ended, refunded) before a claim, at most once per
-        sweep interval in this process: a lease that ran out is swept by the first claim after
-        the interval (and by the reconciler's pass), not by every claim."""
+        sweep interval in this process (and at once again after a full batch): a lease that ran out
+        is swept by the first claim after the interval, by a claim that finds the queue empty, and
+        by the reconciler's pass, not by every claim. True when it swept."""
         now = time.monotonic()
         if now < self._next_sweep:
-            return
+            return False
         self._next_sweep = now + self.sweep_interval_seconds  # before the await: one claim sweeps
-        for swept in await self.store.sweep_expired_leases():
-            await self.charger.refund(swept)
+        await self._sweep()
+        return True
+
+    async def _sweep(self) -> None:
+        swept = await self.store.sweep_expired_leases()
+        if len(swept) >= LEASE_SWEEP_BATCH:
+            self._next_sweep = 0.0  # more may be waiting: the next claim sweeps again
+        for job in swept:
+            await self.charger.refund(job)
 
     async def _visible_job(self, job_id: uuid.UUID) -> Job:
         job = await self.store.get_job(job_id)

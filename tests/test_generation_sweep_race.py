@@ -19,7 +19,14 @@ from generation_service.model import Job
 from generation_service.server import Parts as GenerationParts
 from generation_service.store import LEASE_SWEEP_BATCH, Q
 from tests import support
-from tests.generation_support import GenerationStub, TokenStub, balance, ledger_matches_jobs, running_job
+from tests.generation_support import (
+    GenerationStub,
+    TokenStub,
+    balance,
+    lane_request,
+    ledger_matches_jobs,
+    running_job,
+)
 
 PAUSE_SECONDS = 3.0
 _SCAN = "WHERE status = 'RUNNING' AND lease_expires_at < now()"
@@ -112,12 +119,21 @@ async def test_a_change_committed_while_the_sweep_runs_decides_the_job(
 async def test_claims_sweep_at_most_once_per_interval(
     generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection, generation_parts: GenerationParts
 ) -> None:
-    """A claim sweeps the leases that ran out when the process's last sweep is an interval old;
-    the claims in between do not (here nothing else sweeps: the reconciler makes no passes)."""
+    """A claim sweeps the leases that ran out when the process's last sweep is an interval old,
+    or when it finds the queue empty; claims in between that find a job do not (here nothing else
+    sweeps: the reconciler makes no passes)."""
     parts = generation_parts
     api = GenerationApi(parts.store, parts.charger, parts.hub, parts.pages, sweep_interval_seconds=2.0)
-    user_id = await support.user_with_balance(token, 20)
-    first, second = [await running_job(generation, user_id) for _ in range(2)]
+    # One running job an owner (a free plan runs two at most), and queued jobs in one lane.
+    owners = [await support.user_with_balance(token, 20) for _ in range(3)]
+    first, second, third = [await running_job(generation, owner) for owner in owners]
+    lane = lane_request(owners[0])
+    for _ in range(6):
+        request = gpb.CreateGenerationJobRequest()
+        request.CopyFrom(lane)
+        request.user_id = await support.user_with_balance(token, 20)
+        request.job_id = str(uuid.uuid4())
+        await generation.CreateGenerationJob(request)
 
     async def run_out(job: gpb.Job) -> None:
         await admin.execute(
@@ -130,17 +146,67 @@ async def test_claims_sweep_at_most_once_per_interval(
             await admin.fetchval("SELECT status FROM generation.generation_job WHERE id = $1", uuid.UUID(job.job_id))
         )
 
-    async def claims() -> None:
-        request = gpb.ClaimNextJobRequest(worker_id="sweeper", lease_seconds=60, models=["no-such-model"])
-        await asyncio.gather(*(api.ClaimNextJob(request, None) for _ in range(8)))  # type: ignore[arg-type]
+    async def claims(model: str, n: int) -> list[gpb.ClaimNextJobResponse]:
+        request = gpb.ClaimNextJobRequest(worker_id="sweeper", lease_seconds=60, models=[model])
+        return await asyncio.gather(*(api.ClaimNextJob(request, None) for _ in range(n)))  # type: ignore[arg-type]
 
     await run_out(first)
-    await claims()
+    await claims("no-such-model", 8)
     assert await status(first) == "QUEUED"
     await run_out(second)
-    await claims()
-    assert await status(second) == "RUNNING", "swept within the interval"
+    assert all(reply.HasField("job") for reply in await claims(lane.params.model, 3))
+    assert await status(second) == "RUNNING", "swept within the interval by a claim that found a job"
+    assert not (await claims("no-such-model", 1))[0].HasField("job")
+    assert await status(second) == "QUEUED", "a claim that finds the queue empty sweeps"
+    await run_out(third)
+    assert all(reply.HasField("job") for reply in await claims(lane.params.model, 2))
+    assert await status(third) == "RUNNING"
     await asyncio.sleep(2.1)
-    await claims()
-    assert await status(second) == "QUEUED"
-    await ledger_matches_jobs(admin, token, [user_id])
+    assert all(reply.HasField("job") for reply in await claims(lane.params.model, 1))
+    assert await status(third) == "QUEUED", "swept by the first claim after the interval"
+    await ledger_matches_jobs(admin, token, owners)
+
+
+async def test_a_full_sweep_is_followed_by_another_at_the_next_claim(
+    generation: GenerationStub,
+    token: TokenStub,
+    admin: asyncpg.Connection,
+    generation_parts: GenerationParts,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sweep that took a full batch may have left more behind: the next claim sweeps again,
+    however long the interval (here a batch of one, and an hour)."""
+    import generation_service.api
+    import generation_service.store
+
+    monkeypatch.setattr(generation_service.store, "LEASE_SWEEP_BATCH", 1)
+    monkeypatch.setattr(generation_service.api, "LEASE_SWEEP_BATCH", 1)
+    parts = generation_parts
+    api = GenerationApi(parts.store, parts.charger, parts.hub, parts.pages, sweep_interval_seconds=3600.0)
+    owners = [await support.user_with_balance(token, 20) for _ in range(3)]
+    jobs = [await running_job(generation, owner) for owner in owners[:2]]
+    lane = lane_request(owners[2])
+    for _ in range(3):
+        request = gpb.CreateGenerationJobRequest()
+        request.CopyFrom(lane)
+        request.user_id = await support.user_with_balance(token, 20)
+        request.job_id = str(uuid.uuid4())
+        await generation.CreateGenerationJob(request)
+    await admin.execute(
+        "UPDATE generation.generation_job SET lease_expires_at = now() - interval '1 second' WHERE id = ANY($1)",
+        [uuid.UUID(job.job_id) for job in jobs],
+    )
+
+    async def queued() -> int:
+        return int(
+            await admin.fetchval(
+                "SELECT count(*) FROM generation.generation_job WHERE id = ANY($1) AND status = 'QUEUED'",
+                [uuid.UUID(job.job_id) for job in jobs],
+            )
+        )
+
+    claim = gpb.ClaimNextJobRequest(worker_id="sweeper", lease_seconds=60, models=[lane.params.model])
+    for expected in (1, 2, 2):
+        assert (await api.ClaimNextJob(claim, None)).HasField("job")  # type: ignore[arg-type]
+        assert await queued() == expected
+    await ledger_matches_jobs(admin, token, owners[:2])
