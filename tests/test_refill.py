@@ -210,3 +210,46 @@ async def test_monthly_refill_refuses_a_period_in_the_future(token: TokenStub, a
     assert support.bad_fields(error) == ["period"]
     written = await admin.fetchval("SELECT count(*) FROM token.token_ledger WHERE reference_id = 'refill:9999-12'")
     assert written == 0
+
+
+async def test_the_next_batch_is_written_while_one_waits_and_each_account_is_credited_once(
+    token: TokenStub, token_store: Store, admin: asyncpg.Connection, database_url: str
+) -> None:
+    """Two batches are in flight: while the first waits on an account's lock, the second is
+    written, and the third waits for the first; once the lock is let go every account is
+    credited once."""
+    await new_users(token, admin, ["free"] * 6)
+    period = "2014-05"
+    rows = await admin.fetch(
+        "SELECT a.user_id, p.monthly_allowance > 0 AS eligible FROM token.token_account a "
+        "JOIN token.plan p ON p.code = a.plan_code ORDER BY a.user_id"
+    )
+    batches = [rows[i : i + 2] for i in range(0, len(rows), 2)]
+    # One account on a plan without allowance at most (no_allowance_plan): each batch of two
+    # has an account to credit.
+    assert all(any(row["eligible"] for row in batch) for batch in batches[:3])
+    holder = await asyncpg.connect(database_url)
+    locked = holder.transaction()
+    await locked.start()
+    first = next(row["user_id"] for row in batches[0] if row["eligible"])
+    await holder.execute("SELECT 1 FROM token.token_account WHERE user_id = $1 FOR UPDATE", first)
+    running = asyncio.create_task(refill.run(token_store, period, "test", batch_size=2))
+    try:
+        second = [str(row["user_id"]) for row in batches[1] if row["eligible"]]
+        for _ in range(200):
+            if set(second) <= set(await refill_entries(admin, period)):
+                break
+            await asyncio.sleep(0.025)
+        written = await refill_entries(admin, period)
+        assert set(second) <= set(written), "the second batch waited for the first"
+        assert not {str(row["user_id"]) for row in batches[0] + batches[2]} & set(written)
+        assert not running.done()
+    finally:
+        await holder.close()  # the lock goes with it
+        await asyncio.gather(running, return_exceptions=True)
+    result = running.result()
+    assert result.finished and result.batches == len(batches)
+    entries = await refill_entries(admin, period)
+    assert sorted(entries) == sorted(str(row["user_id"]) for row in rows if row["eligible"])
+    assert all(deltas == [50] or deltas == [1000] for deltas in entries.values())
+    await assert_consistent(token)

@@ -6,11 +6,10 @@ import sys
 from datetime import UTC, datetime, timedelta
 
 import email_validator
-from google.rpc import status_pb2
 
 from blumpo.token.v1 import token_pb2 as pb
 from blumpo.token.v1 import token_pb2_grpc
-from blumpo_common import authz
+from blumpo_common import authz, timestamps
 from blumpo_common.callers import caller_of, metadata_value
 from blumpo_common.enums import ProtoEnum
 from blumpo_common.errors import ServiceError, to_status
@@ -88,17 +87,19 @@ def account_message(account: Account) -> pb.TokenAccount:
     )
 
 
-def entry_message(entry: LedgerEntry) -> pb.LedgerEntry:
-    return pb.LedgerEntry(
-        entry_id=str(entry.id),
-        user_id=str(entry.user_id),
-        delta=entry.delta,
-        reason=REASONS.to_proto(entry.reason),
-        reference_id=entry.reference_id,
-        balance_after=entry.balance_after,
-        occurred_at=to_proto(entry.occurred_at),
-        created_by=entry.created_by,
-    )
+def entry_message(entry: LedgerEntry, into: pb.LedgerEntry | None = None) -> pb.LedgerEntry:
+    """The entry as a message: a new one, or written into `into`, a field of a message being
+    built (a message given to a constructor is copied; a batch answers a thousand)."""
+    message = pb.LedgerEntry() if into is None else into
+    message.entry_id = str(entry.id)
+    message.user_id = str(entry.user_id)
+    message.delta = entry.delta
+    message.reason = REASONS.to_proto(entry.reason)
+    message.reference_id = entry.reference_id
+    message.balance_after = entry.balance_after
+    timestamps.put(entry.occurred_at, message.occurred_at)
+    message.created_by = entry.created_by
+    return message
 
 
 def mismatch_message(mismatch: BalanceMismatch) -> pb.BalanceMismatch:
@@ -199,16 +200,19 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
             check.add("entries", f"must hold 1 to {MAX_BATCH} entries, got {count}")
             check.done()
         # Each entry is judged alone: a malformed one fails only itself.
-        results: list[pb.AppendLedgerEntryResult | None] = []
+        refused: list[ledger.Outcome | None] = []
         valid: list[EntryRequest] = []
         for index, item in enumerate(request.entries):
             try:
                 valid.append(entry_request(item, prefix=f"entries[{index}]."))
-                results.append(None)
+                refused.append(None)
             except ServiceError as error:
-                results.append(_result(ledger.Outcome(error=error)))
+                refused.append(ledger.Outcome(error=error))
         outcomes = iter(await ledger.append(self.store, valid, caller_of(context)))
-        return pb.AppendLedgerEntriesResponse(results=[result or _result(next(outcomes)) for result in results])
+        response = pb.AppendLedgerEntriesResponse()
+        for outcome in refused:
+            _put_result(outcome or next(outcomes), response.results.add())
+        return response
 
     async def ListLedgerEntries(
         self, request: pb.ListLedgerEntriesRequest, context: Context
@@ -292,10 +296,12 @@ class TokenApi(token_pb2_grpc.TokenServiceServicer):
         return pb.DeleteExpiredOtpsResponse(deleted=deleted)
 
 
-def _result(outcome: ledger.Outcome) -> pb.AppendLedgerEntryResult:
+def _put_result(outcome: ledger.Outcome, into: pb.AppendLedgerEntryResult) -> None:
+    """Writes the outcome into a batch answer's result (built in place, see entry_message)."""
     if outcome.error is not None:
-        return pb.AppendLedgerEntryResult(status=to_status(outcome.error, ERROR_DOMAIN))
+        into.status.CopyFrom(to_status(outcome.error, ERROR_DOMAIN))
+        return
     assert outcome.entry is not None
-    return pb.AppendLedgerEntryResult(
-        entry=entry_message(outcome.entry), replayed=outcome.replayed, status=status_pb2.Status(code=0)
-    )
+    entry_message(outcome.entry, into.entry)
+    into.replayed = outcome.replayed
+    into.status.SetInParent()  # code 0: the entry was written or replayed
