@@ -16,7 +16,7 @@ from tests import support
 from tests.support import TokenStub
 from tests.test_token_concurrency import assert_ledger_consistent
 from token_service import ledger
-from token_service.group_commit import GroupCommit
+from token_service.group_commit import MAX_BATCHES_IN_FLIGHT, GroupCommit
 from token_service.model import EntryRequest, LedgerReason
 from token_service.store import Store
 
@@ -86,7 +86,7 @@ async def test_appends_to_many_accounts_share_batches_and_get_their_serial_outco
 
     assert len(store.batches) < len(requests) / 10, f"{len(store.batches)} statements: not grouped"
     assert max(len(set(batch)) for batch in store.batches) == len(users), "one batch for many accounts"
-    assert not commit.queues and not commit.ready and not commit.busy
+    assert not commit.queues and not commit.ready and not commit.sending
     for user_id in users:
         mine = [(r, o) for r, o in zip(requests, outcomes, strict=True) if r.user_id == user_id]
         expected = serial_outcomes(20, [r for r, _ in mine])
@@ -138,7 +138,7 @@ async def test_a_failed_batch_fails_each_caller_and_writes_nothing(
     failing = GroupCommit(FailingStore(token_store.pool, 30.0))
     results = await asyncio.gather(*(failing.append(r, "tests") for r in requests), return_exceptions=True)
     assert all(isinstance(r, ConnectionResetError) for r in results)
-    assert not failing.queues and not failing.ready and not failing.busy
+    assert not failing.queues and not failing.ready and not failing.sending
     written = await admin.fetchval(
         "SELECT count(*) FROM token.token_ledger WHERE user_id = ANY($1::uuid[]) AND reason = 'GENERATION'", users
     )
@@ -154,7 +154,8 @@ async def test_a_failed_batch_fails_each_caller_and_writes_nothing(
 async def test_an_append_cancelled_while_it_waits_for_the_batch_in_flight_is_not_written(
     token: TokenStub, admin: asyncpg.Connection, token_store: Store
 ) -> None:
-    first, second, third = [uuid.UUID(await support.user_with_balance(token, 10)) for _ in range(3)]
+    firsts = [uuid.UUID(await support.user_with_balance(token, 10)) for _ in range(MAX_BATCHES_IN_FLIGHT)]
+    second, third = [uuid.UUID(await support.user_with_balance(token, 10)) for _ in range(2)]
     release = asyncio.Event()
 
     class HeldStore(Store):
@@ -163,19 +164,49 @@ async def test_an_append_cancelled_while_it_waits_for_the_batch_in_flight_is_not
             return await super().append_entry(*args, **kwargs)
 
     commit = GroupCommit(HeldStore(token_store.pool, 30.0))
-    in_flight = asyncio.create_task(commit.append(EntryRequest(first, -1, LedgerReason.GENERATION, "a"), "tests"))
-    await asyncio.sleep(0.05)  # the first batch is out, held
+    # Every batch the caller may have out is out, held (one account's debit a batch).
+    held = []
+    for user_id in firsts:
+        held.append(
+            asyncio.create_task(commit.append(EntryRequest(user_id, -1, LedgerReason.GENERATION, "a"), "tests"))
+        )
+        await asyncio.sleep(0.05)
     waiting = asyncio.create_task(commit.append(EntryRequest(second, -1, LedgerReason.GENERATION, "b"), "tests"))
     await asyncio.sleep(0.05)
     waiting.cancel()
     release.set()
-    assert (await in_flight).entry is not None
+    assert all(outcome.entry is not None for outcome in await asyncio.gather(*held))
     later = await commit.append(EntryRequest(third, -1, LedgerReason.GENERATION, "c"), "tests")
     assert later.entry is not None
     assert waiting.cancelled()
-    assert not commit.queues and not commit.ready and not commit.busy
+    assert not commit.queues and not commit.ready and not commit.sending
     written = await admin.fetch(
         "SELECT user_id FROM token.token_ledger WHERE user_id = ANY($1::uuid[]) AND reason = 'GENERATION'",
-        [first, second, third],
+        [*firsts, second, third],
     )
-    assert sorted(row["user_id"] for row in written) == sorted([first, third])
+    assert sorted(row["user_id"] for row in written) == sorted([*firsts, third])
+
+
+async def test_an_account_waiting_for_its_lock_holds_up_none_of_the_callers_other_accounts(
+    token: TokenStub, admin: asyncpg.Connection, token_store: Store
+) -> None:
+    """While a session holds one account's row, that account's appends wait, and the same
+    caller's appends to other accounts are written meanwhile."""
+    locked, others = uuid.UUID(await support.user_with_balance(token, 10)), []
+    for _ in range(3):
+        others.append(uuid.UUID(await support.user_with_balance(token, 10)))
+    commit = GroupCommit(token_store)
+    async with admin.transaction():
+        await admin.execute("SELECT 1 FROM token.token_account WHERE user_id = $1 FOR UPDATE", locked)
+        stuck = asyncio.create_task(commit.append(EntryRequest(locked, -1, LedgerReason.GENERATION, "x"), "tests"))
+        await asyncio.sleep(0.1)  # its batch is out, waiting for the row
+        for n, user_id in enumerate(others):
+            outcome = await asyncio.wait_for(
+                commit.append(EntryRequest(user_id, -1, LedgerReason.GENERATION, f"y{n}"), "tests"), 5
+            )
+            assert outcome.entry is not None and outcome.entry.balance_after == 9
+        assert not stuck.done()
+    assert (await stuck).entry is not None
+    assert not commit.queues and not commit.ready and not commit.sending
+    for user_id in [locked, *others]:
+        await assert_ledger_consistent(token, admin, str(user_id))

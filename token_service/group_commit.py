@@ -1,28 +1,31 @@
 """Group commit: concurrent single appends share one call of the ledger.
 
-Each caller (the entries name it) has at most one batch in flight in this process. Appends
-that arrive while it is out wait in the process and leave together, in arrival order, as the
-next batch when it returns: one statement, one transaction and one WAL flush for many callers.
-An append that finds its caller idle leaves at the end of the event loop's turn in which it
-arrived, with whatever else arrived in that turn: nothing waits for company.
+Each caller (the entries name it) has at most MAX_BATCHES_IN_FLIGHT batches in flight in this
+process. Appends that arrive while they are all out wait in the process and leave together, in
+arrival order, as the next batch when one returns: one statement, one transaction and one WAL
+flush for many callers. An append that finds a batch free leaves at the end of the event loop's
+turn in which it arrived, with whatever else arrived in that turn: nothing waits for company.
 
 A batch is judged entry by entry exactly as the same appends one after another would be, so
 each caller gets the outcome the serial order gives it, whatever else shares its batch. Appends
-to one account keep their arrival order (an account is in one batch at a time). The batch
-functions lock their accounts in user_id order, so the batches of several processes wait for
-each other's rows rather than deadlock. The price of one batch at a time: while a batch waits
-for a row another transaction holds (a refill batch, another process's batch), the caller's
-other appends in this process wait with it.
+to one account keep their arrival order (an account is in one batch at a time; its next
+appends wait for that batch). The batch functions lock their accounts in user_id order, so
+batches wait for each other's rows rather than deadlock. A batch that waits for a row another
+transaction holds (a refill batch, another process's batch, a session) holds up its own callers
+and that account's next appends, not the caller's other accounts: they leave in the other
+batches.
 
-A batch that fails (the connection lost, the statement timed out) fails every caller in it and
-writes nothing: each may send its append again with the same reference. It runs until the
-latest deadline among its callers.
+A batch that fails (the connection lost, the statement timed out) fails every caller in it:
+each may send its append again with the same reference, which applies it once whether or not
+the failed batch was written (a timeout can come after the commit). It runs until the latest
+deadline among its callers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import uuid
 from dataclasses import dataclass, field
 
@@ -33,6 +36,9 @@ from token_service.store import Store
 
 # The most appends one batch carries; the rest go in the next.
 MAX_GROUP = 1000
+# A caller's batches in flight at once in a process: enough that one waiting on a locked row
+# does not hold up its other accounts, few enough that batches stay big under load.
+MAX_BATCHES_IN_FLIGHT = 4
 
 # An account, for one caller (the entries it writes name it).
 Key = tuple[uuid.UUID, str]
@@ -60,10 +66,13 @@ class GroupCommit:
         self.queues: dict[Key, _Queue] = {}
         # By caller: the accounts' groups ready to go in its next batch.
         self.ready: dict[str, list[tuple[Key, list[_Waiting]]]] = {}
-        # The callers with a batch in flight or about to leave.
-        self.busy: set[str] = set()
+        # By caller: its batches in flight or about to leave (none: absent).
+        self.sending: dict[str, int] = {}
         # The batches in flight (the loop keeps only weak references to tasks).
         self.flushes: set[asyncio.Task[None]] = set()
+        # A batch serves many calls: it runs in a context of its own, not in its first caller's
+        # (whose request id and trace would otherwise be every batch's after it).
+        self._context = contextvars.copy_context()
 
     async def append(self, request: EntryRequest, created_by: str) -> ledger.Outcome:
         """The request's outcome, as ledger.append would give it alone."""
@@ -74,48 +83,47 @@ class GroupCommit:
             queue.waiting.append(waiting)
         else:
             self.queues[key] = _Queue()
-            self._ready(key, [waiting])
+            self.ready.setdefault(created_by, []).append((key, [waiting]))
+            self._send_when_free(created_by)
         return await waiting.outcome
 
-    def _ready(self, key: Key, group: list[_Waiting]) -> None:
-        """Puts the account's group into its caller's next batch, which leaves at the end of this
-        turn of the loop unless one is in flight (then when that one returns)."""
-        caller = key[1]
-        self.ready.setdefault(caller, []).append((key, group))
-        if caller not in self.busy:
-            self.busy.add(caller)
-            asyncio.get_running_loop().call_soon(self._send, caller)
+    def _send_when_free(self, caller: str) -> None:
+        """A batch of the caller's ready groups leaves at the end of this turn of the loop,
+        unless all its batches are in flight (then when one returns)."""
+        sending = self.sending.get(caller, 0)
+        if caller in self.ready and sending < MAX_BATCHES_IN_FLIGHT:
+            self.sending[caller] = sending + 1
+            asyncio.get_running_loop().call_soon(self._send, caller, context=self._context)
 
     def _send(self, caller: str) -> None:
         """Sends the caller's ready groups, at most MAX_GROUP appends (the rest go next)."""
-        groups = self.ready.pop(caller)
-        batch = [groups.pop(0)]
-        size = len(batch[0][1])
-        while groups and size + len(groups[0][1]) <= MAX_GROUP:
+        groups = self.ready.pop(caller, [])
+        if not groups:  # an earlier batch of this turn took them all
+            self._sent(caller)
+            return
+        batch: list[tuple[Key, list[_Waiting]]] = []
+        size = 0
+        while groups and (not batch or size + len(groups[0][1]) <= MAX_GROUP):
             batch.append(groups.pop(0))
             size += len(batch[-1][1])
         if groups:
             self.ready[caller] = groups
-        waiting = [w for _, group in batch for w in group]
+        waiting = [w for _, group in batch for w in group if not w.outcome.done()]  # not cancelled meanwhile
         # A task of its own: the callers wait on their futures, not on the batch.
-        task = asyncio.get_running_loop().create_task(self._flush(caller, batch), context=_context(waiting))
+        task = asyncio.get_running_loop().create_task(
+            self._flush(caller, batch, waiting), context=self._deadline_context(waiting)
+        )
         self.flushes.add(task)
-        task.add_done_callback(self.flushes.discard)
+        task.add_done_callback(functools.partial(self._flushed, waiting))
 
-    async def _flush(self, caller: str, batch: list[tuple[Key, list[_Waiting]]]) -> None:
-        group = [w for _, waiting in batch for w in waiting if not w.outcome.done()]  # not cancelled meanwhile
+    async def _flush(self, caller: str, batch: list[tuple[Key, list[_Waiting]]], group: list[_Waiting]) -> None:
         try:
             outcomes = await ledger.append(self.store, [w.request for w in group], caller) if group else []
-        except BaseException as exc:
+        except Exception as exc:
             # One statement, one transaction: each caller gets its error, as it would alone.
             for waiting in group:
                 if not waiting.outcome.done():
-                    if isinstance(exc, asyncio.CancelledError):
-                        waiting.outcome.cancel()
-                    else:
-                        waiting.outcome.set_exception(exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+                    waiting.outcome.set_exception(exc)
         else:
             for waiting, outcome in zip(group, outcomes, strict=True):
                 if not waiting.outcome.done():
@@ -123,10 +131,20 @@ class GroupCommit:
         finally:
             for key, _ in batch:
                 self._next(key)
-            if caller in self.ready:
-                asyncio.get_running_loop().call_soon(self._send, caller)
-            else:
-                self.busy.discard(caller)
+            self._sent(caller)
+            self._send_when_free(caller)
+
+    def _sent(self, caller: str) -> None:
+        self.sending[caller] -= 1
+        if not self.sending[caller]:
+            del self.sending[caller]
+
+    def _flushed(self, group: list[_Waiting], task: asyncio.Task[None]) -> None:
+        """A batch cancelled (shutting down), even before it started: its callers are too."""
+        self.flushes.discard(task)
+        for waiting in group:
+            if not waiting.outcome.done():
+                waiting.outcome.cancel()
 
     def _next(self, key: Key) -> None:
         """Makes ready what queued for key while it was in flight, or marks key idle."""
@@ -138,12 +156,12 @@ class GroupCommit:
         else:
             del self.queues[key]
 
-
-def _context(group: list[_Waiting]) -> contextvars.Context:
-    """The batch runs until the latest deadline of its callers (none if one has none): a caller
-    whose deadline passes first is answered DEADLINE_EXCEEDED by gRPC, the others are not cut."""
-    deadlines = [w.deadline for w in group]
-    latest = None if not deadlines or None in deadlines else max(d for d in deadlines if d is not None)
-    context = contextvars.copy_context()
-    context.run(db.call_deadline.set, latest)
-    return context
+    def _deadline_context(self, group: list[_Waiting]) -> contextvars.Context:
+        """The batch runs until the latest deadline of its callers (none if one has none): a
+        caller whose deadline passes first is answered DEADLINE_EXCEEDED by gRPC, the others are
+        not cut."""
+        deadlines = [w.deadline for w in group]
+        latest = None if not deadlines or None in deadlines else max(d for d in deadlines if d is not None)
+        context = self._context.copy()
+        context.run(db.call_deadline.set, latest)
+        return context
