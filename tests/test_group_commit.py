@@ -16,7 +16,7 @@ from tests import support
 from tests.support import TokenStub
 from tests.test_token_concurrency import assert_ledger_consistent
 from token_service import ledger
-from token_service.group_commit import MAX_BATCHES_IN_FLIGHT, GroupCommit
+from token_service.group_commit import MAX_BATCHES_IN_FLIGHT, STALL_SECONDS, GroupCommit
 from token_service.model import EntryRequest, LedgerReason
 from token_service.store import Store
 
@@ -59,6 +59,16 @@ def serial_outcomes(balance: int, requests: list[EntryRequest]) -> list[tuple[st
     return answers
 
 
+async def idle(commit: GroupCommit) -> bool:
+    """Whether the group commit comes back to rest (a batch's bookkeeping ends just after its
+    callers are answered): nothing queued, ready or out."""
+    for _ in range(100):
+        if not (commit.queues or commit.ready or commit.sending or commit.fresh):
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 def answer(outcome: ledger.Outcome) -> tuple[str, int | None]:
     if outcome.error is not None:
         return outcome.error.reason, None
@@ -86,7 +96,7 @@ async def test_appends_to_many_accounts_share_batches_and_get_their_serial_outco
 
     assert len(store.batches) < len(requests) / 10, f"{len(store.batches)} statements: not grouped"
     assert max(len(set(batch)) for batch in store.batches) == len(users), "one batch for many accounts"
-    assert not commit.queues and not commit.ready and not commit.sending
+    assert await idle(commit)
     for user_id in users:
         mine = [(r, o) for r, o in zip(requests, outcomes, strict=True) if r.user_id == user_id]
         expected = serial_outcomes(20, [r for r, _ in mine])
@@ -138,7 +148,7 @@ async def test_a_failed_batch_fails_each_caller_and_writes_nothing(
     failing = GroupCommit(FailingStore(token_store.pool, 30.0))
     results = await asyncio.gather(*(failing.append(r, "tests") for r in requests), return_exceptions=True)
     assert all(isinstance(r, ConnectionResetError) for r in results)
-    assert not failing.queues and not failing.ready and not failing.sending
+    assert await idle(failing)
     written = await admin.fetchval(
         "SELECT count(*) FROM token.token_ledger WHERE user_id = ANY($1::uuid[]) AND reason = 'GENERATION'", users
     )
@@ -170,7 +180,7 @@ async def test_an_append_cancelled_while_it_waits_for_the_batch_in_flight_is_not
         held.append(
             asyncio.create_task(commit.append(EntryRequest(user_id, -1, LedgerReason.GENERATION, "a"), "tests"))
         )
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(STALL_SECONDS + 0.05)  # out, and no longer holding back the next
     waiting = asyncio.create_task(commit.append(EntryRequest(second, -1, LedgerReason.GENERATION, "b"), "tests"))
     await asyncio.sleep(0.05)
     waiting.cancel()
@@ -179,7 +189,7 @@ async def test_an_append_cancelled_while_it_waits_for_the_batch_in_flight_is_not
     later = await commit.append(EntryRequest(third, -1, LedgerReason.GENERATION, "c"), "tests")
     assert later.entry is not None
     assert waiting.cancelled()
-    assert not commit.queues and not commit.ready and not commit.sending
+    assert await idle(commit)
     written = await admin.fetch(
         "SELECT user_id FROM token.token_ledger WHERE user_id = ANY($1::uuid[]) AND reason = 'GENERATION'",
         [*firsts, second, third],
@@ -207,6 +217,6 @@ async def test_an_account_waiting_for_its_lock_holds_up_none_of_the_callers_othe
             assert outcome.entry is not None and outcome.entry.balance_after == 9
         assert not stuck.done()
     assert (await stuck).entry is not None
-    assert not commit.queues and not commit.ready and not commit.sending
+    assert await idle(commit)
     for user_id in [locked, *others]:
         await assert_ledger_consistent(token, admin, str(user_id))

@@ -1,10 +1,10 @@
 """Group commit: concurrent single appends share one call of the ledger.
 
-Each caller (the entries name it) has at most MAX_BATCHES_IN_FLIGHT batches in flight in this
-process. Appends that arrive while they are all out wait in the process and leave together, in
-arrival order, as the next batch when one returns: one statement, one transaction and one WAL
-flush for many callers. An append that finds a batch free leaves at the end of the event loop's
-turn in which it arrived, with whatever else arrived in that turn: nothing waits for company.
+Each caller (the entries name it) sends one batch at a time in this process. Appends that
+arrive while its batch is out wait in the process and leave together, in arrival order, as the
+next batch when it returns: one statement, one transaction and one WAL flush for many callers.
+An append that finds its caller idle leaves at the end of the event loop's turn in which it
+arrived, with whatever else arrived in that turn: nothing waits for company.
 
 A batch is judged entry by entry exactly as the same appends one after another would be, so
 each caller gets the outcome the serial order gives it, whatever else shares its batch. Appends
@@ -12,8 +12,8 @@ to one account keep their arrival order (an account is in one batch at a time; i
 appends wait for that batch). The batch functions lock their accounts in user_id order, so
 batches wait for each other's rows rather than deadlock. A batch that waits for a row another
 transaction holds (a refill batch, another process's batch, a session) holds up its own callers
-and that account's next appends, not the caller's other accounts: they leave in the other
-batches.
+and that account's next appends; the caller's other accounts wait for it STALL_SECONDS at most,
+then leave in a batch beside it (at most MAX_BATCHES_IN_FLIGHT out at once).
 
 A batch that fails (the connection lost, the statement timed out) fails every caller in it:
 each may send its append again with the same reference, which applies it once whether or not
@@ -36,9 +36,12 @@ from token_service.store import Store
 
 # The most appends one batch carries; the rest go in the next.
 MAX_GROUP = 1000
-# A caller's batches in flight at once in a process: enough that one waiting on a locked row
-# does not hold up its other accounts, few enough that batches stay big under load.
-MAX_BATCHES_IN_FLIGHT = 4
+# A caller's next batch leaves when its batch in flight returns, or when that one has been out
+# this long (it may be waiting for a row another transaction holds): one batch at a time keeps
+# batches big, and a batch held up by a lock holds up nothing else for longer than this.
+STALL_SECONDS = 0.05
+# The most batches a caller has in flight in a process, those held up included.
+MAX_BATCHES_IN_FLIGHT = 8
 
 # An account, for one caller (the entries it writes name it).
 Key = tuple[uuid.UUID, str]
@@ -50,6 +53,17 @@ class _Waiting:
     outcome: asyncio.Future[ledger.Outcome]
     # The caller's deadline (monotonic), None for none.
     deadline: float | None
+
+
+@dataclass
+class _Batch:
+    caller: str
+    groups: list[tuple[Key, list[_Waiting]]]
+    # Not cancelled meanwhile: those sent to the ledger.
+    waiting: list[_Waiting]
+    # Out for less than STALL_SECONDS: the caller's next batch waits for it.
+    fresh: bool = True
+    stall: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -66,8 +80,9 @@ class GroupCommit:
         self.queues: dict[Key, _Queue] = {}
         # By caller: the accounts' groups ready to go in its next batch.
         self.ready: dict[str, list[tuple[Key, list[_Waiting]]]] = {}
-        # By caller: its batches in flight or about to leave (none: absent).
+        # By caller: its batches in flight or about to leave, and of those the fresh ones.
         self.sending: dict[str, int] = {}
+        self.fresh: dict[str, int] = {}
         # The batches in flight (the loop keeps only weak references to tasks).
         self.flushes: set[asyncio.Task[None]] = set()
         # A batch serves many calls: it runs in a context of its own, not in its first caller's
@@ -89,36 +104,36 @@ class GroupCommit:
 
     def _send_when_free(self, caller: str) -> None:
         """A batch of the caller's ready groups leaves at the end of this turn of the loop,
-        unless all its batches are in flight (then when one returns)."""
+        unless a fresh batch of the caller is out (then when it returns or goes stale)."""
         sending = self.sending.get(caller, 0)
-        if caller in self.ready and sending < MAX_BATCHES_IN_FLIGHT:
+        if caller in self.ready and not self.fresh.get(caller) and sending < MAX_BATCHES_IN_FLIGHT:
             self.sending[caller] = sending + 1
+            self.fresh[caller] = 1
             asyncio.get_running_loop().call_soon(self._send, caller, context=self._context)
 
     def _send(self, caller: str) -> None:
         """Sends the caller's ready groups, at most MAX_GROUP appends (the rest go next)."""
-        groups = self.ready.pop(caller, [])
-        if not groups:  # an earlier batch of this turn took them all
-            self._sent(caller)
-            return
-        batch: list[tuple[Key, list[_Waiting]]] = []
-        size = 0
-        while groups and (not batch or size + len(groups[0][1]) <= MAX_GROUP):
-            batch.append(groups.pop(0))
-            size += len(batch[-1][1])
+        groups = self.ready.pop(caller)
+        taken = [groups.pop(0)]
+        size = len(taken[0][1])
+        while groups and size + len(groups[0][1]) <= MAX_GROUP:
+            taken.append(groups.pop(0))
+            size += len(taken[-1][1])
         if groups:
             self.ready[caller] = groups
-        waiting = [w for _, group in batch for w in group if not w.outcome.done()]  # not cancelled meanwhile
+        waiting = [w for _, group in taken for w in group if not w.outcome.done()]  # not cancelled meanwhile
+        batch = _Batch(caller, taken, waiting)
+        loop = asyncio.get_running_loop()
+        batch.stall = loop.call_later(STALL_SECONDS, self._stale, batch, context=self._context)
         # A task of its own: the callers wait on their futures, not on the batch.
-        task = asyncio.get_running_loop().create_task(
-            self._flush(caller, batch, waiting), context=self._deadline_context(waiting)
-        )
+        task = loop.create_task(self._flush(batch), context=self._deadline_context(waiting))
         self.flushes.add(task)
-        task.add_done_callback(functools.partial(self._flushed, waiting))
+        task.add_done_callback(functools.partial(self._flushed, batch))
 
-    async def _flush(self, caller: str, batch: list[tuple[Key, list[_Waiting]]], group: list[_Waiting]) -> None:
+    async def _flush(self, batch: _Batch) -> None:
+        group = batch.waiting
         try:
-            outcomes = await ledger.append(self.store, [w.request for w in group], caller) if group else []
+            outcomes = await ledger.append(self.store, [w.request for w in group], batch.caller) if group else []
         except Exception as exc:
             # One statement, one transaction: each caller gets its error, as it would alone.
             for waiting in group:
@@ -129,22 +144,32 @@ class GroupCommit:
                 if not waiting.outcome.done():
                     waiting.outcome.set_result(outcome)
         finally:
-            for key, _ in batch:
+            for key, _ in batch.groups:
                 self._next(key)
-            self._sent(caller)
-            self._send_when_free(caller)
 
-    def _sent(self, caller: str) -> None:
-        self.sending[caller] -= 1
-        if not self.sending[caller]:
-            del self.sending[caller]
+    def _stale(self, batch: _Batch) -> None:
+        """The batch has been out STALL_SECONDS: the caller's next one need not wait for it."""
+        if batch.fresh:
+            batch.fresh = False
+            del self.fresh[batch.caller]
+            self._send_when_free(batch.caller)
 
-    def _flushed(self, group: list[_Waiting], task: asyncio.Task[None]) -> None:
-        """A batch cancelled (shutting down), even before it started: its callers are too."""
+    def _flushed(self, batch: _Batch, task: asyncio.Task[None]) -> None:
+        """The batch is back (or cancelled, shutting down, even before it started: its callers are
+        cancelled too); the caller's next batch may leave."""
         self.flushes.discard(task)
-        for waiting in group:
+        for waiting in batch.waiting:
             if not waiting.outcome.done():
                 waiting.outcome.cancel()
+        assert batch.stall is not None
+        batch.stall.cancel()
+        self.sending[batch.caller] -= 1
+        if not self.sending[batch.caller]:
+            del self.sending[batch.caller]
+        if batch.fresh:
+            batch.fresh = False
+            del self.fresh[batch.caller]
+        self._send_when_free(batch.caller)
 
     def _next(self, key: Key) -> None:
         """Makes ready what queued for key while it was in flight, or marks key idle."""
