@@ -53,6 +53,8 @@ class _Waiting:
     outcome: asyncio.Future[ledger.Outcome]
     # The caller's deadline (monotonic), None for none.
     deadline: float | None
+    # The caller's context (its request id, its trace).
+    context: contextvars.Context
 
 
 @dataclass
@@ -85,14 +87,17 @@ class GroupCommit:
         self.fresh: dict[str, int] = {}
         # The batches in flight (the loop keeps only weak references to tasks).
         self.flushes: set[asyncio.Task[None]] = set()
-        # A batch serves many calls: it runs in a context of its own, not in its first caller's
-        # (whose request id and trace would otherwise be every batch's after it).
+        # A batch of several calls runs in a context of its own, not in its first caller's (whose
+        # request id and trace would otherwise be every batch's after it); a batch of one call
+        # runs in that call's, so its statement is in the call's trace.
         self._context = contextvars.copy_context()
 
     async def append(self, request: EntryRequest, created_by: str) -> ledger.Outcome:
         """The request's outcome, as ledger.append would give it alone."""
         key = (request.user_id, created_by)
-        waiting = _Waiting(request, asyncio.get_running_loop().create_future(), db.call_deadline.get())
+        waiting = _Waiting(
+            request, asyncio.get_running_loop().create_future(), db.call_deadline.get(), contextvars.copy_context()
+        )
         queue = self.queues.get(key)
         if queue is not None:
             queue.waiting.append(waiting)
@@ -187,6 +192,6 @@ class GroupCommit:
         not cut."""
         deadlines = [w.deadline for w in group]
         latest = None if not deadlines or None in deadlines else max(d for d in deadlines if d is not None)
-        context = self._context.copy()
+        context = (group[0].context if len(group) == 1 else self._context).copy()
         context.run(db.call_deadline.set, latest)
         return context
