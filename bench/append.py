@@ -24,7 +24,6 @@ from pathlib import Path
 import asyncpg
 
 from bench import common, load
-from harness.processes import ServiceProcess, free_port
 from token_service import ledger
 from token_service.store import Q
 
@@ -37,9 +36,6 @@ SQL_ROUNDS, SQL_SECONDS = 3, 3.0
 LEAN = "`token.append_entry` (one entry, lean)"
 LOOP = "`token.append_entries` (the batch loop, one entry)"
 SET = "one set-based statement (`UPDATE … RETURNING` → `INSERT`)"
-# The service as deployed by default (WORKERS = the CPUs), its bound on calls raised so that
-# 256 clients are served rather than refused.
-SERVICE_ENV = {"DB_POOL_SIZE": "20", "LOG_LEVEL": "WARNING", "MAX_CONCURRENT_CALLS": "1000"}
 
 RANDOM_ACCOUNT = f"\\set u random(1, {common.ACCOUNTS})"
 REFERENCE = "\\set r random(1, 9000000000000000000)"
@@ -157,14 +153,7 @@ async def bench(url: str, work_dir: Path) -> list[str]:
         def database_cpu() -> float:
             return common.cpu_seconds(postmaster) if postmaster else float("nan")
 
-        port = free_port()
-        env = {
-            "DATABASE_URL": url,
-            "TOKEN_LISTEN_ADDR": f"127.0.0.1:{port}",
-            "TOKEN_METRICS_ADDR": f"127.0.0.1:{free_port()}",
-            **SERVICE_ENV,
-        }
-        service = ServiceProcess("token_service", env, port, work_dir / "token.log")
+        service = common.token_service(url, work_dir)
         await service.start()
         spread = append_entry_script(RANDOM_ACCOUNT)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from blumpo_common.db import Query
 from harness import ROOT
+from harness.processes import ServiceProcess, free_port
 
 DOCS = ROOT / "docs" / "benchmarks.md"
 
@@ -175,3 +176,19 @@ def write_docs(section: str, lines: Sequence[str]) -> None:
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     DOCS.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + tail)
+
+
+def token_service(url: str, work_dir: Path, **settings: str) -> ServiceProcess:
+    """The token service as its own process on free ports (not started yet), as deployed but
+    for its bound on calls, raised so that 256 clients are queued rather than refused."""
+    port = free_port()
+    env = {
+        "DATABASE_URL": url,
+        "TOKEN_LISTEN_ADDR": f"127.0.0.1:{port}",
+        "TOKEN_METRICS_ADDR": f"127.0.0.1:{free_port()}",
+        "DB_POOL_SIZE": "20",
+        "LOG_LEVEL": "WARNING",
+        "MAX_CONCURRENT_CALLS": "1000",
+        **settings,
+    }
+    return ServiceProcess("token_service", env, port, work_dir / "token.log")

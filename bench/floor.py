@@ -25,12 +25,10 @@ from bench import common, load
 from blumpo.token.v1 import token_pb2 as tpb
 from blumpo.token.v1 import token_pb2_grpc
 from harness import ROOT
-from harness.processes import ServiceProcess, free_port
+from harness.processes import free_port
 
 CLIENTS = (16, 64)
 SECONDS = 4.0
-# The token service as the append benchmark runs it, in one process.
-SERVICE_ENV = {"DB_POOL_SIZE": "20", "LOG_LEVEL": "WARNING", "MAX_CONCURRENT_CALLS": "1000", "WORKERS": "1"}
 
 # What the service answers a debit, field for field.
 RESPONSE = tpb.AppendLedgerEntryResponse(
@@ -117,14 +115,7 @@ async def bench(url: str, work_dir: Path) -> list[str]:
     finally:
         bare.terminate()
         bare.wait()
-    port = free_port()
-    env = {
-        "DATABASE_URL": url,
-        "TOKEN_LISTEN_ADDR": f"127.0.0.1:{port}",
-        "TOKEN_METRICS_ADDR": f"127.0.0.1:{free_port()}",
-        **SERVICE_ENV,
-    }
-    service = ServiceProcess("token_service", env, port, work_dir / "token.log")
+    service = common.token_service(url, work_dir, WORKERS="1")  # in one process
     await service.start()
     try:
         assert service.process is not None

@@ -116,6 +116,17 @@ async def test_a_change_committed_while_the_sweep_runs_decides_the_job(
     await ledger_matches_jobs(admin, token, [user_id])
 
 
+async def queued_in_a_lane(generation: GenerationStub, token: TokenStub, jobs: int) -> gpb.CreateGenerationJobRequest:
+    """Jobs queued in a lane (a model) of their own, each of another owner (a free plan runs two
+    at most); the request of the last."""
+    request = lane_request(await support.user_with_balance(token, 20))
+    for _ in range(jobs):
+        request.user_id = await support.user_with_balance(token, 20)
+        request.job_id = str(uuid.uuid4())
+        await generation.CreateGenerationJob(request)
+    return request
+
+
 async def test_claims_sweep_at_most_once_per_interval(
     generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection, generation_parts: GenerationParts
 ) -> None:
@@ -124,16 +135,10 @@ async def test_claims_sweep_at_most_once_per_interval(
     sweeps: the reconciler makes no passes)."""
     parts = generation_parts
     api = GenerationApi(parts.store, parts.charger, parts.hub, parts.pages, sweep_interval_seconds=2.0)
-    # One running job an owner (a free plan runs two at most), and queued jobs in one lane.
+    # One running job an owner, and queued jobs in a lane.
     owners = [await support.user_with_balance(token, 20) for _ in range(3)]
     first, second, third = [await running_job(generation, owner) for owner in owners]
-    lane = lane_request(owners[0])
-    for _ in range(6):
-        request = gpb.CreateGenerationJobRequest()
-        request.CopyFrom(lane)
-        request.user_id = await support.user_with_balance(token, 20)
-        request.job_id = str(uuid.uuid4())
-        await generation.CreateGenerationJob(request)
+    lane = await queued_in_a_lane(generation, token, 6)
 
     async def run_out(job: gpb.Job) -> None:
         await admin.execute(
@@ -183,15 +188,9 @@ async def test_a_full_sweep_is_followed_by_another_at_the_next_claim(
     monkeypatch.setattr(generation_service.api, "LEASE_SWEEP_BATCH", 1)
     parts = generation_parts
     api = GenerationApi(parts.store, parts.charger, parts.hub, parts.pages, sweep_interval_seconds=3600.0)
-    owners = [await support.user_with_balance(token, 20) for _ in range(3)]
-    jobs = [await running_job(generation, owner) for owner in owners[:2]]
-    lane = lane_request(owners[2])
-    for _ in range(3):
-        request = gpb.CreateGenerationJobRequest()
-        request.CopyFrom(lane)
-        request.user_id = await support.user_with_balance(token, 20)
-        request.job_id = str(uuid.uuid4())
-        await generation.CreateGenerationJob(request)
+    owners = [await support.user_with_balance(token, 20) for _ in range(2)]
+    jobs = [await running_job(generation, owner) for owner in owners]
+    lane = await queued_in_a_lane(generation, token, 3)
     await admin.execute(
         "UPDATE generation.generation_job SET lease_expires_at = now() - interval '1 second' WHERE id = ANY($1)",
         [uuid.UUID(job.job_id) for job in jobs],
@@ -209,4 +208,4 @@ async def test_a_full_sweep_is_followed_by_another_at_the_next_claim(
     for expected in (1, 2, 2):
         assert (await api.ClaimNextJob(claim, None)).HasField("job")  # type: ignore[arg-type]
         assert await queued() == expected
-    await ledger_matches_jobs(admin, token, owners[:2])
+    await ledger_matches_jobs(admin, token, owners)
