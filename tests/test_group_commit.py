@@ -220,3 +220,31 @@ async def test_an_account_waiting_for_its_lock_holds_up_none_of_the_callers_othe
     assert await idle(commit)
     for user_id in [locked, *others]:
         await assert_ledger_consistent(token, admin, str(user_id))
+
+
+async def test_a_batch_cancelled_before_it_starts_leaves_its_accounts_free(
+    token: TokenStub, admin: asyncpg.Connection, token_store: Store
+) -> None:
+    """Shutting down cancels the batches' tasks, maybe before they start: their callers are
+    cancelled, and their accounts take appends again."""
+    user_id = uuid.UUID(await support.user_with_balance(token, 10))
+    entered = asyncio.Event()
+
+    class WatchedStore(Store):
+        async def append_entry(self, *args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            return await super().append_entry(*args, **kwargs)
+
+    commit = GroupCommit(WatchedStore(token_store.pool, 30.0))
+    first = asyncio.create_task(commit.append(EntryRequest(user_id, -1, LedgerReason.GENERATION, "a"), "tests"))
+    while not commit.flushes:  # the batch's task made, and (the loop runs it next turn) not started
+        await asyncio.sleep(0)
+    [flush] = commit.flushes
+    assert not entered.is_set()
+    flush.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    assert first.cancelled()
+    later = await asyncio.wait_for(commit.append(EntryRequest(user_id, -1, LedgerReason.GENERATION, "b"), "tests"), 5)
+    assert later.entry is not None and later.entry.balance_after == 9
+    assert await idle(commit)
+    await assert_ledger_consistent(token, admin, str(user_id))

@@ -11,9 +11,11 @@ each caller gets the outcome the serial order gives it, whatever else shares its
 to one account keep their arrival order (an account is in one batch at a time; its next
 appends wait for that batch). The batch functions lock their accounts in user_id order, so
 batches wait for each other's rows rather than deadlock. A batch that waits for a row another
-transaction holds (a refill batch, another process's batch, a session) holds up its own callers
-and that account's next appends; the caller's other accounts wait for it STALL_SECONDS at most,
-then leave in a batch beside it (at most MAX_BATCHES_IN_FLIGHT out at once).
+transaction holds (a refill batch, another process's batch, a session) holds up all its callers,
+those of unlocked accounts too, and its accounts' next appends, until the lock is released or
+the statement times out. The caller's other accounts wait for it STALL_SECONDS at most, then
+leave in a batch beside it (at most MAX_BATCHES_IN_FLIGHT out at once: past that, they wait).
+A batch that is merely slow also lets the next leave after STALL_SECONDS.
 
 A batch that fails (the connection lost, the statement timed out) fails every caller in it:
 each may send its append again with the same reference, which applies it once whether or not
@@ -40,8 +42,9 @@ MAX_GROUP = 1000
 # this long (it may be waiting for a row another transaction holds): one batch at a time keeps
 # batches big, and a batch held up by a lock holds up nothing else for longer than this.
 STALL_SECONDS = 0.05
-# The most batches a caller has in flight in a process, those held up included.
-MAX_BATCHES_IN_FLIGHT = 8
+# The most batches a caller has in flight in a process, those held up included: well below the
+# pool's connections (DB_POOL_SIZE, 20), which the few callers and every read share.
+MAX_BATCHES_IN_FLIGHT = 4
 
 # An account, for one caller (the entries it writes name it).
 Key = tuple[uuid.UUID, str]
@@ -148,9 +151,6 @@ class GroupCommit:
             for waiting, outcome in zip(group, outcomes, strict=True):
                 if not waiting.outcome.done():
                     waiting.outcome.set_result(outcome)
-        finally:
-            for key, _ in batch.groups:
-                self._next(key)
 
     def _stale(self, batch: _Batch) -> None:
         """The batch has been out STALL_SECONDS: the caller's next one need not wait for it."""
@@ -161,11 +161,13 @@ class GroupCommit:
 
     def _flushed(self, batch: _Batch, task: asyncio.Task[None]) -> None:
         """The batch is back (or cancelled, shutting down, even before it started: its callers are
-        cancelled too); the caller's next batch may leave."""
+        cancelled too); its accounts' next appends and the caller's next batch may leave."""
         self.flushes.discard(task)
         for waiting in batch.waiting:
             if not waiting.outcome.done():
                 waiting.outcome.cancel()
+        for key, _ in batch.groups:
+            self._next(key)
         assert batch.stall is not None
         batch.stall.cancel()
         self.sending[batch.caller] -= 1
