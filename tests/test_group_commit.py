@@ -237,7 +237,9 @@ async def test_a_batch_cancelled_before_it_starts_leaves_its_accounts_free(
 
     commit = GroupCommit(WatchedStore(token_store.pool, 30.0))
     first = asyncio.create_task(commit.append(EntryRequest(user_id, -1, LedgerReason.GENERATION, "a"), "tests"))
-    while not commit.flushes:  # the batch's task made, and (the loop runs it next turn) not started
+    for _ in range(100):  # until the batch's task is made; the loop runs it from the next turn
+        if commit.flushes:
+            break
         await asyncio.sleep(0)
     [flush] = commit.flushes
     assert not entered.is_set()
