@@ -125,10 +125,11 @@ restore: $(INSTALLED) ## FILE=backups/... [TARGET_DATABASE_URL=...]: restore a d
 	@test -n '$(FILE)' || { echo 'usage: make restore FILE=backups/blumpo-....dump [TARGET_DATABASE_URL=...]' >&2; exit 2; }
 	@DATABASE_URL='$(DB_URL)' TARGET_DATABASE_URL='$(TARGET_DATABASE_URL)' $(PY) -m scripts.backup restore '$(FILE)'
 
+# Every figure of docs/benchmarks.md beside its baseline, the big-data cases included (about 6 min).
 bench: $(GENERATED) ## the benchmarks of docs/benchmarks.md
 	@DATABASE_URL='$(DB_URL)' $(PY) -m bench
 
-# The reads and bulk jobs at 1M accounts, 10M ledger entries and 1M assets (minutes of seeding).
+# Only the reads and bulk jobs at 1M accounts, 10M ledger entries and 1M assets (about 2 min).
 bench-scale: $(GENERATED) ## the reads and bulk jobs at 1M accounts and 10M ledger entries
 	@DATABASE_URL='$(DB_URL)' $(PY) -m bench scale
 

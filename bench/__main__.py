@@ -1,5 +1,5 @@
 """`python -m bench [floor] [append] [generation] [queue] [refill] [scale] [--queue-max N] [--write-docs]`:
-runs the benchmarks on a scratch database; all but scale (minutes of seeding: `make bench-scale`) by default."""
+runs the benchmarks on a scratch database; all of them by default."""
 
 import argparse
 import asyncio
@@ -16,7 +16,7 @@ from token_service import refill as refill_job
 async def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
-        "which", nargs="*", help="floor, append, generation, queue, refill, scale (default: all but scale)"
+        "which", nargs="*", help="floor, append, generation, queue, refill, scale (default: all)"
     )
     parser.add_argument("--accounts", type=int, default=100_000, help="accounts for the refill")
     parser.add_argument(
@@ -31,7 +31,7 @@ async def main(argv: list[str]) -> int:
     if not base:
         print("DATABASE_URL is not set: run `make bench`", file=sys.stderr)
         return 2
-    for which in args.which or ["floor", "append", "generation", "queue", "refill"]:
+    for which in args.which or ["floor", "append", "generation", "queue", "refill", "scale"]:
         url = databases.scratch_database_url(base, "bench")
         databases.dbmate(url, "up")
         try:
