@@ -15,9 +15,7 @@ from token_service import refill as refill_job
 
 async def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument(
-        "which", nargs="*", help="floor, append, generation, queue, refill, scale (default: all)"
-    )
+    parser.add_argument("which", nargs="*", help="floor, append, generation, queue, refill, scale (default: all)")
     parser.add_argument("--accounts", type=int, default=100_000, help="accounts for the refill")
     parser.add_argument(
         "--queue-max", type=int, default=100_000, help="longest queue for `queue` (1000000: a few minutes more)"
