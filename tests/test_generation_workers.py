@@ -440,14 +440,22 @@ async def _user_on_plan(token: TokenStub, admin: asyncpg.Connection, plan: str, 
     return user_id
 
 
+async def _plan_with_cap(admin: asyncpg.Connection, code: str, max_running_jobs: int) -> None:
+    """A plan (no allowance, no grant) whose users run at most max_running_jobs jobs at once."""
+    await admin.execute(
+        "INSERT INTO token.plan (code, name, monthly_allowance, signup_grant) VALUES ($1, $1, 0, 0)"
+        " ON CONFLICT DO NOTHING",
+        code,
+    )
+    await admin.execute(
+        "INSERT INTO generation.plan_limit VALUES ($1, 0, $2) ON CONFLICT DO NOTHING", code, max_running_jobs
+    )
+
+
 async def test_a_user_at_the_plan_cap_is_skipped(
     generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
 ) -> None:
-    await admin.execute(
-        "INSERT INTO token.plan (code, name, monthly_allowance, signup_grant) VALUES ('solo', 'Solo', 0, 0)"
-        " ON CONFLICT DO NOTHING"
-    )
-    await admin.execute("INSERT INTO generation.plan_limit VALUES ('solo', 0, 1) ON CONFLICT DO NOTHING")
+    await _plan_with_cap(admin, "solo", 1)
     capped = await _user_on_plan(token, admin, "solo")
     other = await support.user_with_balance(token, 100)
     first, second = _lane_requests(capped, 2)
@@ -471,11 +479,7 @@ async def test_a_user_at_the_plan_cap_is_skipped(
 async def test_racing_claims_never_pass_the_cap(
     generation: GenerationStub, token: TokenStub, admin: asyncpg.Connection
 ) -> None:
-    await admin.execute(
-        "INSERT INTO token.plan (code, name, monthly_allowance, signup_grant) VALUES ('duo', 'Duo', 0, 0)"
-        " ON CONFLICT DO NOTHING"
-    )
-    await admin.execute("INSERT INTO generation.plan_limit VALUES ('duo', 0, 2) ON CONFLICT DO NOTHING")
+    await _plan_with_cap(admin, "duo", 2)
     user_id = await _user_on_plan(token, admin, "duo")
     requests = _lane_requests(user_id, 10)
     for request in requests:

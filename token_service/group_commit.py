@@ -85,9 +85,9 @@ class GroupCommit:
         self.queues: dict[Key, _Queue] = {}
         # By caller: the accounts' groups ready to go in its next batch.
         self.ready: dict[str, list[tuple[Key, list[_Waiting]]]] = {}
-        # By caller: its batches in flight or about to leave, and of those the fresh ones.
+        # By caller: its batches in flight or about to leave; the callers with a fresh one of them.
         self.sending: dict[str, int] = {}
-        self.fresh: dict[str, int] = {}
+        self.fresh: set[str] = set()
         # The batches in flight (the loop keeps only weak references to tasks).
         self.flushes: set[asyncio.Task[None]] = set()
         # A batch of several calls runs in a context of its own, not in its first caller's (whose
@@ -114,9 +114,9 @@ class GroupCommit:
         """A batch of the caller's ready groups leaves at the end of this turn of the loop,
         unless a fresh batch of the caller is out (then when it returns or goes stale)."""
         sending = self.sending.get(caller, 0)
-        if caller in self.ready and not self.fresh.get(caller) and sending < MAX_BATCHES_IN_FLIGHT:
+        if caller in self.ready and caller not in self.fresh and sending < MAX_BATCHES_IN_FLIGHT:
             self.sending[caller] = sending + 1
-            self.fresh[caller] = 1
+            self.fresh.add(caller)
             asyncio.get_running_loop().call_soon(self._send, caller, context=self._context)
 
     def _send(self, caller: str) -> None:
@@ -154,10 +154,13 @@ class GroupCommit:
 
     def _stale(self, batch: _Batch) -> None:
         """The batch has been out STALL_SECONDS: the caller's next one need not wait for it."""
+        self._not_fresh(batch)
+        self._send_when_free(batch.caller)
+
+    def _not_fresh(self, batch: _Batch) -> None:
         if batch.fresh:
             batch.fresh = False
-            del self.fresh[batch.caller]
-            self._send_when_free(batch.caller)
+            self.fresh.discard(batch.caller)
 
     def _flushed(self, batch: _Batch, task: asyncio.Task[None]) -> None:
         """The batch is back (or cancelled, shutting down, even before it started: its callers are
@@ -173,9 +176,7 @@ class GroupCommit:
         self.sending[batch.caller] -= 1
         if not self.sending[batch.caller]:
             del self.sending[batch.caller]
-        if batch.fresh:
-            batch.fresh = False
-            del self.fresh[batch.caller]
+        self._not_fresh(batch)
         self._send_when_free(batch.caller)
 
     def _next(self, key: Key) -> None:
